@@ -1,0 +1,1 @@
+"""Numpy math on weights and statistics; no graph or runtime code here."""

@@ -1,0 +1,126 @@
+"""The graphq command line: a thin wrapper over the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from graphq.errors import GraphqError
+
+
+def _add_eval_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--text", required=True, help="UTF-8 text to evaluate on (never the calibration text)")
+    parser.add_argument("--ctx", type=int, default=512, help="tokens per window (default 512)")
+    parser.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens of the text")
+    parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from graphq.version import __version__
+
+    parser = argparse.ArgumentParser(prog="graphq", description="Quantize ONNX LLMs and verify them in onnxruntime.")
+    parser.add_argument("--version", action="version", version=f"graphq {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    export = commands.add_parser("export", help="export a Hugging Face folder or GGUF file to ONNX")
+    export.add_argument("source", help="Hugging Face model folder or .gguf file")
+    export.add_argument("-o", "--output", required=True, help="output folder (must not exist)")
+    export.add_argument("--opset", type=int, default=None, help="ONNX opset (default: optimum's)")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+    quantize = commands.add_parser("quantize", help="quantize the linear layers of an exported model")
+    quantize.add_argument("model", help="export folder or model.onnx (tokenizer beside it)")
+    quantize.add_argument("-o", "--output", required=True, help="output folder (must not exist)")
+    quantize.add_argument("--config", help="YAML file of options; command-line options override it")
+    quantize.add_argument("--scheme", help="w4a16 (default) or w8a16")
+    quantize.add_argument("--group-size", type=int, help="input channels per scale: 32, 64, 128 (default), -1 per-channel")
+    sym = quantize.add_mutually_exclusive_group()
+    sym.add_argument("--sym", dest="symmetric", action="store_const", const=True, help="symmetric (no zero point)")
+    sym.add_argument("--asym", dest="symmetric", action="store_const", const=False, help="asymmetric (zero point)")
+    quantize.add_argument("--format", help="matmulnbits (default, onnxruntime) or qdq (DequantizeLinear, NPUs)")
+    quantize.add_argument("--method", help="rtn (default)")
+    quantize.add_argument("--exclude", nargs="+", metavar="PATTERN", help="keep layers matching these glob/regex patterns float")
+    quantize.add_argument("--quantize-lm-head", action="store_const", const=True, help="quantize lm_head too")
+    quantize.add_argument("--seed", type=int)
+    quantize.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    quantize.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    evaluate = commands.add_parser("eval", help="perplexity of a model in onnxruntime")
+    evaluate.add_argument("model", help="export folder or model.onnx (tokenizer beside it)")
+    _add_eval_args(evaluate)
+
+    compare = commands.add_parser("compare", help="logit agreement of two models in onnxruntime")
+    compare.add_argument("reference", help="reference (float) model")
+    compare.add_argument("candidate", help="model to compare against it")
+    _add_eval_args(compare)
+    return parser
+
+
+def _quant_config(args: argparse.Namespace):
+    from graphq.config import QuantConfig
+
+    data = {}
+    if args.config:
+        data = QuantConfig.from_yaml(args.config).__dict__.copy()
+    for key in ("scheme", "group_size", "symmetric", "format", "method", "exclude", "quantize_lm_head", "seed"):
+        value = getattr(args, key)
+        if value is not None:
+            data[key] = value
+    return QuantConfig.from_dict(data)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.command == "export":
+        from graphq.export import export
+
+        print(export(args.source, args.output, opset=args.opset, overwrite=args.overwrite))
+        return 0
+    if args.command == "quantize":
+        from graphq.quantize import quantize
+
+        result = quantize(args.model, _quant_config(args), args.output, overwrite=args.overwrite, progress=not args.quiet)
+        print(result.model_file)
+        return 0
+    from graphq.evaluate import load_tokenizer, logit_agreement, perplexity, read_text, token_windows
+    from graphq.runtimes.ort import OrtCausalLM
+
+    text = read_text(args.text)
+    if args.command == "eval":
+        model = OrtCausalLM(args.model, threads=args.threads)
+        windows = token_windows(load_tokenizer(args.model), text, args.ctx, args.max_tokens)
+        result = perplexity(model, windows, progress=True)
+        print(f"perplexity {result.ppl:.4f} over {result.tokens} tokens ({result.windows} windows of {args.ctx}) in {result.seconds:.1f}s")
+        if args.json:
+            print(json.dumps({"ppl": result.ppl, "tokens": result.tokens}))
+        return 0
+    reference = OrtCausalLM(args.reference, threads=args.threads)
+    candidate = OrtCausalLM(args.candidate, threads=args.threads)
+    windows = token_windows(load_tokenizer(args.reference), text, args.ctx, args.max_tokens)
+    result = logit_agreement(reference, candidate, windows, progress=True)
+    print(
+        f"mean KL {result.mean_kl:.5f}  top-1 agreement {result.top1_agreement:.4f}  "
+        f"logit cosine {result.mean_cosine:.5f}  over {result.tokens} positions"
+    )
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except GraphqError as exc:
+        print(f"graphq: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("graphq: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

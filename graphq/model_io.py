@@ -1,0 +1,114 @@
+"""Loading ONNX models and writing output folders safely (temporary name, rename when complete)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import onnx_ir as ir
+
+from graphq.errors import GraphqError
+
+MODEL_FILENAME = "model.onnx"
+# Protobuf cannot hold more than 2 GB; stay well below it.
+EXTERNAL_DATA_THRESHOLD_BYTES = 1 << 30
+
+
+def resolve_model_file(path: str | Path) -> Path:
+    """An export folder (holding model.onnx) or a .onnx file -> the .onnx file."""
+    path = Path(path)
+    if path.is_dir():
+        candidate = path / MODEL_FILENAME
+        if not candidate.is_file():
+            onnx_files = sorted(path.glob("*.onnx"))
+            if len(onnx_files) != 1:
+                raise GraphqError(
+                    f"{path} holds no {MODEL_FILENAME}: pass a model.onnx file or a folder made by 'graphq export'"
+                )
+            candidate = onnx_files[0]
+        return candidate
+    if not path.exists():
+        raise GraphqError(f"model {path} does not exist: pass a model.onnx file or an export folder")
+    if path.suffix != ".onnx":
+        raise GraphqError(f"{path} is not an .onnx file: pass a model.onnx file or an export folder")
+    return path
+
+
+def load_model(path: str | Path) -> ir.Model:
+    """Load an ONNX model (external data stays on disk until read)."""
+    model_file = resolve_model_file(path)
+    try:
+        return ir.load(model_file)
+    except Exception as exc:  # protobuf raises DecodeError, and others for truncated files
+        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise GraphqError(
+            f"{model_file} is not a readable ONNX model ({first_line}): re-export it with 'graphq export'"
+        ) from exc
+
+
+def model_size_bytes(model_file: Path) -> int:
+    """The model file plus any external data files beside it that it references."""
+    total = model_file.stat().st_size
+    for candidate in model_file.parent.iterdir():
+        if candidate.name.startswith(model_file.name) and candidate != model_file:
+            total += candidate.stat().st_size
+    return total
+
+
+def initializer_bytes(model: ir.Model) -> int:
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+
+def save_model(model: ir.Model, model_file: Path) -> None:
+    """Save, moving weights to external data when the model would come near protobuf's 2 GB limit."""
+    if initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD_BYTES:
+        ir.save(model, model_file, external_data=model_file.name + ".data")
+    else:
+        ir.save(model, model_file)
+
+
+def check_output_dir(output_dir: Path, inputs: list[Path], overwrite: bool) -> None:
+    output_dir = output_dir.resolve()
+    for source in inputs:
+        source = source.resolve()
+        if output_dir == source or output_dir in source.parents:
+            raise GraphqError(
+                f"output folder {output_dir} would overwrite the input {source}: choose another output folder"
+            )
+    if output_dir.exists() and not overwrite:
+        raise GraphqError(f"output folder {output_dir} already exists: choose another or pass --overwrite")
+
+
+@contextlib.contextmanager
+def atomic_output_dir(output_dir: str | Path, overwrite: bool = False, inputs: list[Path] = ()) -> Iterator[Path]:
+    """Yield a temporary folder beside ``output_dir``; rename it into place only when the block succeeds."""
+    output_dir = Path(output_dir)
+    check_output_dir(output_dir, list(inputs), overwrite)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".partial", dir=output_dir.parent))
+    try:
+        yield staging
+        if output_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".old", dir=output_dir.parent))
+            os.replace(output_dir, old / "previous")
+            os.replace(staging, output_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def copy_side_files(source_dir: Path, target_dir: Path) -> None:
+    """Copy tokenizer and config files (everything but ONNX models and their data) beside the new model."""
+    for item in source_dir.iterdir():
+        if not item.is_file() or item.suffix in (".onnx", ".data", ".onnx_data") or ".onnx" in item.name:
+            continue
+        if item.name in ("report.json",) or item.name.startswith("."):
+            continue
+        shutil.copy2(item, target_dir / item.name)

@@ -1,0 +1,1 @@
+"""Graph passes: each takes an ONNX IR model (and statistics) and rewrites it in place."""

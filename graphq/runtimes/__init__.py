@@ -1,0 +1,1 @@
+"""Runtime adapters: onnxruntime sessions (and, for reference and KD, torch)."""
