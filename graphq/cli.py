@@ -41,7 +41,15 @@ def build_parser() -> argparse.ArgumentParser:
     sym.add_argument("--sym", dest="symmetric", action="store_const", const=True, help="symmetric (no zero point)")
     sym.add_argument("--asym", dest="symmetric", action="store_const", const=False, help="asymmetric (zero point)")
     quantize.add_argument("--format", help="matmulnbits (default, onnxruntime) or qdq (DequantizeLinear, NPUs)")
-    quantize.add_argument("--method", help="rtn (default)")
+    quantize.add_argument("--method", help="rtn (default, no data), awq, gptq, or awq+gptq (calibrated layer by layer)")
+    quantize.add_argument("--calib", help="calibration data: text, JSON or JSONL (field 'text', or 'src'/'tgt'); default: samples/")
+    quantize.add_argument("--calib-texts", nargs="+", metavar="TEXT", help="calibration prompts given inline")
+    quantize.add_argument("--calib-field", help="JSON/JSONL field holding the text (default 'text')")
+    quantize.add_argument("--num-samples", type=int, help="calibration samples (default 128)")
+    quantize.add_argument("--seq-len", type=int, help="tokens per calibration sample (default 512)")
+    quantize.add_argument("--damp", type=float, help="GPTQ damping, fraction of the mean Hessian diagonal (default 0.01)")
+    quantize.add_argument("--act-order", action="store_const", const=True, help="GPTQ: quantize channels by descending activation")
+    quantize.add_argument("--no-awq-clip", dest="awq_clip", action="store_const", const=False, help="AWQ: skip the weight clip search")
     quantize.add_argument("--exclude", nargs="+", metavar="PATTERN", help="keep layers matching these glob/regex patterns float")
     quantize.add_argument("--quantize-lm-head", action="store_const", const=True, help="quantize lm_head too")
     quantize.add_argument("--seed", type=int)
@@ -65,7 +73,9 @@ def _quant_config(args: argparse.Namespace):
     data = {}
     if args.config:
         data = QuantConfig.from_yaml(args.config).__dict__.copy()
-    for key in ("scheme", "group_size", "symmetric", "format", "method", "exclude", "quantize_lm_head", "seed"):
+    keys = ("scheme", "group_size", "symmetric", "format", "method", "exclude", "quantize_lm_head", "seed", "calib",
+            "calib_texts", "calib_field", "num_samples", "seq_len", "damp", "act_order", "awq_clip")
+    for key in keys:
         value = getattr(args, key)
         if value is not None:
             data[key] = value

@@ -14,7 +14,7 @@ from graphq.errors import GraphqError
 #: Weight-only schemes and their weight bit width.
 WEIGHT_ONLY_SCHEMES = {"w4a16": 4, "w8a16": 8}
 FORMATS = ("matmulnbits", "qdq")
-METHODS = ("rtn",)
+METHODS = ("rtn", "awq", "gptq", "awq+gptq")
 PER_CHANNEL = -1
 
 
@@ -25,6 +25,8 @@ class QuantConfig:
     group_size: weights share one scale per ``group_size`` input channels; -1 means per output channel.
     symmetric: None picks the scheme's default (asymmetric for 4 bits, symmetric for 8 bits).
     exclude: layers whose Hugging Face name matches any pattern stay float (glob or regular expression).
+    method: rtn needs no data; awq, gptq and awq+gptq calibrate layer by layer on ``calib`` (a text, JSON or JSONL
+    file; the shipped Sense and Sensibility sample when None) or on ``calib_texts``.
     """
 
     scheme: str = "w4a16"
@@ -35,7 +37,18 @@ class QuantConfig:
     exclude: list[str] = field(default_factory=list)
     quantize_lm_head: bool = False
     seed: int = 0
+    calib: str | None = None
+    calib_texts: list[str] | None = None
+    calib_field: str = "text"
+    num_samples: int = 128
+    seq_len: int = 512
+    damp: float = 0.01
+    act_order: bool = False
+    awq_clip: bool = True
 
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method != "rtn"
     @property
     def bits(self) -> int:
         return WEIGHT_ONLY_SCHEMES[self.scheme]
@@ -61,6 +74,10 @@ class QuantConfig:
                     f"group size {self.group_size} is not supported: use a power of two >= 16 "
                     "(32, 64, 128, ...) or -1 for per-channel"
                 )
+        if not 0 < self.damp < 1:
+            raise GraphqError(f"--damp must be between 0 and 1, got {self.damp}")
+        if self.num_samples < 1 or self.seq_len < 2:
+            raise GraphqError("--num-samples must be >= 1 and --seq-len >= 2")
         return self
 
     def to_dict(self) -> dict[str, Any]:

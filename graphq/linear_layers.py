@@ -163,14 +163,14 @@ def _single_bias_add(node: ir.Node, out_features: int) -> tuple[ir.Value, ir.Nod
 
 def _norm_weight_of(producer: ir.Node) -> ir.Value | None:
     """The constant per-channel weight a norm multiplies by (the Mul's constant input, or the op's scale)."""
-    if producer.op_type in NORM_OPS:
-        scale = producer.inputs[1] if len(producer.inputs) > 1 else None
-        return scale if scale is not None and scale.const_value is not None else None
-    if producer.op_type == "Mul":
-        for value in producer.inputs:
-            if value is not None and value.const_value is not None and value.is_initializer():
-                if len(value.const_value.shape) == 1:
-                    return value
+    candidates = producer.inputs[1:2] if producer.op_type in NORM_OPS else producer.inputs
+    if producer.op_type not in NORM_OPS and producer.op_type != "Mul":
+        return None
+    for value in candidates:
+        source = _constant_source(value) if value is not None else None
+        if source is not None and all(op.op_type == "Identity" for op in source[1]):
+            if len(source[0].const_value.shape) == 1:
+                return source[0]
     return None
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import resource
 import sys
 import time
 from dataclasses import dataclass
@@ -16,7 +17,11 @@ from tqdm import tqdm
 from graphq.algorithms.rtn import QuantizedWeight, quantize_rtn
 from graphq.config import QuantConfig
 from graphq.errors import GraphqError
+from graphq.calibration_data import calibration_samples
+from graphq.evaluate import load_tokenizer
+from graphq.layer_methods import quantize_region
 from graphq.linear_layers import LinearLayer, find_linear_layers
+from graphq.runtimes.layerwise import LayerwiseCalibration
 from graphq.model_io import (
     MODEL_FILENAME,
     atomic_output_dir,
@@ -52,13 +57,67 @@ def quantized_weight_bytes(qw: QuantizedWeight) -> int:
     return bits // 8
 
 
-def quantize_layer_weight(layer: LinearLayer, config: QuantConfig) -> QuantizedWeight:
-    weight = layer.weight_kn()
-    if config.group_size != -1 and config.group_size > layer.in_features:
-        group_size = -1  # one group covers all of K: the same thing, stated as per-channel
-    else:
-        group_size = config.group_size
+def quantize_layer_weight(weight: np.ndarray, config: QuantConfig) -> QuantizedWeight:
+    """Quantize a [K, N] weight; a group at least as large as K is the same thing as per-channel."""
+    group_size = -1 if config.group_size >= weight.shape[0] else config.group_size
     return quantize_rtn(weight, config.bits, group_size, config.is_symmetric)
+
+
+def rtn_weights(layers: list[LinearLayer], config: QuantConfig, progress: bool) -> dict[str, tuple[QuantizedWeight, dict]]:
+    results = {}
+    for layer in tqdm(layers, desc=f"rtn {config.scheme}", unit="layer", disable=not progress, file=sys.stderr):
+        weight = layer.weight_kn()
+        qw = quantize_layer_weight(weight, config)
+        error = float(np.mean((qw.dequantize() - weight) ** 2) / max(np.mean(weight**2), 1e-30))
+        results[layer.name] = (qw, {"weight_relative_mse": error})
+    return results
+
+
+def calibrated_weights(
+    model: ir.Model, model_file: Path, layers: list[LinearLayer], config: QuantConfig, progress: bool
+) -> dict[str, tuple[QuantizedWeight, dict]]:
+    """AWQ / GPTQ, decoder layer by decoder layer, on activations captured in onnxruntime."""
+    tokenizer = load_tokenizer(model_file.parent)
+    samples = calibration_samples(
+        tokenizer,
+        path=config.calib,
+        texts=config.calib_texts,
+        num_samples=config.num_samples,
+        seq_len=config.seq_len,
+        seed=config.seed,
+        text_field=config.calib_field,
+        max_context=model_context_length(model_file.parent),
+    )
+    calibration = LayerwiseCalibration(model, layers, samples, want_hessian="gptq" in config.method, seed=config.seed)
+    results: dict[str, tuple[QuantizedWeight, dict]] = {}
+    bar = tqdm(
+        calibration,
+        total=len(calibration.active_regions),
+        desc=f"{config.method} {config.scheme} ({len(samples)} samples)",
+        unit="layer",
+        disable=not progress,
+        file=sys.stderr,
+    )
+    for _, region_layers, stats in bar:
+        region_results = quantize_region(model, region_layers, stats, config)
+        results.update(region_results)
+        entries = [entry for _, entry in region_results.values()]
+        bar.set_postfix(
+            error=f"{np.mean([e['output_error'] for e in entries]):.2e}",
+            rtn=f"{np.mean([e['output_error_rtn'] for e in entries]):.2e}",
+        )
+    missing = [layer.name for layer in layers if layer.name not in results]
+    if missing:
+        raise GraphqError(f"calibration never reached {missing[0]}: its decoder layer could not be run on its own")
+    return results
+
+
+def model_context_length(model_dir: Path) -> int | None:
+    config_file = model_dir / "config.json"
+    if not config_file.is_file():
+        return None
+    value = json.loads(config_file.read_text()).get("max_position_embeddings")
+    return int(value) if isinstance(value, int) else None
 
 
 def quantize(
@@ -97,28 +156,30 @@ def quantize(
             layer_reports.append(entry)
         if not chosen:
             raise GraphqError("every linear layer was excluded: loosen --exclude or pass --quantize-lm-head")
-        bar = tqdm(chosen, desc=f"{config.method} {config.scheme}", unit="layer", disable=not progress, file=sys.stderr)
-        for layer, entry in bar:
-            weight = layer.weight_kn()
-            qw = quantize_layer_weight(layer, config)
-            error = float(np.mean((qw.dequantize() - weight) ** 2) / max(np.mean(weight**2), 1e-30))
+        if config.needs_calibration:
+            quantized = calibrated_weights(model, model_file, [layer for layer, _ in chosen], config, progress)
+        else:
+            quantized = rtn_weights([layer for layer, _ in chosen], config, progress)
+        for layer, entry in chosen:
+            qw, details = quantized[layer.name]
             entry.update(
                 bits=config.bits,
                 group_size=qw.group_size if qw.group_size < layer.in_features else -1,
                 symmetric=qw.symmetric,
                 format=config.format,
-                weight_bytes_before=int(weight.size * layer.dtype.itemsize),
+                method=config.method,
+                weight_bytes_before=int(layer.in_features * layer.out_features * layer.dtype.itemsize),
                 weight_bytes_after=quantized_weight_bytes(qw),
-                weight_relative_mse=error,
+                **details,
             )
             emit(model, layer, qw)
-            bar.set_postfix_str(layer.name)
         out_model_file = staging / MODEL_FILENAME
         save_model(model, out_model_file)
         copy_side_files(model_file.parent, staging)
         size_before = model_size_bytes(model_file)
         size_after = model_size_bytes(out_model_file)
         elapsed = time.perf_counter() - started
+        peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         quantized = [e for e in layer_reports if "skipped" not in e]
         report = {
             "graphq_version": __version__,
@@ -131,13 +192,14 @@ def quantize(
             "linear_weight_bytes_before": sum(e["weight_bytes_before"] for e in quantized),
             "linear_weight_bytes_after": sum(e["weight_bytes_after"] for e in quantized),
             "elapsed_seconds": round(elapsed, 3),
+            "peak_rss_bytes": peak_rss,
             "layers": layer_reports,
         }
         (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     final_file = output_dir / MODEL_FILENAME
     print(
         f"graphq: quantized {len(quantized)} of {len(layer_reports)} linear layers ({config.scheme}, "
-        f"{config.format}, group {config.group_size}, {'sym' if config.is_symmetric else 'asym'}) in {elapsed:.1f}s; "
+        f"{config.format}, {config.method}, group {config.group_size}, {'sym' if config.is_symmetric else 'asym'}) in {elapsed:.1f}s; "
         f"model {size_before / 2**20:.1f} MiB -> {size_after / 2**20:.1f} MiB; wrote {output_dir}",
         file=sys.stderr,
     )

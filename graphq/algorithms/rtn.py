@@ -65,15 +65,18 @@ def compute_scales(
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Scales (and zero points) that map each group's range onto the integer grid.
 
-    Symmetric: scale = absmax / (2^(b-1) - 1). Asymmetric: the range is widened to include zero so that
-    zero is exactly representable, and the zero point is an integer in the unsigned range.
-    Padding rows of a partial last group are zeros, which never widen a range that already includes zero.
+    Symmetric: the value of largest magnitude maps to the most negative integer (-2^(b-1)), as llama.cpp's Q4_0 and
+    onnxruntime's quantizer do, so all 2^b levels are used; the scale takes that value's sign. Only values of the
+    opposite sign within 1/16 of the extreme (4 bits) round past the top level and clip by one step.
+    Asymmetric: the range is widened to include zero so that zero is exactly representable, and the zero point is an
+    integer in the unsigned range. Padding rows of a partial last group are zeros, which change neither rule.
     """
     groups = _grouped(weight, group_size)
     qmin, qmax = integer_range(bits, symmetric)
     if symmetric:
-        absmax = np.abs(groups).max(axis=1)
-        scales = absmax / qmax
+        rows = np.abs(groups).argmax(axis=1)
+        extreme = np.take_along_axis(groups, rows[:, None, :], axis=1)[:, 0, :]
+        scales = extreme / qmin
         scales[scales == 0] = 1.0
         return scales.astype(np.float32), None
     wmin = np.minimum(groups.min(axis=1), 0.0)

@@ -13,11 +13,21 @@ MS_DOMAIN = "com.microsoft"
 
 
 def kernel_block_size(qw: QuantizedWeight) -> int:
-    """MatMulNBits needs a power-of-two block >= 16; a per-channel group of K rows becomes one padded block."""
-    block = qw.group_size
-    if block & (block - 1) or block < 16:
-        block = max(16, 1 << (block - 1).bit_length())
-    return block
+    """The MatMulNBits block for a weight's groups: a power of two >= 16.
+
+    Groups that already are such blocks are used as they are. A per-channel group (all K rows) is split into the
+    largest such block (up to 128) that divides K, each block repeating the channel's scale: exact, and it avoids
+    padding K up to a power of two, which would store up to twice the weight. Only when no power of two divides K
+    is the single group padded into one block.
+    """
+    group = qw.group_size
+    if group >= 16 and not group & (group - 1):
+        return group
+    k = qw.shape[0]
+    for block in (128, 64, 32, 16):
+        if k % block == 0:
+            return block
+    return 1 << (k - 1).bit_length()
 
 
 def pack_weight(qw: QuantizedWeight) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int]:
@@ -41,11 +51,12 @@ def pack_weight(qw: QuantizedWeight) -> tuple[np.ndarray, np.ndarray, np.ndarray
         packed = (per_column[..., 0::2] | (per_column[..., 1::2] << 4)).astype(np.uint8)
     else:
         packed = per_column
-    # Groups and kernel blocks coincide except for per-channel, where one group spans the single block.
-    scales = np.ascontiguousarray(qw.scales.T).reshape(-1)
+    # Blocks and groups coincide, except a per-channel group spread over several blocks repeats its parameters.
+    repeat = n_blocks if qw.n_groups == 1 else 1
+    scales = np.ascontiguousarray(np.repeat(qw.scales, repeat, axis=0).T).reshape(-1)
     zero_points = None
     if not qw.symmetric:
-        zp = np.ascontiguousarray(qw.zero_points.T)  # [N, n_blocks]
+        zp = np.ascontiguousarray(np.repeat(qw.zero_points, repeat, axis=0).T)  # [N, n_blocks]
         if bits == 4:
             if n_blocks % 2:
                 zp = np.concatenate([zp, np.zeros((n, 1), dtype=np.uint8)], axis=1)

@@ -16,18 +16,23 @@ _PAST = re.compile(r"past_key_values\.(\d+)\.(key|value)")
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 
 
-def create_session(model_path: str | Path, threads: int | None = None) -> ort.InferenceSession:
-    model_file = resolve_model_file(model_path)
+def session_options(threads: int | None = None) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if threads is None:
         threads = int(os.environ.get("GRAPHQ_THREADS", "0"))
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    # Keep float activations when onnxruntime fuses DequantizeLinear + MatMul into MatMulNBits (default: int8).
+    # onnxruntime fuses DequantizeLinear + MatMul into MatMulNBits and by default computes it with int8
+    # activations (accuracy level 4); measure what the QDQ graph says, in float.
     options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    return options
+
+
+def create_session(model_path: str | Path, threads: int | None = None) -> ort.InferenceSession:
+    model_file = resolve_model_file(model_path)
     try:
-        return ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(model_file), session_options(threads), providers=["CPUExecutionProvider"])
     except Exception as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise GraphqError(f"onnxruntime cannot load {model_file}: {first_line}") from exc

@@ -1,0 +1,326 @@
+"""AWQ (Lin et al., 2023) math: activation-aware channel scaling and weight clipping, as AutoAWQ does it.
+
+The usual order for a group of linears sharing one input x (e.g. q/k/v after a norm):
+1. ``s, _ = search_awq_scales(x, [W_q, W_k, W_v], ...)`` with the unscaled weights;
+2. fold: the producer of x is divided by s (``fold_scales_into_norm`` or ``scale_weight_columns``), each
+   consumer's rows multiplied by s (``scale_weight_rows``), which leaves the float model unchanged;
+3. per linear, ``clip, _ = search_awq_clip(x / s, W * s, ...)`` and ``quantize_with_clip``.
+
+Quantization inside the searches is graphq's RTN, so scales and codes follow its conventions exactly and a
+"no scaling, no clipping" outcome reproduces ``quantize_rtn`` bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from graphq.algorithms.rtn import QuantizedWeight, quantize_rtn
+
+# AutoAWQ's floor on mag**ratio, so that channels never seen active do not get a zero (or inf) scale.
+_MIN_SCALE = 1e-4
+# Elements of one [groups, tokens, columns] error tensor in the clip search; bounds memory to ~64 MB.
+_CLIP_CHUNK_ELEMENTS = 1 << 24
+
+
+class ChannelMagnitude:
+    """Streams mean |x| per input channel, the activation statistic AWQ scales by.
+
+    The mean over every calibration token is steadier than the one over the small sample the grid search
+    runs on, so graph passes can feed all of calibration here and the sample to ``search_awq_scales``.
+    """
+
+    def __init__(self) -> None:
+        self._sum: np.ndarray | None = None
+        self._n = 0
+
+    @property
+    def tokens(self) -> int:
+        return self._n
+
+    def add(self, x: np.ndarray) -> None:
+        x = np.asarray(x)
+        x = x.reshape(-1, x.shape[-1])
+        if self._sum is None:
+            self._sum = np.zeros(x.shape[1], dtype=np.float64)
+        if x.shape[1] != self._sum.shape[0]:
+            raise ValueError(f"expected {self._sum.shape[0]} input channels, got {x.shape[1]}")
+        self._sum += np.abs(x).sum(axis=0, dtype=np.float64)
+        self._n += x.shape[0]
+
+    def mean(self) -> np.ndarray:
+        if self._sum is None or self._n == 0:
+            raise ValueError("no activations were added")
+        return self._sum / self._n
+
+
+def activation_channel_magnitude(x_chunks: Iterable[np.ndarray]) -> np.ndarray:
+    """Mean |x| per input channel [K] (float64) over chunks of shape [..., K]."""
+    magnitude = ChannelMagnitude()
+    for chunk in x_chunks:
+        magnitude.add(chunk)
+    return magnitude.mean()
+
+
+def _fake_quantize(weight_kn: np.ndarray, bits: int, group_size: int, symmetric: bool) -> np.ndarray:
+    return quantize_rtn(weight_kn, bits, group_size, symmetric).dequantize()
+
+
+def weight_channel_magnitude(weights_kn: Sequence[np.ndarray], group_size: int) -> np.ndarray:
+    """AutoAWQ's w_mean [K]: |w| relative to its group's absmax, averaged over every output channel.
+
+    Only used by ``duo_scaling``, which balances activation against weight magnitude.
+    """
+    weight = np.abs(np.concatenate([np.asarray(w, dtype=np.float32) for w in weights_kn], axis=1))
+    k = weight.shape[0]
+    gs = k if group_size == -1 else group_size
+    n_groups = -(-k // gs)
+    padded = np.zeros((n_groups * gs, weight.shape[1]), dtype=np.float32)
+    padded[:k] = weight
+    grouped = padded.reshape(n_groups, gs, -1)
+    relative = grouped / (grouped.max(axis=1, keepdims=True) + 1e-6)
+    return relative.reshape(n_groups * gs, -1)[:k].mean(axis=1, dtype=np.float64)
+
+
+def awq_scales_for_ratio(
+    x_magnitude: np.ndarray, ratio: float, w_magnitude: np.ndarray | None = None
+) -> np.ndarray:
+    """One grid point: s = mag^ratio (or mag^r / w_mag^(1-r)), normalized so max(s) * min(s) = 1.
+
+    The normalization keeps s centred around 1 on a log scale, so neither the producer nor the consumer
+    weights drift far from their original magnitudes. ratio 0 gives exactly ones.
+    """
+    mag = np.asarray(x_magnitude, dtype=np.float64)
+    if w_magnitude is None:
+        s = mag**ratio
+    else:
+        s = mag**ratio / (np.asarray(w_magnitude, dtype=np.float64) ** (1.0 - ratio) + 1e-4)
+    s = np.maximum(s, _MIN_SCALE)
+    s = s / np.sqrt(s.max() * s.min())
+    s[~np.isfinite(s)] = 1.0
+    return s.astype(np.float32)
+
+
+def scaled_quantization_error(
+    x_sample: np.ndarray,
+    weights_kn: Sequence[np.ndarray],
+    scales: np.ndarray,
+    bits: int,
+    group_size: int,
+    symmetric: bool,
+) -> float:
+    """sum over the linears of || x W - x Q(diag(s) W) / s ||^2, i.e. the output error once s is folded."""
+    x = np.asarray(x_sample, dtype=np.float32).reshape(-1, np.shape(scales)[0])
+    s = np.asarray(scales, dtype=np.float32)[:, None]
+    total = 0.0
+    for weight in weights_kn:
+        weight = np.asarray(weight, dtype=np.float32)
+        deq = _fake_quantize(weight * s, bits, group_size, symmetric) / s
+        diff = x @ (weight - deq)  # one product of the difference: exact where x W - x W' would cancel
+        total += float(np.sum(np.square(diff, dtype=np.float64)))
+    return total
+
+
+def search_awq_scales(
+    x_sample: np.ndarray,
+    weights_kn: Sequence[np.ndarray],
+    bits: int,
+    group_size: int,
+    symmetric: bool,
+    grid: int = 20,
+    *,
+    x_magnitude: np.ndarray | None = None,
+    duo_scaling: bool = False,
+) -> tuple[np.ndarray, dict]:
+    """AutoAWQ's grid search for per-input-channel scales s [K] of linears that share the input x_sample.
+
+    Salient input channels (large mean |x|) get s > 1 so their weights are quantized on a finer relative
+    grid; the layer output error, not the weight error, decides the ratio. The grid includes ratio 0
+    (s = 1, plain RTN) and ties keep the smaller ratio, so on x_sample the result is never worse than RTN.
+
+    ``x_magnitude`` replaces the mean |x| of x_sample (e.g. a ``ChannelMagnitude`` over all calibration
+    data); ``duo_scaling`` divides by weight magnitude too, as AutoAWQ's default does (s = 1 is then tried
+    besides the grid). ``info`` holds 'ratio' (None when duo scaling kept s = 1), 'error', 'error_rtn'
+    (s = 1), 'ratios' and 'errors'.
+    """
+    if not weights_kn:
+        raise ValueError("need at least one weight")
+    k = np.shape(weights_kn[0])[0]
+    if any(np.shape(w)[0] != k for w in weights_kn):
+        raise ValueError("all weights must share the input dimension K")
+    x = np.asarray(x_sample, dtype=np.float32).reshape(-1, k)
+    mag = np.abs(x).mean(axis=0, dtype=np.float64) if x_magnitude is None else np.asarray(x_magnitude)
+    if mag.shape != (k,):
+        raise ValueError(f"x_magnitude has shape {mag.shape}, expected ({k},)")
+    w_mag = weight_channel_magnitude(weights_kn, group_size) if duo_scaling else None
+    ones = np.ones(k, dtype=np.float32)
+    error_rtn = scaled_quantization_error(x, weights_kn, ones, bits, group_size, symmetric)
+    # Without duo scaling ratio 0 is s = 1 itself; with it, s = 1 is not on the grid and is tried apart.
+    best_error, best_ratio, best_scales = error_rtn, (None if duo_scaling else 0.0), ones
+    ratios = np.linspace(0.0, 1.0, max(grid, 1))
+    errors = []
+    for ratio in ratios:
+        if ratio == 0.0 and not duo_scaling:
+            errors.append(error_rtn)
+            continue
+        s = awq_scales_for_ratio(mag, float(ratio), w_mag)
+        error = scaled_quantization_error(x, weights_kn, s, bits, group_size, symmetric)
+        errors.append(error)
+        if error < best_error:
+            best_error, best_ratio, best_scales = error, float(ratio), s
+    info = {
+        "ratio": best_ratio,
+        "error": best_error,
+        "error_rtn": error_rtn,
+        "ratios": ratios.tolist(),
+        "errors": errors,
+    }
+    return best_scales, info
+
+
+@dataclass
+class ClipRanges:
+    """Per group and output channel [n_groups, N]: weights are clamped to [low, high] before RTN."""
+
+    low: np.ndarray
+    high: np.ndarray
+    shrink: np.ndarray  # the chosen factor (1 = no clipping)
+    group_size: int
+
+
+def _grouped(weight: np.ndarray, gs: int) -> np.ndarray:
+    k, n = weight.shape
+    n_groups = -(-k // gs)
+    padded = np.zeros((n_groups * gs, n), dtype=np.float32)
+    padded[:k] = weight
+    return padded.reshape(n_groups, gs, n)
+
+
+def _clip_grouped(grouped: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    return np.clip(grouped, low[:, None, :], high[:, None, :])
+
+
+def search_awq_clip(
+    x_sample: np.ndarray,
+    weight_kn: np.ndarray,
+    bits: int,
+    group_size: int,
+    symmetric: bool,
+    n_grid: int = 20,
+    max_shrink: float = 0.5,
+    *,
+    max_tokens: int = 512,
+) -> tuple[ClipRanges, dict]:
+    """AutoAWQ's auto_clip: per group and output channel, the weight range that minimizes output error.
+
+    Outlier weights stretch a group's grid and cost every other weight precision; clamping them trades a
+    large error on a few weights for a smaller one on all. Candidate ranges shrink the max (and for
+    asymmetric, the min) by 1 - max_shrink * i / n_grid, i = 0..n_grid; the error is each group's own
+    contribution to the output, mean over at most ``max_tokens`` evenly strided tokens. Factor 1 (no
+    clipping) is tried first and kept on ties. ``info`` holds 'error' and 'error_noclip' (summed over
+    groups and output channels) and 'tokens'.
+    """
+    weight = np.asarray(weight_kn, dtype=np.float32)
+    if weight.ndim != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {weight.shape}")
+    k, n = weight.shape
+    gs = k if group_size == -1 else group_size
+    x = np.asarray(x_sample, dtype=np.float32).reshape(-1, k)
+    if x.shape[0] > max_tokens:
+        x = x[:: x.shape[0] // max_tokens][:max_tokens]
+    t = x.shape[0]
+    grouped = _grouped(weight, gs)  # [G, gs, N]
+    n_groups = grouped.shape[0]
+    x_grouped = _grouped(x.T, gs).transpose(0, 2, 1)  # [G, T, gs], zero-padded channels
+    x_grouped = np.ascontiguousarray(x_grouped)
+
+    if symmetric:
+        base_high = np.abs(grouped).max(axis=1)
+        base_low = -base_high
+    else:
+        base_high = grouped.max(axis=1)
+        base_low = grouped.min(axis=1)
+    factors = 1.0 - max_shrink * np.arange(n_grid + 1) / max(n_grid, 1)
+    factors = factors[factors > 0]
+
+    best_err = np.full((n_groups, n), np.inf)
+    best_factor = np.ones((n_groups, n), dtype=np.float32)
+    err_noclip = np.zeros((n_groups, n))
+    chunk = max(1, _CLIP_CHUNK_ELEMENTS // max(1, n_groups * t))
+    for c1 in range(0, n, chunk):
+        cols = slice(c1, min(c1 + chunk, n))
+        w = grouped[:, :, cols]
+        for i, factor in enumerate(factors):
+            low = (base_low[:, cols] * factor).astype(np.float32)
+            high = (base_high[:, cols] * factor).astype(np.float32)
+            clipped = _clip_grouped(w, low, high).reshape(n_groups * gs, -1)[:k]
+            deq = _fake_quantize(clipped, bits, gs, symmetric)
+            diff = w - _grouped(deq, gs)
+            out = np.matmul(x_grouped, diff)  # [G, T, cols]: each group's share of the output error
+            err = np.mean(np.square(out, dtype=np.float64), axis=1)
+            if i == 0:
+                err_noclip[:, cols] = err
+            better = err < best_err[:, cols]
+            best_err[:, cols] = np.where(better, err, best_err[:, cols])
+            best_factor[:, cols] = np.where(better, factor, best_factor[:, cols])
+
+    clip = ClipRanges(
+        low=(base_low * best_factor).astype(np.float32),
+        high=(base_high * best_factor).astype(np.float32),
+        shrink=best_factor,
+        group_size=gs,
+    )
+    info = {"error": float(best_err.sum()), "error_noclip": float(err_noclip.sum()), "tokens": t}
+    return clip, info
+
+
+def clip_weight(weight_kn: np.ndarray, clip: ClipRanges) -> np.ndarray:
+    """The [K, N] weight clamped to its group ranges."""
+    weight = np.asarray(weight_kn, dtype=np.float32)
+    k = weight.shape[0]
+    grouped = _clip_grouped(_grouped(weight, clip.group_size), clip.low, clip.high)
+    return grouped.reshape(-1, weight.shape[1])[:k]
+
+
+def quantize_with_clip(
+    weight_kn: np.ndarray, clip: ClipRanges, bits: int, group_size: int, symmetric: bool
+) -> QuantizedWeight:
+    """RTN of the clamped weight: the grids then come from the searched ranges, by RTN's own rules."""
+    gs = np.shape(weight_kn)[0] if group_size == -1 else group_size
+    if gs != clip.group_size:
+        raise ValueError(f"clip ranges were searched with group size {clip.group_size}, not {gs}")
+    return quantize_rtn(clip_weight(weight_kn, clip), bits, group_size, symmetric)
+
+
+def fold_scales_into_norm(norm_weight: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """Norm gain / s: the norm's output (the consumers' input) shrinks by s, undoing ``scale_weight_rows``.
+
+    A LayerNorm bias is divided by s the same way (call this on it too).
+    """
+    return (np.asarray(norm_weight, dtype=np.float64) / np.asarray(s, dtype=np.float64)).astype(np.float32)
+
+
+def scale_weight_rows(weight_kn: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """Consumer side: row k (input channel k) times s[k]; (x / s) @ result == x @ weight."""
+    weight = np.asarray(weight_kn)
+    out = np.asarray(weight, dtype=np.float64) * np.asarray(s, dtype=np.float64)[:, None]
+    return out.astype(weight.dtype if weight.dtype.kind == "f" else np.float32)
+
+
+def scale_weight_columns(
+    weight_kn: np.ndarray, s: np.ndarray, bias: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Producer side (a previous linear whose output feeds the consumers): output column n (and bias) / s[n].
+
+    The producer's output becomes y / s, exactly what the consumers' scaled rows expect.
+    """
+    weight = np.asarray(weight_kn)
+    s64 = np.asarray(s, dtype=np.float64)
+    dtype = weight.dtype if weight.dtype.kind == "f" else np.float32
+    out = (np.asarray(weight, dtype=np.float64) / s64[None, :]).astype(dtype)
+    if bias is None:
+        return out, None
+    bias = np.asarray(bias)
+    return out, (np.asarray(bias, dtype=np.float64) / s64).astype(bias.dtype if bias.dtype.kind == "f" else np.float32)

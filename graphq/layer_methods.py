@@ -1,0 +1,152 @@
+"""Calibrated weight methods for one decoder layer: AWQ scaling (+ clip), GPTQ rounding, or both.
+
+Given the captured statistics of a layer's linear inputs, this decides where AWQ scales fold (the norm before
+q/k/v and gate/up, up_proj before down_proj, v_proj before o_proj when their shapes match), rewrites the float
+weights in the graph accordingly (the float function is unchanged), quantizes every linear, and writes the
+dequantized weights back so the next layer is calibrated on what this one will really compute.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx_ir as ir
+
+from graphq.algorithms.awq import (
+    fold_scales_into_norm,
+    quantize_with_clip,
+    scale_weight_columns,
+    scale_weight_rows,
+    search_awq_clip,
+    search_awq_scales,
+)
+from graphq.algorithms.gptq import gptq_quantize
+from graphq.algorithms.rtn import QuantizedWeight, quantize_rtn
+from graphq.config import QuantConfig
+from graphq.linear_layers import LinearLayer
+from graphq.passes.weights import set_layer_bias, set_layer_weight, set_norm_weight
+from graphq.runtimes.layerwise import InputStatistics
+
+log = logging.getLogger(__name__)
+
+
+def effective_group_size(config: QuantConfig, in_features: int) -> int:
+    return -1 if config.group_size == -1 or config.group_size >= in_features else config.group_size
+
+
+def relative_output_error(x: np.ndarray, weight: np.ndarray, approximation: np.ndarray) -> float:
+    reference = x @ weight
+    return float(np.sum(np.square(x @ (weight - approximation), dtype=np.float64)) / max(np.sum(np.square(reference, dtype=np.float64)), 1e-30))
+
+
+def _upstream_linear(consumer: LinearLayer, region_layers: list[LinearLayer]) -> LinearLayer | None:
+    """The linear whose output channels are this layer's input channels: up_proj for down_proj, v_proj for o_proj."""
+    if consumer.producer_kind == "gated_activation" and consumer.producer_node is not None:
+        feeding = {v.name for v in consumer.producer_node.inputs if v is not None}
+        for layer in region_layers:
+            if layer.output.name in feeding:
+                return layer
+    if consumer.role == "o":
+        for layer in region_layers:
+            if layer.role == "v" and layer.out_features == consumer.in_features:
+                return layer
+    return None
+
+
+def _fold_awq_scales(
+    model: ir.Model, group: list[LinearLayer], region_layers: list[LinearLayer], scales: np.ndarray
+) -> bool:
+    """Fold x -> x / s into the producer and W -> diag(s) W into the group; False if nothing can absorb s."""
+    first = group[0]
+    producer = first.producer_node
+    if producer is not None and producer.op_type in ("LayerNormalization", "SkipLayerNormalization"):
+        return False  # its bias would need scaling too; leave such groups unscaled rather than wrong
+    if first.producer_kind == "norm" and first.norm_weight is not None:
+        norm = first.norm_weight.const_value.numpy().astype(np.float32)
+        set_norm_weight(model, first, fold_scales_into_norm(norm, scales))
+        for layer in group[1:]:
+            layer.norm_weight = first.norm_weight
+    else:
+        upstream = _upstream_linear(first, region_layers)
+        if upstream is None or len(group) != 1:
+            return False
+        weight, bias = scale_weight_columns(upstream.weight_kn(), scales, upstream.bias_array())
+        set_layer_weight(model, upstream, weight)
+        if bias is not None:
+            set_layer_bias(model, upstream, bias)
+    for layer in group:
+        set_layer_weight(model, layer, scale_weight_rows(layer.weight_kn(), scales))
+    return True
+
+
+def quantize_region(
+    model: ir.Model,
+    region_layers: list[LinearLayer],
+    stats: dict[str, InputStatistics],
+    config: QuantConfig,
+) -> dict[str, tuple[QuantizedWeight, dict]]:
+    """Quantize every linear of one decoder layer; returns name -> (quantized weight, report entry)."""
+    method = config.method
+    groups: dict[str, list[LinearLayer]] = {}
+    for layer in region_layers:
+        groups.setdefault(layer.input.name, []).append(layer)
+    # Float weights and inputs before any folding, to report errors against the original layer.
+    originals = {layer.name: layer.weight_kn() for layer in region_layers}
+    samples = {name: entry.token_sample() for name, entry in stats.items()}
+    input_scale = {name: np.ones(samples[name].shape[1], dtype=np.float32) for name in samples}
+    notes: dict[str, dict] = {layer.name: {} for layer in region_layers}
+
+    if "awq" in method:
+        # All scales are searched on the captured float inputs and folded before anything is quantized,
+        # because folding for down_proj rewrites up_proj's columns.
+        for input_name, group in groups.items():
+            weights = [layer.weight_kn() for layer in group]
+            group_size = effective_group_size(config, group[0].in_features)
+            scales, info = search_awq_scales(
+                samples[input_name], weights, config.bits, group_size, config.is_symmetric,
+                x_magnitude=stats[input_name].magnitude.mean(),
+            )
+            folded = info["ratio"] not in (0.0, None) and _fold_awq_scales(model, group, region_layers, scales)
+            for layer in group:
+                notes[layer.name]["awq_ratio"] = info["ratio"] if folded else 0.0
+                if info["ratio"] not in (0.0, None) and not folded:
+                    notes[layer.name]["awq_skipped"] = "no producer can absorb the scales"
+            if folded:
+                input_scale[input_name] = scales.astype(np.float32)
+
+    results: dict[str, tuple[QuantizedWeight, dict]] = {}
+    for input_name, group in groups.items():
+        s = input_scale[input_name]
+        x = samples[input_name] / s
+        hessian = None
+        if "gptq" in method:
+            h = stats[input_name].hessian.hessian()
+            hessian = h / np.outer(s, s)
+        for layer in group:
+            weight = layer.weight_kn()
+            group_size = effective_group_size(config, layer.in_features)
+            entry = dict(notes[layer.name])
+            if hessian is not None:
+                qw, info = gptq_quantize(
+                    weight, hessian, config.bits, group_size, config.is_symmetric,
+                    damp=config.damp, act_order=config.act_order, static_groups=config.act_order,
+                    n_samples=stats[input_name].hessian.tokens,
+                )
+                entry["gptq_damp"] = info["damp"]
+                for warning in info["warnings"]:
+                    log.warning("%s: %s", layer.name, warning)
+                entry["warnings"] = list(info["warnings"])
+            elif config.awq_clip:
+                clip, _ = search_awq_clip(x, weight, config.bits, group_size, config.is_symmetric)
+                qw = quantize_with_clip(weight, clip, config.bits, group_size, config.is_symmetric)
+            else:
+                qw = quantize_rtn(weight, config.bits, group_size, config.is_symmetric)
+            x_original = samples[input_name]
+            original = originals[layer.name]
+            rtn = quantize_rtn(original, config.bits, group_size, config.is_symmetric).dequantize()
+            entry["output_error_rtn"] = relative_output_error(x_original, original, rtn)
+            entry["output_error"] = relative_output_error(x, weight, qw.dequantize())
+            set_layer_weight(model, layer, qw.dequantize())
+            results[layer.name] = (qw, entry)
+    return results

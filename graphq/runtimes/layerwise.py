@@ -1,0 +1,137 @@
+"""Layer-sequential calibration in onnxruntime: run the model one decoder layer at a time over the samples.
+
+For layer i, the inputs of its linear layers are captured by running layer i on the hidden states that the
+already-quantized layers < i produced (errors of earlier layers are seen and compensated). Statistics are
+streamed into accumulators; only the hidden states entering the current layer are kept for all samples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+import onnx_ir as ir
+
+from graphq.algorithms.awq import ChannelMagnitude
+from graphq.algorithms.gptq import HessianAccumulator
+from graphq.decoder_layers import Region, decoder_regions, prefix_values
+from graphq.linear_layers import LinearLayer
+from graphq.runtimes.submodel import SubmodelSession
+
+
+@dataclass
+class InputStatistics:
+    """Streaming statistics of one linear input (shared by the linears reading it)."""
+
+    hessian: HessianAccumulator | None
+    magnitude: ChannelMagnitude
+    sample_rows: list[np.ndarray] = field(default_factory=list)
+
+    def token_sample(self) -> np.ndarray:
+        return np.concatenate(self.sample_rows, axis=0)
+
+
+def graph_input_feeds(graph: ir.Graph, ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Feeds for every graph input of a causal LM export for one sequence, with an empty KV cache."""
+    ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
+    length = ids.shape[1]
+    feeds = {}
+    for value in graph.inputs:
+        name = value.name
+        if name == "input_ids":
+            feeds[name] = ids
+        elif name == "attention_mask":
+            feeds[name] = np.ones((1, length), dtype=np.int64)
+        elif name == "position_ids":
+            feeds[name] = np.arange(length, dtype=np.int64).reshape(1, -1)
+        elif name.startswith("past_key_values"):
+            dims = [d if isinstance(d, int) else 0 for d in value.shape]
+            dims[0] = 1
+            dims[2] = 0
+            feeds[name] = np.zeros(dims, dtype=value.dtype.numpy())
+        else:
+            raise ValueError(f"don't know how to feed graph input {name}")
+    return feeds
+
+
+class LayerwiseCalibration:
+    """Iterate over decoder layers; each step yields the captured statistics of that layer's linear inputs.
+
+    After each yield the caller edits the layer's weights in ``model``; the next step runs the edited layer to
+    produce the hidden states for the following one.
+    """
+
+    def __init__(
+        self,
+        model: ir.Model,
+        layers: list[LinearLayer],
+        samples: list[np.ndarray],
+        want_hessian: bool,
+        tokens_per_input: int = 2048,
+        seed: int = 0,
+        threads: int | None = None,
+    ):
+        self.model = model
+        self.layers = layers
+        self.samples = samples
+        self.want_hessian = want_hessian
+        self.tokens_per_sample = max(1, -(-tokens_per_input // len(samples)))
+        self.rng = np.random.default_rng(seed)
+        self.threads = threads
+        self.regions = decoder_regions(model, layers)
+        # Only regions holding layers to quantize are calibrated; the walk stops after the last of them.
+        self.active_regions = [r for r in self.regions if any(l.layer_index == r.index for l in layers)]
+        self.peak_stream_bytes = 0
+
+    def _specs(self, names: list[str], arrays: dict[str, np.ndarray]) -> dict[str, tuple[np.dtype, int]]:
+        return {name: (arrays[name].dtype, arrays[name].ndim) for name in names}
+
+    def __iter__(self) -> Iterator[tuple[Region, list[LinearLayer], dict[str, InputStatistics]]]:
+        graph = self.model.graph
+        feeds = [graph_input_feeds(graph, ids) for ids in self.samples]
+        prefix_names = prefix_values(self.regions)
+        prefix = SubmodelSession(self.model, {}, prefix_names, threads=self.threads)
+        # Per sample: the static values and the current stream values, by name.
+        values = [prefix.run(feed) for feed in feeds]
+        later_needs = self._remaining_needs()
+        regions = self.active_regions
+        for position, region in enumerate(regions):
+            region_layers = [l for l in self.layers if l.layer_index == region.index]
+            input_names = list(dict.fromkeys(l.input.name for l in region_layers))
+            cut = region.stream_inputs + region.static_inputs
+            capture = SubmodelSession(self.model, self._specs(cut, values[0]), input_names, threads=self.threads)
+            stats = {
+                name: InputStatistics(HessianAccumulator() if self.want_hessian else None, ChannelMagnitude())
+                for name in input_names
+            }
+            for feed, sample_values in zip(feeds, values):
+                captured = capture.run({**feed, **sample_values})
+                for name, array in captured.items():
+                    rows = array.reshape(-1, array.shape[-1]).astype(np.float32)
+                    entry = stats[name]
+                    if entry.hessian is not None:
+                        entry.hessian.add(rows)
+                    entry.magnitude.add(rows)
+                    take = min(self.tokens_per_sample, len(rows))
+                    entry.sample_rows.append(rows[np.sort(self.rng.choice(len(rows), take, replace=False))])
+            del capture
+            yield region, region_layers, stats
+            if position == len(regions) - 1 or not region.stream_outputs:
+                break
+            forward = SubmodelSession(self.model, self._specs(cut, values[0]), region.stream_outputs, threads=self.threads)
+            keep = later_needs[region.index]
+            for i, (feed, sample_values) in enumerate(zip(feeds, values)):
+                produced = forward.run({**feed, **sample_values})
+                merged = {**sample_values, **produced}
+                values[i] = {name: merged[name] for name in merged if name in keep}
+            self.peak_stream_bytes = max(self.peak_stream_bytes, sum(a.nbytes for v in values for a in v.values()))
+
+    def _remaining_needs(self) -> dict[int | None, set[str]]:
+        """For each region, the values any later region still reads."""
+        needs: dict[int | None, set[str]] = {}
+        later: set[str] = set()
+        for region in reversed(self.regions):
+            needs[region.index] = set(later)
+            later |= set(region.stream_inputs) | set(region.static_inputs)
+        return needs

@@ -1,0 +1,168 @@
+"""AWQ math: scale search never loses to RTN, folding is exact, clip search helps heavy tails, RTN conventions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from graphq.algorithms.awq import (
+    ChannelMagnitude,
+    activation_channel_magnitude,
+    awq_scales_for_ratio,
+    clip_weight,
+    fold_scales_into_norm,
+    quantize_with_clip,
+    scale_weight_columns,
+    scale_weight_rows,
+    scaled_quantization_error,
+    search_awq_clip,
+    search_awq_scales,
+)
+from graphq.algorithms.rtn import compute_scales, quantize_rtn
+
+K = 128
+
+
+def make_inputs(t: int = 512, outliers: bool = True, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((t, K)).astype(np.float32)
+    if outliers:
+        x[:, [3, 40, 77, 100]] *= 30.0  # a few salient channels, as after an LLM's norms
+    return x
+
+
+def make_weights(n_out=(96, 64), seed: int = 1) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [(rng.standard_normal((K, n)) * 0.05).astype(np.float32) for n in n_out]
+
+
+def output_error(x, weight, deq) -> float:
+    return float(np.sum((x.astype(np.float64) @ (weight.astype(np.float64) - deq.astype(np.float64))) ** 2))
+
+
+def test_channel_magnitude_streams_mean_abs():
+    x = make_inputs(t=300)
+    magnitude = ChannelMagnitude()
+    magnitude.add(x[:100].reshape(2, 50, K))
+    magnitude.add(x[100:])
+    assert magnitude.tokens == 300
+    np.testing.assert_allclose(magnitude.mean(), np.abs(x.astype(np.float64)).mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(activation_channel_magnitude([x[:10], x[10:]]), magnitude.mean(), rtol=1e-12)
+    with pytest.raises(ValueError):
+        ChannelMagnitude().mean()
+
+
+def test_ratio_zero_is_exactly_rtn():
+    x, weights = make_inputs(), make_weights()
+    ones = awq_scales_for_ratio(np.abs(x).mean(axis=0), 0.0)
+    np.testing.assert_array_equal(ones, np.ones(K, np.float32))
+    for weight in weights:
+        np.testing.assert_array_equal(scale_weight_rows(weight, ones), weight)
+    expected = sum(output_error(x, w, quantize_rtn(w, 4, 32, True).dequantize()) for w in weights)
+    assert scaled_quantization_error(x, weights, ones, 4, 32, True) == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("group_size", [32, -1])
+def test_scale_search_never_worse_than_rtn(symmetric, group_size):
+    weights = make_weights()
+    for outliers in (False, True):
+        x = make_inputs(outliers=outliers, seed=2)
+        scales, info = search_awq_scales(x, weights, 4, group_size, symmetric)
+        assert scales.shape == (K,) and scales.dtype == np.float32 and np.all(scales > 0)
+        assert info["error"] <= info["error_rtn"] == info["errors"][0]
+        assert info["error"] == pytest.approx(
+            scaled_quantization_error(x, weights, scales, 4, group_size, symmetric), rel=1e-6
+        )
+        if outliers:
+            assert info["error"] < 0.8 * info["error_rtn"] and info["ratio"] > 0
+            assert scales[[3, 40, 77, 100]].min() > np.median(scales)
+    x = make_inputs(seed=2)
+    _, info = search_awq_scales(x, weights, 4, group_size, symmetric, duo_scaling=True)
+    assert info["error"] <= info["error_rtn"]
+
+
+def test_scale_search_uses_given_magnitude():
+    x, weights = make_inputs(), make_weights()
+    magnitude = np.ones(K)  # flat magnitude: every grid point is s = 1
+    scales, info = search_awq_scales(x, weights, 4, 32, True, x_magnitude=magnitude)
+    np.testing.assert_allclose(scales, 1.0, rtol=1e-6)
+    assert info["error"] == pytest.approx(info["error_rtn"], rel=1e-6)
+
+
+def test_folding_is_exact_in_float():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((64, K)).astype(np.float32)
+    s = awq_scales_for_ratio(np.abs(make_inputs()).mean(axis=0), 0.7)
+    weight = make_weights()[0]
+    reference = x.astype(np.float64) @ weight.astype(np.float64)
+
+    # Consumer rows times s, its input divided by s.
+    folded = (x / s).astype(np.float32) @ scale_weight_rows(weight, s)
+    np.testing.assert_allclose(folded, reference, rtol=1e-4, atol=1e-5)
+
+    # RMSNorm gain divided by s.
+    gain = rng.uniform(0.5, 1.5, K).astype(np.float32)
+    normed = x / np.sqrt(np.mean(x * x, axis=1, keepdims=True) + 1e-6)
+    expected = (normed * gain).astype(np.float64) @ weight.astype(np.float64)
+    got = (normed * fold_scales_into_norm(gain, s)) @ scale_weight_rows(weight, s)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+    # A previous linear (with bias) producing the input: its output columns divided by s.
+    previous = (rng.standard_normal((32, K)) * 0.1).astype(np.float32)
+    bias = rng.standard_normal(K).astype(np.float32)
+    h = rng.standard_normal((64, 32)).astype(np.float32)
+    expected = (h.astype(np.float64) @ previous + bias) @ weight.astype(np.float64)
+    new_previous, new_bias = scale_weight_columns(previous, s, bias)
+    got = (h @ new_previous + new_bias) @ scale_weight_rows(weight, s)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+    assert new_previous.dtype == np.float32 and new_bias.dtype == np.float32
+    assert scale_weight_columns(previous, s)[1] is None
+
+
+def heavy_tailed_weight(k: int = K, n: int = 96, seed: int = 4) -> np.ndarray:
+    return (np.random.default_rng(seed).standard_t(df=2.0, size=(k, n)) * 0.02).astype(np.float32)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("group_size", [32, 48, -1])  # 48 does not divide K=128
+def test_clip_search_reduces_output_error(symmetric, group_size):
+    x = make_inputs(outliers=False, seed=5)
+    weight = heavy_tailed_weight()
+    clip, info = search_awq_clip(x, weight, 4, group_size, symmetric)
+    n_groups = 1 if group_size == -1 else -(-K // group_size)
+    assert clip.low.shape == clip.high.shape == clip.shrink.shape == (n_groups, weight.shape[1])
+    assert np.all(clip.low <= clip.high) and np.all(clip.shrink <= 1.0) and np.all(clip.shrink >= 0.5)
+    assert info["error"] < info["error_noclip"]
+    clipped = quantize_with_clip(weight, clip, 4, group_size, symmetric)
+    rtn = quantize_rtn(weight, 4, group_size, symmetric)
+    assert clipped.scales.shape == rtn.scales.shape and clipped.q.dtype == rtn.q.dtype
+    assert output_error(x, weight, clipped.dequantize()) < output_error(x, weight, rtn.dequantize())
+    # The grids follow RTN's own rules on the clamped weight.
+    scales, zeros = compute_scales(clip_weight(weight, clip), 4, clipped.group_size, symmetric)
+    np.testing.assert_array_equal(clipped.scales, scales)
+    if not symmetric:
+        np.testing.assert_array_equal(clipped.zero_points, zeros)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_no_clipping_is_exactly_rtn(symmetric):
+    x = make_inputs(seed=6)
+    weight = heavy_tailed_weight(seed=7)
+    clip, info = search_awq_clip(x, weight, 4, 48, symmetric, max_shrink=0.0)
+    assert np.all(clip.shrink == 1.0) and info["error"] == info["error_noclip"]
+    np.testing.assert_array_equal(clip_weight(weight, clip), weight)
+    got = quantize_with_clip(weight, clip, 4, 48, symmetric)
+    rtn = quantize_rtn(weight, 4, 48, symmetric)
+    np.testing.assert_array_equal(got.q, rtn.q)
+    np.testing.assert_array_equal(got.scales, rtn.scales)
+    if not symmetric:
+        np.testing.assert_array_equal(got.zero_points, rtn.zero_points)
+    with pytest.raises(ValueError):
+        quantize_with_clip(weight, clip, 4, 32, symmetric)
+
+
+def test_clip_search_subsamples_tokens():
+    x = make_inputs(t=2000, seed=8)
+    _, info = search_awq_clip(x, heavy_tailed_weight(), 4, 32, True, max_tokens=256)
+    assert info["tokens"] == 256
