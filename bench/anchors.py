@@ -16,6 +16,35 @@ def lm_head_node_names(model_file: Path) -> list[str]:
     return [layer.node.name for layer in find_linear_layers(ir.load(model_file)) if layer.role == "lm_head"]
 
 
+def _exclude_from_int4_algorithms(quantizer, exclude: list[str]) -> None:
+    """Make onnxruntime's GPTQ path honour ``nodes_to_exclude``.
+
+    MatMulNBitsQuantizer marks excluded nodes as "fp32" in the per-node weight config only for RTN and k-quant;
+    for GPTQ it builds the same config but never marks them, so lm_head would be quantized regardless.
+    """
+    generate = quantizer._generate_q4_node_config
+
+    def generate_with_exclusions():
+        config = generate()
+        for name in exclude:
+            config[name] = "fp32"
+        return config
+
+    quantizer._generate_q4_node_config = generate_with_exclusions
+
+
+def save_quantizer_model(model, out_file: Path) -> None:
+    """Save what a quantizer produced: an onnxruntime/INC ONNXModel wrapper or a bare ModelProto."""
+    if isinstance(model, onnx.ModelProto):
+        onnx.save_model(model, str(out_file))
+    elif hasattr(model, "save_model_to_file"):
+        model.save_model_to_file(str(out_file), use_external_data_format=False)
+    elif hasattr(model, "model") and isinstance(model.model, onnx.ModelProto):
+        onnx.save_model(model.model, str(out_file))
+    else:
+        raise TypeError(f"don't know how to save a {type(model).__name__}")
+
+
 def ort_matmulnbits(
     model_path: str | Path,
     output_dir: str | Path,
@@ -28,7 +57,9 @@ def ort_matmulnbits(
 ) -> tuple[Path, float]:
     """onnxruntime's MatMulNBitsQuantizer (its default algorithm unless ``algo_config`` names another).
 
-    Returns the output export folder and the quantization time in seconds (saving excluded).
+    ``block_size`` is the quantization group size for every algorithm (for GPTQ the algo_config's own block_size is
+    GPTQ's column block). Returns the output export folder and the quantization time in seconds (loading included,
+    saving excluded).
     """
     from onnxruntime.quantization import QuantFormat
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -47,9 +78,9 @@ def ort_matmulnbits(
         algo_config=algo_config,
         quant_format=getattr(QuantFormat, quant_format),
     )
+    _exclude_from_int4_algorithms(quantizer, exclude)
     quantizer.process()
     seconds = time.perf_counter() - started
-    out_file = output_dir / MODEL_FILENAME
-    quantizer.model.save_model_to_file(str(out_file), use_external_data_format=False)
+    save_quantizer_model(quantizer.model, output_dir / MODEL_FILENAME)
     copy_side_files(model_file.parent, output_dir)
     return output_dir, seconds

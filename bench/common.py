@@ -63,7 +63,7 @@ class Evaluator:
     def measure(self, name: str, model_dir: Path, quant_seconds: float | None) -> Measurement:
         model = OrtCausalLM(model_dir, threads=self.args.threads)
         ppl = perplexity(model, self.windows).ppl
-        speed = decode_speed(model, self.prompt, self.args.decode_tokens)
+        speed = decode_speed(model, self.prompt, self.args.decode_tokens) if self.args.decode_tokens > 0 else float("nan")
         size = model_size_bytes(resolve_model_file(model_dir)) / 2**20
         print(f"  {name}: ppl {ppl:.3f}, {size:.1f} MiB, {speed:.1f} tok/s", flush=True)
         return Measurement(name, ppl, size, quant_seconds, speed)

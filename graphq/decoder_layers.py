@@ -89,14 +89,31 @@ def _depends_on_embedding(value: ir.Value) -> bool:
     return False
 
 
+def _downstream_of_layers(graph: ir.Graph) -> set[str]:
+    """Names of values computed from any decoder layer's outputs."""
+    todo = [out for node in graph if node_layer_index(node) is not None for out in node.outputs]
+    seen: set[str] = set()
+    while todo:
+        value = todo.pop()
+        if value.name in seen:
+            continue
+        seen.add(value.name)
+        for use in value.uses():
+            todo.extend(use.node.outputs)
+    return seen
+
+
 def decoder_regions(model: ir.Model, layers: list[LinearLayer]) -> list[Region]:
     """Regions for every decoder layer in order, then the tail (final norm, lm_head) if it holds linear layers."""
     graph = model.graph
     stream = stream_values(graph, layers)
+    after_layers = _downstream_of_layers(graph)
     by_index: dict[int | None, list[ir.Node]] = {}
     for node in graph:
         index = node_layer_index(node)
-        if index is not None or any(out.name in stream for out in node.outputs):
+        # Outside the layers, only what comes after them (final norm, lm_head) forms the tail; what comes before
+        # (embedding, masks) is computed from the graph inputs by the prefix.
+        if index is not None or any(out.name in after_layers for out in node.outputs):
             by_index.setdefault(index, []).append(node)
     indices = sorted(i for i in by_index if i is not None)
     if indices != list(range(len(indices))):

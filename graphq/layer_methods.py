@@ -54,7 +54,7 @@ def _upstream_linear(consumer: LinearLayer, region_layers: list[LinearLayer]) ->
     return None
 
 
-def _fold_awq_scales(
+def fold_awq_scales(
     model: ir.Model, group: list[LinearLayer], region_layers: list[LinearLayer], scales: np.ndarray
 ) -> bool:
     """Fold x -> x / s into the producer and W -> diag(s) W into the group; False if nothing can absorb s."""
@@ -107,7 +107,7 @@ def quantize_region(
                 samples[input_name], weights, config.bits, group_size, config.is_symmetric,
                 x_magnitude=stats[input_name].magnitude.mean(),
             )
-            folded = info["ratio"] not in (0.0, None) and _fold_awq_scales(model, group, region_layers, scales)
+            folded = info["ratio"] not in (0.0, None) and fold_awq_scales(model, group, region_layers, scales)
             for layer in group:
                 notes[layer.name]["awq_ratio"] = info["ratio"] if folded else 0.0
                 if info["ratio"] not in (0.0, None) and not folded:

@@ -12,8 +12,10 @@ REPO = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(os.environ.get("GRAPHQ_DATA", REPO.parent / "shared" / "data" / "austen"))
 
 
-def build_tiny_model(kind: str, target: Path, seed: int = 0) -> Path:
-    """Save a tiny random Hugging Face model: 'llama' (no biases) or 'qwen2' (q/k/v biases, tied embeddings)."""
+def build_tiny_model(kind: str, target: Path, seed: int = 0, kv_heads: int = 2) -> Path:
+    """Save a tiny random Hugging Face model: 'llama' (no biases) or 'qwen2' (q/k/v biases, tied embeddings).
+
+    kv_heads=4 (as many as attention heads) makes v_proj's outputs line up with o_proj's inputs."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -25,7 +27,7 @@ def build_tiny_model(kind: str, target: Path, seed: int = 0) -> Path:
         intermediate_size=96,
         num_hidden_layers=2,
         num_attention_heads=4,
-        num_key_value_heads=2,
+        num_key_value_heads=kv_heads,
         max_position_embeddings=256,
         bos_token_id=1,
         eos_token_id=2,

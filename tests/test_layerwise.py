@@ -1,0 +1,170 @@
+"""Layer-by-layer calibration (capture in onnxruntime), AWQ scale folding, and the calibrated methods on tiny models."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+from graphq import GraphqError, QuantConfig, quantize
+from graphq.cli import main
+from graphq.decoder_layers import decoder_regions
+from graphq.export import export
+from graphq.layer_methods import fold_awq_scales
+from graphq.linear_layers import find_linear_layers
+from graphq.runtimes.layerwise import LayerwiseCalibration, graph_input_feeds
+from graphq.runtimes.ort import OrtCausalLM
+
+from conftest import build_tiny_model
+
+CALIB_TEXTS = [
+    "the quick brown fox jumps over the lazy dog and then it rests in the sun for a while.",
+    "she said that they would come home early, but the rain kept them at the old inn all night.",
+    "numbers like 12 and 345 appear; so do marks: commas, colons; and 'quotes' (in brackets).",
+] * 4
+
+
+@pytest.fixture(scope="module")
+def mha_qwen2(tmp_path_factory):
+    """A tiny Qwen2 with as many KV heads as heads, so o_proj scales can fold into v_proj (which has a bias)."""
+    root = tmp_path_factory.mktemp("mha")
+    hf = build_tiny_model("qwen2", root / "hf", seed=3, kv_heads=4)
+    export(hf, root / "onnx")
+    return root / "onnx"
+
+
+def _samples(n: int, length: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [np.concatenate([[1], rng.integers(3, 90, size=length - 1)]) for _ in range(n)]
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_captured_inputs_equal_the_full_model_activations(tiny_models, kind):
+    path = tiny_models[kind]["onnx"] / "model.onnx"
+    model = ir.load(path)
+    layers = find_linear_layers(model)  # lm_head included: the tail region is captured too
+    samples = _samples(3, 24)
+    calibration = LayerwiseCalibration(model, layers, samples, want_hessian=True, tokens_per_input=10**6)
+    captured = {}
+    for region, region_layers, stats in calibration:
+        assert {l.layer_index for l in region_layers} == {region.index}
+        for name, entry in stats.items():
+            captured[name] = entry
+    assert len(captured) == 2 * 4 + 1  # per layer: attention input, o_proj input, MLP input, down_proj input; lm_head
+    proto = onnx.load(str(path))
+    for name in captured:
+        proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    reference = {name: [] for name in captured}
+    for ids in samples:
+        for name, array in zip(captured, session.run(list(captured), graph_input_feeds(model.graph, ids))):
+            reference[name].append(array.reshape(-1, array.shape[-1]))
+    for name, entry in captured.items():
+        full = np.concatenate(reference[name]).astype(np.float64)
+        np.testing.assert_allclose(entry.token_sample(), full, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(entry.hessian.hessian(), 2 * full.T @ full / len(full), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(entry.magnitude.mean(), np.abs(full).mean(axis=0), rtol=1e-5)
+
+
+def test_regions_split_the_decoder_into_layers(tiny_models):
+    model = ir.load(tiny_models["llama"]["onnx"] / "model.onnx")
+    regions = decoder_regions(model, find_linear_layers(model))
+    assert [r.index for r in regions] == [0, 1, None]
+    # Each layer hands exactly one hidden state to the next; the tail holds only what follows the last layer.
+    assert len(regions[0].stream_outputs) == 1 and regions[0].stream_outputs[0] in regions[1].stream_inputs
+    assert regions[1].stream_outputs[0] in regions[2].stream_inputs
+    assert {n.op_type for n in regions[2].nodes} >= {"MatMul"} and "Gather" not in {n.op_type for n in regions[2].nodes}
+
+
+@pytest.mark.parametrize("which", ["llama", "qwen2", "mha"])
+def test_awq_scale_folding_leaves_float_logits_unchanged(tiny_models, mha_qwen2, tmp_path, which):
+    source = mha_qwen2 if which == "mha" else tiny_models[which]["onnx"]
+    ids = _samples(1, 20)[0]
+    before = OrtCausalLM(source).logits(ids)
+    model = ir.load(source / "model.onnx")
+    layers = [l for l in find_linear_layers(model) if l.role != "lm_head"]
+    rng = np.random.default_rng(1)
+    folded_roles = set()
+    for index in (0, 1):
+        region = [l for l in layers if l.layer_index == index]
+        groups = {}
+        for layer in region:
+            groups.setdefault(layer.input.name, []).append(layer)
+        for group in groups.values():
+            scales = rng.uniform(0.25, 4.0, size=group[0].in_features).astype(np.float32)
+            if fold_awq_scales(model, group, region, scales):
+                folded_roles.update(l.role for l in group)
+    expected = {"q", "k", "v", "gate", "up", "down"} | ({"o"} if which == "mha" else set())
+    assert folded_roles == expected
+    ir.save(model, tmp_path / "model.onnx")
+    after = OrtCausalLM(tmp_path / "model.onnx").logits(ids)
+    assert np.abs(after - before).max() < 1e-4 * max(1.0, np.abs(before).max())
+    # The folds really rewrote the weights (so an unchanged logit is not an untouched model).
+    folded = ir.load(tmp_path / "model.onnx")
+    q_proj = next(l for l in find_linear_layers(folded) if l.name == "model.layers.0.self_attn.q_proj")
+    original = next(l for l in find_linear_layers(ir.load(source / "model.onnx")) if l.name == q_proj.name)
+    assert not np.allclose(q_proj.weight_kn(), original.weight_kn())
+
+
+@pytest.mark.parametrize("method", ["awq", "gptq", "awq+gptq"])
+def test_calibrated_methods_beat_rtn_and_run_in_onnxruntime(tiny_models, tmp_path, method):
+    source = tiny_models["qwen2"]["onnx"]
+    config = QuantConfig(scheme="w4a16", group_size=32, symmetric=False, method=method, calib_texts=CALIB_TEXTS,
+                         num_samples=12, seq_len=64)
+    result = quantize(source, config, tmp_path / "out", progress=False)
+    entries = [e for e in result.report["layers"] if "skipped" not in e]
+    assert len(entries) == 14 and all(e["method"] == method for e in entries)
+    error = np.mean([e["output_error"] for e in entries])
+    rtn = np.mean([e["output_error_rtn"] for e in entries])
+    assert error < 0.9 * rtn, (error, rtn)
+    logits = OrtCausalLM(result.output_dir).logits(_samples(1, 16)[0])
+    float_logits = OrtCausalLM(source).logits(_samples(1, 16)[0])
+    assert np.isfinite(logits).all() and not np.allclose(logits, float_logits)
+    assert result.report["peak_rss_bytes"] > 0
+
+
+def test_calibrated_quantization_is_deterministic(tiny_models, tmp_path):
+    source = tiny_models["llama"]["onnx"]
+    config = QuantConfig(method="awq+gptq", group_size=32, calib_texts=CALIB_TEXTS, num_samples=6, seq_len=48, seed=7)
+    first = quantize(source, config, tmp_path / "a", progress=False)
+    second = quantize(source, config, tmp_path / "b", progress=False)
+    a, b = ir.load(first.model_file), ir.load(second.model_file)
+    for name, value in a.graph.initializers.items():
+        np.testing.assert_array_equal(value.const_value.numpy(), b.graph.initializers[name].const_value.numpy())
+
+
+def test_too_few_calibration_tokens_warn_and_still_give_a_valid_model(tiny_models, tmp_path):
+    source = tiny_models["llama"]["onnx"]
+    config = QuantConfig(method="gptq", group_size=32, calib_texts=["a short one."], num_samples=1, seq_len=16)
+    result = quantize(source, config, tmp_path / "out", progress=False)
+    warnings = [w for e in result.report["layers"] for w in e.get("warnings", [])]
+    assert any("rank-deficient" in w for w in warnings)
+    assert np.isfinite(OrtCausalLM(result.output_dir).logits(_samples(1, 8)[0])).all()
+
+
+def test_missing_calibration_file_is_one_clear_error(tiny_models, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["quantize", str(tiny_models["llama"]["onnx"]), "-o", str(out), "--method", "awq",
+                 "--calib", str(tmp_path / "nope.txt"), "--seq-len", "64", "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "nope.txt does not exist" in err[0]
+    assert not out.exists() and not list(tmp_path.glob("*.partial"))
+
+
+def test_sequence_longer_than_the_context_is_refused(tiny_models, tmp_path):
+    config = QuantConfig(method="gptq", calib_texts=CALIB_TEXTS, seq_len=512)  # the tiny models hold 256 positions
+    with pytest.raises(GraphqError, match="longer than the model's context of 256"):
+        quantize(tiny_models["llama"]["onnx"], config, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_calibration_jsonl_without_the_field_is_refused(tiny_models, tmp_path):
+    calib = tmp_path / "calib.jsonl"
+    calib.write_text(json.dumps({"prompt": "hello"}) + "\n")
+    config = QuantConfig(method="awq", calib=str(calib), seq_len=64)
+    with pytest.raises(GraphqError, match="no 'text'"):
+        quantize(tiny_models["llama"]["onnx"], config, tmp_path / "out", progress=False)
