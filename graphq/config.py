@@ -46,6 +46,10 @@ class QuantConfig:
     act_order: bool = False
     awq_clip: bool = True
 
+    def group_size_for(self, in_features: int) -> int:
+        """The group size for a layer with ``in_features`` inputs: a group covering all of K is per-channel (-1)."""
+        return PER_CHANNEL if self.group_size == PER_CHANNEL or self.group_size >= in_features else self.group_size
+
     @property
     def needs_calibration(self) -> bool:
         return self.method != "rtn"

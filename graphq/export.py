@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
+
+import onnx_ir as ir
 
 from graphq.errors import GraphqError
 from graphq.model_io import MODEL_FILENAME, atomic_output_dir
@@ -36,6 +39,18 @@ def gguf_to_checkpoint(gguf_path: Path, target_dir: Path) -> None:
     copy = target_dir / _GGUF_TOKENIZER_COPY
     if copy.exists() and (target_dir / "tokenizer.json").exists():
         copy.unlink()
+
+
+def move_weights_to_external_data(model_file: Path) -> None:
+    """Keep weights in model.onnx.data beside the graph, so later steps map them lazily instead of parsing them."""
+    data_file = model_file.with_name(model_file.name + ".data")
+    if data_file.exists():
+        return
+    model = ir.load(model_file)
+    rewritten = model_file.with_name(".rewrite." + model_file.name)
+    ir.save(model, rewritten, external_data=data_file.name)
+    del model
+    os.replace(rewritten, model_file)
 
 
 def export(source: str | Path, output_dir: str | Path, opset: int | None = None, overwrite: bool = False) -> Path:
@@ -78,5 +93,6 @@ def export(source: str | Path, output_dir: str | Path, opset: int | None = None,
                 raise GraphqError(f"optimum could not export {source}: {first_line}") from exc
         if not (staging / MODEL_FILENAME).is_file():
             raise GraphqError(f"optimum wrote no {MODEL_FILENAME} for {source}")
+        move_weights_to_external_data(staging / MODEL_FILENAME)
     print(f"graphq: exported {source} to {output_dir} in {time.perf_counter() - started:.1f}s", file=sys.stderr)
     return Path(output_dir) / MODEL_FILENAME

@@ -2,8 +2,8 @@
 
 Given the captured statistics of a layer's linear inputs, this decides where AWQ scales fold (the norm before
 q/k/v and gate/up, up_proj before down_proj, v_proj before o_proj when their shapes match), rewrites the float
-weights in the graph accordingly (the float function is unchanged), quantizes every linear, and writes the
-dequantized weights back so the next layer is calibrated on what this one will really compute.
+weights in the graph accordingly (the float function is unchanged), and quantizes every linear; the caller
+rewrites the layer to its quantized form before the next layer is calibrated.
 """
 
 from __future__ import annotations
@@ -29,10 +29,6 @@ from graphq.passes.weights import set_layer_bias, set_layer_weight, set_norm_wei
 from graphq.runtimes.layerwise import InputStatistics
 
 log = logging.getLogger(__name__)
-
-
-def effective_group_size(config: QuantConfig, in_features: int) -> int:
-    return -1 if config.group_size == -1 or config.group_size >= in_features else config.group_size
 
 
 def relative_output_error(x: np.ndarray, weight: np.ndarray, approximation: np.ndarray) -> float:
@@ -102,7 +98,7 @@ def quantize_region(
         # because folding for down_proj rewrites up_proj's columns.
         for input_name, group in groups.items():
             weights = [layer.weight_kn() for layer in group]
-            group_size = effective_group_size(config, group[0].in_features)
+            group_size = config.group_size_for(group[0].in_features)
             scales, info = search_awq_scales(
                 samples[input_name], weights, config.bits, group_size, config.is_symmetric,
                 x_magnitude=stats[input_name].magnitude.mean(),
@@ -125,7 +121,7 @@ def quantize_region(
             hessian = h / np.outer(s, s)
         for layer in group:
             weight = layer.weight_kn()
-            group_size = effective_group_size(config, layer.in_features)
+            group_size = config.group_size_for(layer.in_features)
             entry = dict(notes[layer.name])
             if hessian is not None:
                 qw, info = gptq_quantize(
@@ -147,6 +143,5 @@ def quantize_region(
             rtn = quantize_rtn(original, config.bits, group_size, config.is_symmetric).dequantize()
             entry["output_error_rtn"] = relative_output_error(x_original, original, rtn)
             entry["output_error"] = relative_output_error(x, weight, qw.dequantize())
-            set_layer_weight(model, layer, qw.dequantize())
             results[layer.name] = (qw, entry)
     return results

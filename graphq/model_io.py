@@ -14,8 +14,6 @@ import onnx_ir as ir
 from graphq.errors import GraphqError
 
 MODEL_FILENAME = "model.onnx"
-# Protobuf cannot hold more than 2 GB; stay well below it.
-EXTERNAL_DATA_THRESHOLD_BYTES = 1 << 30
 
 
 def resolve_model_file(path: str | Path) -> Path:
@@ -59,16 +57,14 @@ def model_size_bytes(model_file: Path) -> int:
     return total
 
 
-def initializer_bytes(model: ir.Model) -> int:
-    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
-
 
 def save_model(model: ir.Model, model_file: Path) -> None:
-    """Save, moving weights to external data when the model would come near protobuf's 2 GB limit."""
-    if initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD_BYTES:
-        ir.save(model, model_file, external_data=model_file.name + ".data")
-    else:
-        ir.save(model, model_file)
+    """Save with weights in ``<model>.data`` beside the graph: no protobuf 2 GB limit, and lazy loading later.
+
+    Tensors still mapped from the source model's data file are copied into the new one, so the output folder
+    stands on its own.
+    """
+    ir.save(model, model_file, external_data=model_file.name + ".data")
 
 
 def check_output_dir(output_dir: Path, inputs: list[Path], overwrite: bool) -> None:

@@ -9,6 +9,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnx_ir as ir
@@ -57,26 +58,27 @@ def quantized_weight_bytes(qw: QuantizedWeight) -> int:
     return bits // 8
 
 
-def quantize_layer_weight(weight: np.ndarray, config: QuantConfig) -> QuantizedWeight:
-    """Quantize a [K, N] weight; a group at least as large as K is the same thing as per-channel."""
-    group_size = -1 if config.group_size >= weight.shape[0] else config.group_size
-    return quantize_rtn(weight, config.bits, group_size, config.is_symmetric)
+# Called once per layer as soon as its quantized weight is final: records it and rewrites the graph.
+FinishLayer = Callable[[LinearLayer, QuantizedWeight, dict], None]
 
 
-def rtn_weights(layers: list[LinearLayer], config: QuantConfig, progress: bool) -> dict[str, tuple[QuantizedWeight, dict]]:
-    results = {}
+def rtn_quantize(layers: list[LinearLayer], config: QuantConfig, progress: bool, finish: FinishLayer) -> None:
     for layer in tqdm(layers, desc=f"rtn {config.scheme}", unit="layer", disable=not progress, file=sys.stderr):
         weight = layer.weight_kn()
-        qw = quantize_layer_weight(weight, config)
+        qw = quantize_rtn(weight, config.bits, config.group_size_for(layer.in_features), config.is_symmetric)
         error = float(np.mean((qw.dequantize() - weight) ** 2) / max(np.mean(weight**2), 1e-30))
-        results[layer.name] = (qw, {"weight_relative_mse": error})
-    return results
+        finish(layer, qw, {"weight_relative_mse": error})
 
 
-def calibrated_weights(
-    model: ir.Model, model_file: Path, layers: list[LinearLayer], config: QuantConfig, progress: bool
-) -> dict[str, tuple[QuantizedWeight, dict]]:
-    """AWQ / GPTQ, decoder layer by decoder layer, on activations captured in onnxruntime."""
+def calibrated_quantize(
+    model: ir.Model, model_file: Path, layers: list[LinearLayer], config: QuantConfig, progress: bool,
+    finish: FinishLayer,
+) -> None:
+    """AWQ / GPTQ, decoder layer by decoder layer, on activations captured in onnxruntime.
+
+    Each decoder layer is rewritten to its quantized form before the next is calibrated, so the next layer sees
+    the real quantized outputs and only one layer's float weights are ever replaced in memory.
+    """
     tokenizer = load_tokenizer(model_file.parent)
     samples = calibration_samples(
         tokenizer,
@@ -89,7 +91,7 @@ def calibrated_weights(
         max_context=model_context_length(model_file.parent),
     )
     calibration = LayerwiseCalibration(model, layers, samples, want_hessian="gptq" in config.method, seed=config.seed)
-    results: dict[str, tuple[QuantizedWeight, dict]] = {}
+    done: set[str] = set()
     bar = tqdm(
         calibration,
         total=len(calibration.active_regions),
@@ -100,16 +102,18 @@ def calibrated_weights(
     )
     for _, region_layers, stats in bar:
         region_results = quantize_region(model, region_layers, stats, config)
-        results.update(region_results)
+        for layer in region_layers:
+            qw, entry = region_results[layer.name]
+            finish(layer, qw, entry)
+            done.add(layer.name)
         entries = [entry for _, entry in region_results.values()]
         bar.set_postfix(
             error=f"{np.mean([e['output_error'] for e in entries]):.2e}",
             rtn=f"{np.mean([e['output_error_rtn'] for e in entries]):.2e}",
         )
-    missing = [layer.name for layer in layers if layer.name not in results]
+    missing = [layer.name for layer in layers if layer.name not in done]
     if missing:
         raise GraphqError(f"calibration never reached {missing[0]}: its decoder layer could not be run on its own")
-    return results
 
 
 def model_context_length(model_dir: Path) -> int | None:
@@ -156,13 +160,10 @@ def quantize(
             layer_reports.append(entry)
         if not chosen:
             raise GraphqError("every linear layer was excluded: loosen --exclude or pass --quantize-lm-head")
-        if config.needs_calibration:
-            quantized = calibrated_weights(model, model_file, [layer for layer, _ in chosen], config, progress)
-        else:
-            quantized = rtn_weights([layer for layer, _ in chosen], config, progress)
-        for layer, entry in chosen:
-            qw, details = quantized[layer.name]
-            entry.update(
+        entries = {layer.name: entry for layer, entry in chosen}
+
+        def finish(layer: LinearLayer, qw: QuantizedWeight, details: dict) -> None:
+            entries[layer.name].update(
                 bits=config.bits,
                 group_size=qw.group_size if qw.group_size < layer.in_features else -1,
                 symmetric=qw.symmetric,
@@ -173,6 +174,12 @@ def quantize(
                 **details,
             )
             emit(model, layer, qw)
+
+        chosen_layers = [layer for layer, _ in chosen]
+        if config.needs_calibration:
+            calibrated_quantize(model, model_file, chosen_layers, config, progress, finish)
+        else:
+            rtn_quantize(chosen_layers, config, progress, finish)
         out_model_file = staging / MODEL_FILENAME
         save_model(model, out_model_file)
         copy_side_files(model_file.parent, staging)

@@ -16,6 +16,7 @@ from graphq.decoder_layers import decoder_regions
 from graphq.export import export
 from graphq.layer_methods import fold_awq_scales
 from graphq.linear_layers import find_linear_layers
+from graphq.model_io import save_model
 from graphq.runtimes.layerwise import LayerwiseCalibration, graph_input_feeds
 from graphq.runtimes.ort import OrtCausalLM
 
@@ -100,7 +101,7 @@ def test_awq_scale_folding_leaves_float_logits_unchanged(tiny_models, mha_qwen2,
                 folded_roles.update(l.role for l in group)
     expected = {"q", "k", "v", "gate", "up", "down"} | ({"o"} if which == "mha" else set())
     assert folded_roles == expected
-    ir.save(model, tmp_path / "model.onnx")
+    save_model(model, tmp_path / "model.onnx")
     after = OrtCausalLM(tmp_path / "model.onnx").logits(ids)
     assert np.abs(after - before).max() < 1e-4 * max(1.0, np.abs(before).max())
     # The folds really rewrote the weights (so an unchanged logit is not an untouched model).
@@ -110,11 +111,11 @@ def test_awq_scale_folding_leaves_float_logits_unchanged(tiny_models, mha_qwen2,
     assert not np.allclose(q_proj.weight_kn(), original.weight_kn())
 
 
-@pytest.mark.parametrize("method", ["awq", "gptq", "awq+gptq"])
-def test_calibrated_methods_beat_rtn_and_run_in_onnxruntime(tiny_models, tmp_path, method):
+@pytest.mark.parametrize("method,fmt", [("awq", "matmulnbits"), ("gptq", "qdq"), ("awq+gptq", "matmulnbits")])
+def test_calibrated_methods_beat_rtn_and_run_in_onnxruntime(tiny_models, tmp_path, method, fmt):
     source = tiny_models["qwen2"]["onnx"]
     config = QuantConfig(scheme="w4a16", group_size=32, symmetric=False, method=method, calib_texts=CALIB_TEXTS,
-                         num_samples=12, seq_len=64)
+                         num_samples=12, seq_len=64, format=fmt)
     result = quantize(source, config, tmp_path / "out", progress=False)
     entries = [e for e in result.report["layers"] if "skipped" not in e]
     assert len(entries) == 14 and all(e["method"] == method for e in entries)

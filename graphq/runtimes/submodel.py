@@ -62,6 +62,14 @@ def _closure(graph: ir.Graph, outputs: list[str], stop: set[str]) -> tuple[list[
     return nodes, list(initializers.values()), list(graph_inputs.values())
 
 
+def _embedded_tensor(value: ir.Value) -> onnx.TensorProto:
+    """The initializer with its data inline: weights mapped from an external file are read in."""
+    tensor = value.const_value
+    if isinstance(tensor, ir.ExternalTensor):
+        tensor = ir.Tensor(tensor.numpy(), name=value.name)
+    return ir.serde.serialize_tensor(tensor)
+
+
 def _value_info(name: str, dtype: np.dtype, rank: int) -> onnx.ValueInfoProto:
     elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
     return onnx.helper.make_tensor_value_info(name, elem, [None] * rank)
@@ -94,7 +102,7 @@ class SubmodelSession:
             "graphq_slice",
             inputs,
             output_infos,
-            initializer=[ir.serde.serialize_tensor(value.const_value) for value in initializers],
+            initializer=[_embedded_tensor(value) for value in initializers],
         )
         opsets = [onnx.helper.make_opsetid(domain, version) for domain, version in model.opset_imports.items()]
         proto = onnx.helper.make_model(graph_proto, opset_imports=opsets, ir_version=model.ir_version)
