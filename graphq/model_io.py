@@ -86,6 +86,9 @@ def atomic_output_dir(output_dir: str | Path, overwrite: bool = False, inputs: l
     check_output_dir(output_dir, list(inputs), overwrite)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".partial", dir=output_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the finished folder should look like any other
     try:
         yield staging
         if output_dir.exists():
