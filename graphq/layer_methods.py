@@ -8,8 +8,6 @@ rewrites the layer to its quantized form before the next layer is calibrated.
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import onnx_ir as ir
 
@@ -27,9 +25,6 @@ from graphq.config import QuantConfig
 from graphq.linear_layers import LinearLayer
 from graphq.passes.weights import set_layer_bias, set_layer_weight, set_norm_weight
 from graphq.runtimes.layerwise import InputStatistics
-
-log = logging.getLogger(__name__)
-
 
 def relative_output_error(x: np.ndarray, weight: np.ndarray, approximation: np.ndarray) -> float:
     reference = x @ weight
@@ -130,8 +125,6 @@ def quantize_region(
                     n_samples=stats[input_name].hessian.tokens,
                 )
                 entry["gptq_damp"] = info["damp"]
-                for warning in info["warnings"]:
-                    log.warning("%s: %s", layer.name, warning)
                 entry["warnings"] = list(info["warnings"])
             elif config.awq_clip:
                 clip, _ = search_awq_clip(x, weight, config.bits, group_size, config.is_symmetric)

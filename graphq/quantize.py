@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import resource
 import sys
 import time
@@ -36,8 +35,6 @@ from graphq.passes.matmulnbits import emit_matmulnbits
 from graphq.passes.qdq import emit_dequantize_linear
 from graphq.selection import skip_reason
 from graphq.version import __version__
-
-log = logging.getLogger(__name__)
 
 EMITTERS = {"matmulnbits": emit_matmulnbits, "qdq": emit_dequantize_linear}
 
@@ -92,6 +89,7 @@ def calibrated_quantize(
     )
     calibration = LayerwiseCalibration(model, layers, samples, want_hessian="gptq" in config.method, seed=config.seed)
     done: set[str] = set()
+    warned: list[str] = []
     bar = tqdm(
         calibration,
         total=len(calibration.active_regions),
@@ -106,10 +104,17 @@ def calibrated_quantize(
             qw, entry = region_results[layer.name]
             finish(layer, qw, entry)
             done.add(layer.name)
+            warned.extend(f"{layer.name}: {w}" for w in entry.get("warnings", []))
         entries = [entry for _, entry in region_results.values()]
         bar.set_postfix(
             error=f"{np.mean([e['output_error'] for e in entries]):.2e}",
             rtn=f"{np.mean([e['output_error_rtn'] for e in entries]):.2e}",
+        )
+    if warned:
+        print(
+            f"graphq: warning: {len(warned)} calibration warning(s) (first: {warned[0]}); "
+            "see 'warnings' in report.json, and consider more --num-samples",
+            file=sys.stderr,
         )
     missing = [layer.name for layer in layers if layer.name not in done]
     if missing:
