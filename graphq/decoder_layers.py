@@ -60,16 +60,7 @@ def stream_values(graph: ir.Graph, layers: list[LinearLayer]) -> set[str]:
                     seeds.append(value)
     if not seeds:
         raise GraphqError(f"cannot find the hidden state entering decoder layer {first.layer_index}")
-    downstream: set[str] = set()
-    todo = list(seeds)
-    while todo:
-        value = todo.pop()
-        if value.name in downstream:
-            continue
-        downstream.add(value.name)
-        for use in value.uses():
-            todo.extend(out for out in use.node.outputs if out is not None)
-    return downstream
+    return _downstream_names(seeds)
 
 
 def _depends_on_embedding(value: ir.Value) -> bool:
@@ -89,9 +80,9 @@ def _depends_on_embedding(value: ir.Value) -> bool:
     return False
 
 
-def _downstream_of_layers(graph: ir.Graph) -> set[str]:
-    """Names of values computed from any decoder layer's outputs."""
-    todo = [out for node in graph if node_layer_index(node) is not None for out in node.outputs]
+def _downstream_names(values: list[ir.Value]) -> set[str]:
+    """Names of the given values and of every value computed from them."""
+    todo = list(values)
     seen: set[str] = set()
     while todo:
         value = todo.pop()
@@ -99,8 +90,13 @@ def _downstream_of_layers(graph: ir.Graph) -> set[str]:
             continue
         seen.add(value.name)
         for use in value.uses():
-            todo.extend(use.node.outputs)
+            todo.extend(out for out in use.node.outputs if out is not None)
     return seen
+
+
+def _downstream_of_layers(graph: ir.Graph) -> set[str]:
+    """Names of values computed from any decoder layer's outputs."""
+    return _downstream_names([out for node in graph if node_layer_index(node) is not None for out in node.outputs])
 
 
 def decoder_regions(model: ir.Model, layers: list[LinearLayer]) -> list[Region]:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from graphq.algorithms.rtn import QuantizedWeight, quantize_rtn
+from graphq.algorithms.rtn import QuantizedWeight, grouped as _grouped, quantize_rtn
 
 # AutoAWQ's floor on mag**ratio, so that channels never seen active do not get a zero (or inf) scale.
 _MIN_SCALE = 1e-4
@@ -188,14 +188,6 @@ class ClipRanges:
     high: np.ndarray
     shrink: np.ndarray  # the chosen factor (1 = no clipping)
     group_size: int
-
-
-def _grouped(weight: np.ndarray, gs: int) -> np.ndarray:
-    k, n = weight.shape
-    n_groups = -(-k // gs)
-    padded = np.zeros((n_groups * gs, n), dtype=np.float32)
-    padded[:k] = weight
-    return padded.reshape(n_groups, gs, n)
 
 
 def _clip_grouped(grouped: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:

@@ -51,7 +51,7 @@ def integer_range(bits: int, symmetric: bool) -> tuple[int, int]:
     return 0, (1 << bits) - 1
 
 
-def _grouped(weight: np.ndarray, group_size: int) -> np.ndarray:
+def grouped(weight: np.ndarray, group_size: int) -> np.ndarray:
     """View a [K, N] matrix as [n_groups, group_size, N], padding the last group with zeros."""
     k, n = weight.shape
     n_groups = -(-k // group_size)
@@ -71,7 +71,7 @@ def compute_scales(
     Asymmetric: the range is widened to include zero so that zero is exactly representable, and the zero point is an
     integer in the unsigned range. Padding rows of a partial last group are zeros, which change neither rule.
     """
-    groups = _grouped(weight, group_size)
+    groups = grouped(weight, group_size)
     qmin, qmax = integer_range(bits, symmetric)
     if symmetric:
         rows = np.abs(groups).argmax(axis=1)
