@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("model", help="export folder or model.onnx (tokenizer beside it)")
     quantize.add_argument("-o", "--output", required=True, help="output folder (must not exist)")
     quantize.add_argument("--config", help="YAML file of options; command-line options override it")
-    quantize.add_argument("--scheme", help="w4a16 (default) or w8a16")
+    quantize.add_argument("--scheme", help="w4a16 (default), w8a16, w8a8 (static activations) or w8a8-dynamic (per token)")
     quantize.add_argument("--group-size", type=int, help="input channels per scale: 32, 64, 128 (default), -1 per-channel")
     sym = quantize.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="symmetric", action="store_const", const=True, help="symmetric (no zero point)")
@@ -50,6 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--damp", type=float, help="GPTQ damping, fraction of the mean Hessian diagonal (default 0.01)")
     quantize.add_argument("--act-order", action="store_const", const=True, help="GPTQ: quantize channels by descending activation")
     quantize.add_argument("--no-awq-clip", dest="awq_clip", action="store_const", const=False, help="AWQ: skip the weight clip search")
+    quantize.add_argument("--act-method", help="w8a8 activation ranges: minmax (default), percentile, entropy, mse, or auto (per layer, lowest output error)")
+    quantize.add_argument("--percentile", type=float, help="percentile for --act-method percentile (default 99.99)")
+    quantize.add_argument("--kv-cache", help="int8: calibrated per-head QDQ on the present.* key/value outputs")
+    quantize.add_argument("--smooth", help="anti-outlier pass before W8A8: smoothquant or os+")
+    quantize.add_argument("--smooth-alpha", help="smoothing strength in [0, 1] (default 0.5) or 'auto' (searched per layer)")
+    quantize.add_argument("--smooth-all-linears", action="store_const", const=True,
+                          help="also smooth inputs nothing can absorb (inserts an explicit Mul)")
     quantize.add_argument("--exclude", nargs="+", metavar="PATTERN", help="keep layers matching these glob/regex patterns float")
     quantize.add_argument("--quantize-lm-head", action="store_const", const=True, help="quantize lm_head too")
     quantize.add_argument("--seed", type=int)
@@ -74,7 +81,8 @@ def _quant_config(args: argparse.Namespace):
     if args.config:
         data = QuantConfig.from_yaml(args.config).__dict__.copy()
     keys = ("scheme", "group_size", "symmetric", "format", "method", "exclude", "quantize_lm_head", "seed", "calib",
-            "calib_texts", "calib_field", "num_samples", "seq_len", "damp", "act_order", "awq_clip")
+            "calib_texts", "calib_field", "num_samples", "seq_len", "damp", "act_order", "awq_clip", "act_method",
+            "percentile", "kv_cache", "smooth", "smooth_alpha", "smooth_all_linears")
     for key in keys:
         value = getattr(args, key)
         if value is not None:

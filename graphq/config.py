@@ -13,6 +13,12 @@ from graphq.errors import GraphqError
 
 #: Weight-only schemes and their weight bit width.
 WEIGHT_ONLY_SCHEMES = {"w4a16": 4, "w8a16": 8}
+#: Schemes that quantize activations too (int8 weights per channel, symmetric).
+ACTIVATION_SCHEMES = {"w8a8": 8, "w8a8-dynamic": 8}
+SCHEMES = {**WEIGHT_ONLY_SCHEMES, **ACTIVATION_SCHEMES}
+ACT_METHODS = ("minmax", "percentile", "entropy", "mse", "auto")
+KV_CACHE_TYPES = ("int8",)
+SMOOTH_METHODS = ("smoothquant", "os+")
 FORMATS = ("matmulnbits", "qdq")
 METHODS = ("rtn", "awq", "gptq", "awq+gptq")
 PER_CHANNEL = -1
@@ -27,6 +33,12 @@ class QuantConfig:
     exclude: layers whose Hugging Face name matches any pattern stay float (glob or regular expression).
     method: rtn needs no data; awq, gptq and awq+gptq calibrate layer by layer on ``calib`` (a text, JSON or JSONL
     file; the shipped Sense and Sensibility sample when None) or on ``calib_texts``.
+    scheme w8a8 (static per-tensor activations, calibrated with ``act_method``) and w8a8-dynamic (per-token scales
+    computed at run time) quantize activations too; their weights are int8 per channel, symmetric, by RTN.
+    scheme_overrides: {pattern: scheme} gives layers matching a pattern another scheme (first match wins).
+    kv_cache: "int8" adds calibrated per-head QDQ on the present.* key/value outputs.
+    smooth: smoothquant or os+ migrates activation outliers into the weights before W8A8 (alpha or "auto").
+    reservoir_rows: token rows kept per linear input for the output-error searches (auto, smoothing alpha).
     """
 
     scheme: str = "w4a16"
@@ -45,6 +57,14 @@ class QuantConfig:
     damp: float = 0.01
     act_order: bool = False
     awq_clip: bool = True
+    act_method: str = "minmax"
+    percentile: float = 99.99
+    kv_cache: str | None = None
+    scheme_overrides: dict[str, str] = field(default_factory=dict)
+    smooth: str | None = None
+    smooth_alpha: float | str = 0.5
+    smooth_all_linears: bool = False
+    reservoir_rows: int = 512
 
     def group_size_for(self, in_features: int) -> int:
         """The group size for a layer with ``in_features`` inputs: a group covering all of K is per-channel (-1)."""
@@ -52,20 +72,77 @@ class QuantConfig:
 
     @property
     def needs_calibration(self) -> bool:
+        """Weight-only layer-by-layer calibration (AWQ / GPTQ)."""
         return self.method != "rtn"
+
     @property
     def bits(self) -> int:
-        return WEIGHT_ONLY_SCHEMES[self.scheme]
+        return SCHEMES[self.scheme]
+
+    def scheme_for(self, layer_name: str) -> str:
+        from graphq.selection import matches
+
+        for pattern, scheme in self.scheme_overrides.items():
+            if matches(layer_name, pattern):
+                return scheme
+        return self.scheme
+
+    def for_scheme(self, scheme: str) -> "QuantConfig":
+        """This config as it applies to layers of ``scheme`` (an override's or the main one)."""
+        if scheme == self.scheme:
+            sub = dataclasses.replace(self, scheme_overrides={})
+        else:
+            sub = dataclasses.replace(self, scheme=scheme, scheme_overrides={}, symmetric=None)
+        if scheme in ACTIVATION_SCHEMES:
+            sub = dataclasses.replace(sub, method="rtn", format="qdq", group_size=PER_CHANNEL, symmetric=True)
+        return sub
+
+    @property
+    def schemes(self) -> set[str]:
+        return {self.scheme, *self.scheme_overrides.values()}
 
     @property
     def is_symmetric(self) -> bool:
         return self.symmetric if self.symmetric is not None else self.bits == 8
 
     def validate(self) -> "QuantConfig":
-        if self.scheme not in WEIGHT_ONLY_SCHEMES:
+        if self.scheme not in SCHEMES:
+            raise GraphqError(f"unknown scheme '{self.scheme}': choose one of {', '.join(SCHEMES)}")
+        if not isinstance(self.scheme_overrides, dict):
+            raise GraphqError("scheme_overrides must be a mapping of layer pattern: scheme")
+        for pattern, scheme in self.scheme_overrides.items():
+            if scheme not in SCHEMES:
+                raise GraphqError(
+                    f"unknown scheme '{scheme}' for pattern '{pattern}' in scheme_overrides: choose one of {', '.join(SCHEMES)}"
+                )
+        if self.scheme in ACTIVATION_SCHEMES and self.method != "rtn":
             raise GraphqError(
-                f"unknown scheme '{self.scheme}': choose one of {', '.join(WEIGHT_ONLY_SCHEMES)}"
+                f"--method {self.method} applies to weight-only schemes; {self.scheme} quantizes weights by RTN "
+                "(use --smooth for activation outliers)"
             )
+        if self.scheme in ACTIVATION_SCHEMES and self.symmetric is False:
+            raise GraphqError(f"{self.scheme} weights are symmetric int8: drop --asym")
+        if self.act_method not in ACT_METHODS:
+            raise GraphqError(f"unknown activation method '{self.act_method}': choose one of {', '.join(ACT_METHODS)}")
+        if not isinstance(self.percentile, (int, float)) or not 50 < self.percentile <= 100:
+            raise GraphqError(f"--percentile must be in (50, 100], got {self.percentile}")
+        if self.kv_cache is not None and self.kv_cache not in KV_CACHE_TYPES:
+            raise GraphqError(f"unknown --kv-cache '{self.kv_cache}': choose one of {', '.join(KV_CACHE_TYPES)}")
+        if self.smooth is not None:
+            if self.smooth not in SMOOTH_METHODS:
+                raise GraphqError(f"unknown --smooth '{self.smooth}': choose one of {', '.join(SMOOTH_METHODS)}")
+            if not self.schemes & set(ACTIVATION_SCHEMES):
+                raise GraphqError("--smooth only helps schemes that quantize activations: use --scheme w8a8 or w8a8-dynamic")
+        if self.smooth_alpha != "auto":
+            try:
+                alpha = float(self.smooth_alpha)
+            except (TypeError, ValueError):
+                alpha = -1.0
+            if not 0 <= alpha <= 1:
+                raise GraphqError(f"--smooth-alpha must be a number in [0, 1] or 'auto', got {self.smooth_alpha!r}")
+            self.smooth_alpha = alpha
+        if self.reservoir_rows < 16:
+            raise GraphqError(f"reservoir_rows must be at least 16, got {self.reservoir_rows}")
         if self.format not in FORMATS:
             raise GraphqError(f"unknown format '{self.format}': choose one of {', '.join(FORMATS)}")
         if self.method not in METHODS:

@@ -15,7 +15,8 @@ import onnx_ir as ir
 from tqdm import tqdm
 
 from graphq.algorithms.rtn import QuantizedWeight, quantize_rtn
-from graphq.config import QuantConfig
+from graphq.activation_quantize import activation_quantize
+from graphq.config import ACTIVATION_SCHEMES, QuantConfig
 from graphq.errors import GraphqError
 from graphq.calibration_data import calibration_samples
 from graphq.evaluate import load_tokenizer
@@ -33,6 +34,8 @@ from graphq.model_io import (
 )
 from graphq.passes.matmulnbits import emit_matmulnbits
 from graphq.passes.qdq import emit_dequantize_linear
+from graphq.passes.w8a8 import emit_w8a8
+from graphq.passes.w8a8_dynamic import emit_w8a8_dynamic
 from graphq.selection import skip_reason
 from graphq.version import __version__
 
@@ -76,17 +79,7 @@ def calibrated_quantize(
     Each decoder layer is rewritten to its quantized form before the next is calibrated, so the next layer sees
     the real quantized outputs and only one layer's float weights are ever replaced in memory.
     """
-    tokenizer = load_tokenizer(model_file.parent)
-    samples = calibration_samples(
-        tokenizer,
-        path=config.calib,
-        texts=config.calib_texts,
-        num_samples=config.num_samples,
-        seq_len=config.seq_len,
-        seed=config.seed,
-        text_field=config.calib_field,
-        max_context=model_context_length(model_file.parent),
-    )
+    samples = load_calibration_samples(model_file, config)
     calibration = LayerwiseCalibration(model, layers, samples, want_hessian="gptq" in config.method, seed=config.seed)
     done: set[str] = set()
     warned: list[str] = []
@@ -121,12 +114,43 @@ def calibrated_quantize(
         raise GraphqError(f"calibration never reached {missing[0]}: its decoder layer could not be run on its own")
 
 
+def load_calibration_samples(model_file: Path, config: QuantConfig) -> list[np.ndarray]:
+    """The calibration token sequences the config names (the shipped samples/ text when it names none)."""
+    return calibration_samples(
+        load_tokenizer(model_file.parent),
+        path=config.calib,
+        texts=config.calib_texts,
+        num_samples=config.num_samples,
+        seq_len=config.seq_len,
+        seed=config.seed,
+        text_field=config.calib_field,
+        max_context=model_context_length(model_file.parent),
+    )
+
+
 def model_context_length(model_dir: Path) -> int | None:
     config_file = model_dir / "config.json"
     if not config_file.is_file():
         return None
     value = json.loads(config_file.read_text()).get("max_position_embeddings")
     return int(value) if isinstance(value, int) else None
+
+
+def describe(config: QuantConfig) -> str:
+    if config.scheme == "w8a8":
+        text = f"w8a8, activations {config.act_method}"
+    elif config.scheme == "w8a8-dynamic":
+        text = "w8a8-dynamic, per-token activations"
+    else:
+        text = (f"{config.scheme}, {config.format}, {config.method}, group {config.group_size}, "
+                f"{'sym' if config.is_symmetric else 'asym'}")
+    if config.scheme_overrides:
+        text += f", overrides {config.scheme_overrides}"
+    if config.smooth:
+        text += f", smooth {config.smooth}"
+    if config.kv_cache:
+        text += f", kv-cache {config.kv_cache}"
+    return text
 
 
 def quantize(
@@ -152,12 +176,11 @@ def quantize(
             raise GraphqError(
                 f"{model_file} has no quantizable linear layers (MatMul/Gemm with a constant weight): nothing to quantize"
             )
-        emit = EMITTERS[config.format]
         layer_reports = []
         chosen = []
         for layer in layers:
             reason = skip_reason(layer, config.exclude, config.quantize_lm_head)
-            entry = {**layer.describe(), "scheme": "float" if reason else config.scheme}
+            entry = {**layer.describe(), "scheme": "float" if reason else config.scheme_for(layer.name)}
             if reason:
                 entry["skipped"] = reason
             else:
@@ -166,25 +189,43 @@ def quantize(
         if not chosen:
             raise GraphqError("every linear layer was excluded: loosen --exclude or pass --quantize-lm-head")
         entries = {layer.name: entry for layer, entry in chosen}
+        configs = {scheme: config.for_scheme(scheme) for scheme in {e["scheme"] for _, e in chosen}}
 
         def finish(layer: LinearLayer, qw: QuantizedWeight, details: dict) -> None:
+            scheme = entries[layer.name]["scheme"]
+            layer_config = configs[scheme]
             entries[layer.name].update(
-                bits=config.bits,
+                bits=layer_config.bits,
                 group_size=qw.group_size if qw.group_size < layer.in_features else -1,
                 symmetric=qw.symmetric,
-                format=config.format,
-                method=config.method,
+                format=layer_config.format,
+                method=layer_config.method,
                 weight_bytes_before=int(layer.in_features * layer.out_features * layer.dtype.itemsize),
                 weight_bytes_after=quantized_weight_bytes(qw),
                 **details,
             )
-            emit(model, layer, qw)
+            if scheme == "w8a8":
+                emit_w8a8(model, layer, qw, details["input_scale"], details["input_offset"])
+            elif scheme == "w8a8-dynamic":
+                emit_w8a8_dynamic(model, layer, qw)
+            else:
+                EMITTERS[layer_config.format](model, layer, qw)
 
-        chosen_layers = [layer for layer, _ in chosen]
-        if config.needs_calibration:
-            calibrated_quantize(model, model_file, chosen_layers, config, progress, finish)
-        else:
-            rtn_quantize(chosen_layers, config, progress, finish)
+        by_scheme: dict[str, list[LinearLayer]] = {}
+        for layer, entry in chosen:
+            by_scheme.setdefault(entry["scheme"], []).append(layer)
+        # Weight-only layers first: the activations of W8A8 layers are then calibrated on the partly quantized model.
+        for scheme, scheme_layers in by_scheme.items():
+            if scheme in ACTIVATION_SCHEMES:
+                continue
+            if configs[scheme].needs_calibration:
+                calibrated_quantize(model, model_file, scheme_layers, configs[scheme], progress, finish)
+            else:
+                rtn_quantize(scheme_layers, configs[scheme], progress, finish)
+        extra_report = activation_quantize(
+            model, model_file, by_scheme.get("w8a8", []), by_scheme.get("w8a8-dynamic", []), config, progress,
+            finish, lambda: load_calibration_samples(model_file, config),
+        )
         out_model_file = staging / MODEL_FILENAME
         save_model(model, out_model_file)
         copy_side_files(model_file.parent, staging)
@@ -205,13 +246,13 @@ def quantize(
             "linear_weight_bytes_after": sum(e["weight_bytes_after"] for e in quantized),
             "elapsed_seconds": round(elapsed, 3),
             "peak_rss_bytes": peak_rss,
+            **extra_report,
             "layers": layer_reports,
         }
         (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     final_file = output_dir / MODEL_FILENAME
     print(
-        f"graphq: quantized {len(quantized)} of {len(layer_reports)} linear layers ({config.scheme}, "
-        f"{config.format}, {config.method}, group {config.group_size}, {'sym' if config.is_symmetric else 'asym'}) in {elapsed:.1f}s; "
+        f"graphq: quantized {len(quantized)} of {len(layer_reports)} linear layers ({describe(config)}) in {elapsed:.1f}s; "
         f"model {size_before / 2**20:.1f} MiB -> {size_after / 2**20:.1f} MiB; wrote {output_dir}",
         file=sys.stderr,
     )

@@ -1,0 +1,153 @@
+"""The W8A8 pipeline: activation calibration, optional smoothing, range choice, emission, KV-cache int8.
+
+Order: (calibrate -> smooth -> ) emit W8A8-dynamic layers -> calibrate the static layers' inputs (and the KV cache)
+on that model -> choose each input's range -> emit the static layers -> QDQ the KV cache. Each W8A8 layer goes
+through ``finish(layer, qw, details)``; static ones carry ``details["input_scale"]`` and ``details["input_offset"]``
+(signed int8 convention, see ``graphq.algorithms.activation_ranges``).
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from typing import Callable
+
+import numpy as np
+import onnx_ir as ir
+from tqdm import tqdm
+
+from graphq.algorithms.activation_ranges import HISTOGRAM_METHODS, choose_range
+from graphq.algorithms.rtn import QuantizedWeight, quantize_rtn
+from graphq.config import QuantConfig
+from graphq.errors import GraphqError
+from graphq.linear_layers import LinearLayer, input_groups
+from graphq.passes.kv_cache import quantize_kv_cache
+from graphq.passes.w8a8 import INTEGER_FORMAT
+from graphq.runtimes.activation_capture import ActivationCapture, CalibrationResult, kv_cache_outputs
+
+FinishLayer = Callable[[LinearLayer, QuantizedWeight, dict], None]
+
+
+def int8_weight(layer: LinearLayer) -> tuple[np.ndarray, QuantizedWeight, float]:
+    weight = layer.weight_kn()
+    qw = quantize_rtn(weight, bits=8, group_size=-1, symmetric=True)
+    error = float(np.mean((qw.dequantize() - weight) ** 2) / max(np.mean(weight**2), 1e-30))
+    return weight, qw, error
+
+
+def _smooth(model: ir.Model, layers: list[LinearLayer], result: CalibrationResult, config: QuantConfig) -> dict:
+    try:
+        from graphq.passes.smooth import smooth_linear_groups
+    except ImportError as exc:
+        raise GraphqError("--smooth needs graphq.passes.smooth, which this build does not have") from exc
+    return smooth_linear_groups(
+        model, layers, result.stats, method=config.smooth, alpha=config.smooth_alpha,
+        all_linears=config.smooth_all_linears,
+    )
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def activation_quantize(
+    model: ir.Model,
+    model_file,
+    static_layers: list[LinearLayer],
+    dynamic_layers: list[LinearLayer],
+    config: QuantConfig,
+    progress: bool,
+    finish: FinishLayer,
+    load_samples: Callable[[], list[np.ndarray]],
+) -> dict:
+    """Quantize the W8A8 layers and the KV cache; returns the report's extra top-level entries."""
+    report: dict = {}
+    w8a8_layers = static_layers + dynamic_layers
+    if w8a8_layers:
+        report["integer_format"] = INTEGER_FORMAT
+    smoothing = bool(config.smooth and w8a8_layers)
+    if not (static_layers or config.kv_cache or smoothing):
+        for layer in tqdm(dynamic_layers, desc="w8a8-dynamic", unit="layer", disable=not progress, file=sys.stderr):
+            _, qw, error = int8_weight(layer)
+            finish(layer, qw, {"weight_relative_mse": error, "activations": "int8 per token, dynamic, symmetric"})
+        return report
+    samples = load_samples()
+    kv_outputs = kv_cache_outputs(model) if config.kv_cache else []
+    if config.kv_cache and not kv_outputs:
+        raise GraphqError("--kv-cache int8: the model has no present.* outputs; export it with past key values")
+    calibration: dict = {"samples": len(samples), "tokens": int(sum(len(s) for s in samples)), "passes": 0,
+                         "seconds": 0.0, "method": config.act_method}
+    want_tokens = config.act_method == "auto" or smoothing
+    reservoir = config.reservoir_rows if want_tokens else 0
+    if smoothing:
+        capture = ActivationCapture(model, w8a8_layers)
+        first = capture.calibrate(samples, histograms=False, reservoir_rows=config.reservoir_rows, seed=config.seed,
+                                  progress=progress)
+        del capture
+        calibration["passes"] += first.passes
+        calibration["seconds"] += first.seconds
+        report["smoothing"] = {"method": config.smooth, "alpha": config.smooth_alpha,
+                               "all_linears": config.smooth_all_linears, **(_smooth(model, w8a8_layers, first, config) or {})}
+        del first
+    for layer in tqdm(dynamic_layers, desc="w8a8-dynamic", unit="layer", disable=not progress, file=sys.stderr):
+        _, qw, error = int8_weight(layer)
+        finish(layer, qw, {"weight_relative_mse": error, "activations": "int8 per token, dynamic, symmetric"})
+    if static_layers or kv_outputs:
+        capture = ActivationCapture(model, static_layers, kv_outputs)
+        result = capture.calibrate(
+            samples,
+            histograms=bool(static_layers) and config.act_method in HISTOGRAM_METHODS,
+            reservoir_rows=reservoir if static_layers else 0,
+            seed=config.seed,
+            progress=progress,
+        )
+        del capture
+        calibration["passes"] += result.passes
+        calibration["seconds"] += result.seconds
+        calibration["peak_sample_activation_bytes"] = result.peak_sample_bytes
+        calibration["statistics_bytes"] = int(sum(s.nbytes for s in result.stats.values()))
+        chosen = _emit_static(model, static_layers, result, config, progress, finish)
+        if static_layers:
+            calibration["methods_chosen"] = chosen
+        if kv_outputs:
+            report["kv_cache"] = quantize_kv_cache(model, result.kv)
+    calibration["seconds"] = round(calibration["seconds"], 3)
+    calibration["peak_rss_bytes_after"] = _peak_rss_bytes()
+    report["activation_calibration"] = calibration
+    return report
+
+
+def _emit_static(
+    model: ir.Model, layers: list[LinearLayer], result: CalibrationResult, config: QuantConfig, progress: bool,
+    finish: FinishLayer,
+) -> dict[str, int]:
+    """Choose the range of every static layer's input (once per shared input, so q/k/v quantize it alike) and emit."""
+    chosen: dict[str, int] = {}
+    bar = tqdm(input_groups(layers), desc=f"w8a8 ranges ({config.act_method})", unit="input", disable=not progress,
+               file=sys.stderr)
+    for group in bar:
+        stats = result.stats[group[0].input.name]
+        if stats.rows_seen == 0:
+            raise GraphqError(f"calibration never produced the input of {group[0].name}")
+        weights = [int8_weight(layer) for layer in group]
+        choice = choose_range(
+            stats, config.act_method, config.percentile,
+            weights=[(w, qw.dequantize()) for w, qw, _ in weights] if config.act_method == "auto" else None,
+        )
+        chosen[choice.method] = chosen.get(choice.method, 0) + len(group)
+        for layer, (_, qw, error) in zip(group, weights):
+            details = {
+                "weight_relative_mse": error,
+                "input_scale": choice.range.scale,
+                "input_offset": choice.range.offset,
+                "activation_method": choice.method,
+                "activation_range": [choice.range.lo, choice.range.hi],
+                "activation_observed": [stats.min, stats.max],
+            }
+            if choice.errors:
+                details["activation_output_errors"] = choice.errors
+            if choice.range.note:
+                details["warnings"] = [choice.range.note]
+            finish(layer, qw, details)
+    return chosen

@@ -1,0 +1,308 @@
+"""Streaming activation statistics and the clip-range methods of static activation quantization (pure numpy).
+
+One ``ActivationStats`` per linear input accumulates, one captured sample at a time and in memory that does not
+depend on the number of samples: per-tensor and per-channel min/max (pass 1), a bounded seeded reservoir of token
+rows (pass 1, for output-error searches and smoothing), and a histogram over a range fixed by pass 1 (pass 2).
+
+Activations are quantized per tensor, asymmetric, onto 256 levels. A range [lo, hi] always contains 0 so that zero
+is exact; it maps to ``scale = (hi - lo) / 255`` and a zero point. The zero point is reported in the signed int8
+convention (MindIE): ``x_q = clip(round(x / scale) + offset, -128, 127)``; the same grid stored as uint8 has zero
+point ``offset + 128``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+METHODS = ("minmax", "percentile", "entropy", "mse", "auto")
+HISTOGRAM_METHODS = ("percentile", "entropy", "mse", "auto")
+LEVELS = 256
+QMIN, QMAX = -128, 127
+# A constant-zero activation has an empty range; this scale keeps QuantizeLinear defined (never divide by zero).
+TINY_SCALE = 1e-8
+DEFAULT_BINS = 4096  # signed histogram over [-A, A]; folds into 2048 bins of |x| for the entropy method
+
+
+@dataclass
+class ActivationRange:
+    """A clip range and the quantization parameters it implies."""
+
+    lo: float
+    hi: float
+    scale: float
+    offset: int  # signed int8 convention
+    note: str | None = None
+
+    @property
+    def zero_point_u8(self) -> int:
+        return self.offset - QMIN
+
+
+def range_to_qparams(lo: float, hi: float) -> ActivationRange:
+    """Asymmetric 8-bit parameters for [lo, hi] (widened to include 0); guards an empty range."""
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    note = None
+    scale = np.float32((hi - lo) / (LEVELS - 1))
+    if not scale > 0 or not np.isfinite(scale):
+        scale = np.float32(TINY_SCALE)
+        note = f"constant activations (range [{lo:g}, {hi:g}]): scale set to {TINY_SCALE:g} instead of 0"
+    zero_point = int(np.clip(np.round(-lo / float(scale)), 0, LEVELS - 1))
+    return ActivationRange(lo=lo, hi=hi, scale=float(scale), offset=zero_point + QMIN, note=note)
+
+
+def fake_quantize(x: np.ndarray, scale: float, offset: int) -> np.ndarray:
+    """What QuantizeLinear + DequantizeLinear compute (round half to even, saturate), in float32."""
+    scale = np.float32(scale)
+    q = np.clip(np.round(np.asarray(x, dtype=np.float32) / scale) + offset, QMIN, QMAX)
+    return ((q - offset) * scale).astype(np.float32)
+
+
+@dataclass
+class Histogram:
+    """Counts over ``bins`` equal bins spanning [-limit, limit]."""
+
+    limit: float
+    counts: np.ndarray
+
+    @property
+    def edges(self) -> np.ndarray:
+        return np.linspace(-self.limit, self.limit, len(self.counts) + 1)
+
+    @property
+    def centers(self) -> np.ndarray:
+        edges = self.edges
+        return (edges[:-1] + edges[1:]) / 2
+
+    def add(self, values: np.ndarray) -> None:
+        bins = len(self.counts)
+        if self.limit <= 0:
+            self.counts[bins // 2] += values.size
+            return
+        index = ((values.reshape(-1) + self.limit) * (bins / (2 * self.limit))).astype(np.int64)
+        np.clip(index, 0, bins - 1, out=index)
+        self.counts += np.bincount(index, minlength=bins)
+
+    def absolute(self) -> np.ndarray:
+        """Counts of |x| over [0, limit] in bins/2 bins (folds the symmetric signed histogram)."""
+        half = len(self.counts) // 2
+        return self.counts[half:] + self.counts[:half][::-1]
+
+
+@dataclass
+class ActivationStats:
+    """Streaming statistics of one linear input of ``channels`` features."""
+
+    channels: int
+    reservoir_rows: int = 0
+    seed: int = 0
+    bins: int = DEFAULT_BINS
+    min: float = np.inf
+    max: float = -np.inf
+    channel_min: np.ndarray | None = None
+    channel_max: np.ndarray | None = None
+    rows_seen: int = 0
+    histogram: Histogram | None = None
+    _reservoir: np.ndarray | None = field(default=None, repr=False)
+    _rng: np.random.Generator | None = field(default=None, repr=False)
+
+    def add_ranges(self, x: np.ndarray) -> None:
+        """Pass 1: ranges and the token reservoir."""
+        rows = np.asarray(x, dtype=np.float32).reshape(-1, self.channels)
+        if rows.size == 0:
+            return
+        cmin, cmax = rows.min(axis=0), rows.max(axis=0)
+        self.min = min(self.min, float(cmin.min()))
+        self.max = max(self.max, float(cmax.max()))
+        self.channel_min = cmin if self.channel_min is None else np.minimum(self.channel_min, cmin)
+        self.channel_max = cmax if self.channel_max is None else np.maximum(self.channel_max, cmax)
+        if self.reservoir_rows:
+            self._sample_rows(rows)
+        self.rows_seen += len(rows)
+
+    def _sample_rows(self, rows: np.ndarray) -> None:
+        """Reservoir sampling (algorithm R): every row seen so far is kept with equal probability."""
+        if self._rng is None:
+            self._rng = np.random.default_rng(self.seed)
+            self._reservoir = np.empty((0, self.channels), dtype=np.float32)
+        size = self.reservoir_rows
+        fill = max(0, min(size - len(self._reservoir), len(rows)))
+        if fill:
+            self._reservoir = np.concatenate([self._reservoir, rows[:fill]])
+        rest = rows[fill:]
+        if len(rest):
+            seen = self.rows_seen + fill + np.arange(len(rest))  # rows before each candidate
+            slots = (self._rng.random(len(rest)) * (seen + 1)).astype(np.int64)
+            keep = slots < size
+            self._reservoir[slots[keep]] = rest[keep]
+
+    @property
+    def tokens(self) -> np.ndarray:
+        """The reservoir rows [<= reservoir_rows, channels]."""
+        if self._reservoir is None:
+            return np.empty((0, self.channels), dtype=np.float32)
+        return self._reservoir
+
+    def start_histogram(self) -> None:
+        """Fix the histogram range from pass 1 (symmetric, so it also folds into a histogram of |x|)."""
+        limit = max(abs(self.min), abs(self.max)) if np.isfinite(self.min) else 0.0
+        self.histogram = Histogram(limit=float(limit), counts=np.zeros(self.bins, dtype=np.int64))
+
+    def add_histogram(self, x: np.ndarray) -> None:
+        """Pass 2."""
+        self.histogram.add(np.asarray(x, dtype=np.float32))
+
+    @property
+    def nbytes(self) -> int:
+        total = self.tokens.nbytes + (self.histogram.counts.nbytes if self.histogram else 0)
+        return total + sum(a.nbytes for a in (self.channel_min, self.channel_max) if a is not None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Clip-range methods. Each returns (lo, hi); ``choose_range`` turns that into quantization parameters.
+
+
+def minmax_range(stats: ActivationStats) -> tuple[float, float]:
+    return stats.min, stats.max
+
+
+def percentile_range(hist: Histogram, percentile: float, data_min: float, data_max: float) -> tuple[float, float]:
+    """The ``percentile`` (upper) and ``100 - percentile`` (lower) points of the histogram, within the data range.
+
+    Located by linear interpolation inside the bin where the cumulative count crosses the target."""
+    counts = hist.counts.astype(np.float64)
+    total = counts.sum()
+    if total == 0 or hist.limit == 0:
+        return data_min, data_max
+    cumulative = np.concatenate([[0.0], np.cumsum(counts)]) / total
+    edges = hist.edges
+    tail = (100.0 - percentile) / 100.0
+
+    def point(fraction: float) -> float:
+        i = int(np.clip(np.searchsorted(cumulative, fraction, side="left"), 1, len(counts)))
+        below, above = cumulative[i - 1], cumulative[i]
+        t = 0.0 if above <= below else (fraction - below) / (above - below)
+        return float(edges[i - 1] + t * (edges[i] - edges[i - 1]))
+
+    lo, hi = point(tail), point(1.0 - tail)
+    return max(lo, data_min), min(hi, data_max)
+
+
+def quantization_mse(centers: np.ndarray, counts: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Expected squared error of quantizing the histogram onto 256 levels over each candidate [lo, hi].
+
+    Values outside the range cost their clipping distance squared; values inside cost the uniform rounding noise
+    step^2 / 12 (the bins are much finer than the quantization step, so this is their expected rounding error)."""
+    lo = np.asarray(lo, dtype=np.float64)[..., None]
+    hi = np.asarray(hi, dtype=np.float64)[..., None]
+    step = (hi - lo) / (LEVELS - 1)
+    clipped = np.clip(centers, lo, hi)
+    inside = (centers >= lo) & (centers <= hi)
+    error = (centers - clipped) ** 2 + inside * step**2 / 12.0
+    return (error * counts).sum(axis=-1) / max(counts.sum(), 1)
+
+
+def mse_range(hist: Histogram, data_min: float, data_max: float, steps: int = 64) -> tuple[float, float]:
+    """Search lower and upper clip points (each a fraction of the data's extreme on its side) minimising the MSE."""
+    lo0, hi0 = min(data_min, 0.0), max(data_max, 0.0)
+    if hist.limit == 0 or hi0 - lo0 == 0:
+        return data_min, data_max
+    fractions = np.linspace(1.0 / steps, 1.0, steps)
+    lo = (lo0 * fractions)[:, None] * np.ones(steps)[None, :]
+    hi = np.ones(steps)[:, None] * (hi0 * fractions)[None, :]
+    # Bins that are empty cost nothing: drop them to keep the grid search small.
+    nonzero = hist.counts > 0
+    errors = quantization_mse(hist.centers[nonzero], hist.counts[nonzero].astype(np.float64), lo, hi)
+    i, j = np.unravel_index(int(np.argmin(errors)), errors.shape)
+    return float(lo[i, j]), float(hi[i, j])
+
+
+def entropy_threshold(abs_counts: np.ndarray, limit: float, target_bins: int = 128) -> float:
+    """TensorRT's KL-divergence calibration over a histogram of |x| (``len(abs_counts)`` bins over [0, limit]).
+
+    For each candidate threshold i (in bins), P is the histogram cut at i with the outliers added to its last bin,
+    Q is P's first i bins merged into ``target_bins`` levels and spread back evenly over their non-empty bins;
+    the threshold with the smallest KL(P || Q) wins."""
+    counts = abs_counts.astype(np.float64)
+    n = len(counts)
+    if counts.sum() == 0 or limit == 0:
+        return limit
+    best_i, best_kl = n, np.inf
+    suffix = np.concatenate([np.cumsum(counts[::-1])[::-1], [0.0]])
+    for i in range(target_bins, n + 1):
+        p = counts[:i].copy()
+        p[i - 1] += suffix[i]
+        if p.sum() == 0:
+            continue
+        # Merge the first i bins into target_bins levels (edges rounded down, as TensorRT's reference does).
+        level = (np.arange(i) * target_bins) // i
+        sums = np.bincount(level, weights=counts[:i], minlength=target_bins)
+        nonempty = np.bincount(level, weights=(counts[:i] > 0).astype(np.float64), minlength=target_bins)
+        q = np.where(counts[:i] > 0, sums[level] / np.maximum(nonempty[level], 1), 0.0)
+        p /= p.sum()
+        q_total = q.sum()
+        if q_total == 0:
+            continue
+        q /= q_total
+        mask = p > 0
+        # Where Q is zero but P is not (only the outlier-laden last bin can be), KL is infinite: smooth with eps.
+        kl = float(np.sum(p[mask] * np.log(p[mask] / np.maximum(q[mask], 1e-12))))
+        if kl < best_kl:
+            best_kl, best_i = kl, i
+    return (best_i + 0.5) * limit / n
+
+
+def entropy_range(hist: Histogram, data_min: float, data_max: float) -> tuple[float, float]:
+    threshold = entropy_threshold(hist.absolute(), hist.limit)
+    return max(data_min, -threshold), min(data_max, threshold)
+
+
+def method_range(stats: ActivationStats, method: str, percentile: float = 99.99) -> tuple[float, float]:
+    if method == "minmax":
+        return minmax_range(stats)
+    if stats.histogram is None:
+        raise ValueError(f"method {method} needs the histogram pass")
+    if method == "percentile":
+        return percentile_range(stats.histogram, percentile, stats.min, stats.max)
+    if method == "entropy":
+        return entropy_range(stats.histogram, stats.min, stats.max)
+    if method == "mse":
+        return mse_range(stats.histogram, stats.min, stats.max)
+    raise ValueError(f"unknown activation method {method}")
+
+
+def linear_output_error(x: np.ndarray, weight: np.ndarray, weight_q: np.ndarray, act: ActivationRange) -> float:
+    """Relative squared error of the linear's output with x and W fake-quantized, against float x @ W."""
+    reference = x @ weight
+    candidate = fake_quantize(x, act.scale, act.offset) @ weight_q
+    return float(np.mean((candidate - reference) ** 2) / max(np.mean(reference**2), 1e-30))
+
+
+@dataclass
+class RangeChoice:
+    method: str
+    range: ActivationRange
+    errors: dict[str, float] = field(default_factory=dict)  # auto: output error per candidate method
+
+
+def choose_range(
+    stats: ActivationStats,
+    method: str,
+    percentile: float = 99.99,
+    weights: list[tuple[np.ndarray, np.ndarray]] | None = None,
+) -> RangeChoice:
+    """The activation range of one input by ``method``; ``auto`` picks the candidate with the lowest output error
+    summed over ``weights`` (float [K, N], fake-quantized [K, N]) of every linear reading this input."""
+    if method != "auto":
+        return RangeChoice(method, range_to_qparams(*method_range(stats, method, percentile)))
+    x = stats.tokens
+    if not weights or len(x) == 0:
+        raise ValueError("auto needs the linears' weights and reservoir tokens")
+    errors: dict[str, float] = {}
+    ranges: dict[str, ActivationRange] = {}
+    for candidate in ("minmax", "percentile", "entropy", "mse"):
+        ranges[candidate] = range_to_qparams(*method_range(stats, candidate, percentile))
+        errors[candidate] = sum(linear_output_error(x, w, wq, ranges[candidate]) for w, wq in weights)
+    best = min(errors, key=errors.get)
+    return RangeChoice(best, ranges[best], errors)

@@ -1,0 +1,97 @@
+"""Emit a W8A8 static linear layer as standard QDQ: onnxruntime fuses it into an integer matmul, NPUs compile it.
+
+Graph contract (the safetensors artifact writer and loader rely on it):
+
+    x -> QuantizeLinear(scale, zp) -> DequantizeLinear(scale, zp) -> MatMul input A   (scalar scale / zero point)
+    W_q [K, N] 8-bit initializer -> DequantizeLinear(w_scale [N], w_zp [N], axis=1) -> MatMul input B
+    the bias Add (if any) stays float.
+
+Integer format (``INTEGER_FORMAT``): activations uint8 with zero point ``input_offset + 128``; weights int8
+symmetric stored as uint8 ``q + 128`` with zero point 128. onnxruntime's CPU kernels for uint8 x uint8 widen to
+int16 before multiplying (MLAS ``U8U8`` AVX2 kernel: vpmaddwd over 16-bit operands), so they are exact on any x86
+CPU; its default uint8 x int8 kernel multiplies with vpmaddubsw, whose int16 pair sums saturate on CPUs without
+VNNI (onnxruntime's own int8 models collapse there). Values are the same as int8: q_u8 - 128 = q_s8.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from graphq.algorithms.activation_ranges import QMIN
+from graphq.algorithms.rtn import QuantizedWeight
+from graphq.graph_utils import add_initializer, remove_dead_weight_path, set_opset
+from graphq.linear_layers import LinearLayer
+from graphq.passes.qdq import QDQ_IR_VERSION, QDQ_OPSET
+
+INTEGER_FORMAT = {
+    "activations": "uint8, per-tensor asymmetric; zero point = input_offset + 128",
+    "weights": "int8 symmetric per output channel, stored as uint8 (q + 128) with zero point 128",
+    "onnxruntime_kernel": "U8U8 (exact: 16-bit products, no int16 pair saturation with or without VNNI)",
+}
+
+
+def weight_as_u8(qw: QuantizedWeight) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(q uint8 [K, N], scale [N], zero point uint8 [N]) of a per-channel 8-bit weight."""
+    if qw.bits != 8 or qw.n_groups != 1:
+        raise ValueError(f"W8A8 needs an 8-bit per-channel weight, got {qw.bits} bits in {qw.n_groups} groups")
+    n = qw.shape[1]
+    if qw.symmetric:
+        q = (qw.q.astype(np.int16) - QMIN).astype(np.uint8)
+        zero_point = np.full(n, -QMIN, dtype=np.uint8)
+    else:
+        q = qw.q.astype(np.uint8)
+        zero_point = qw.zero_points[0].astype(np.uint8)
+    return q, qw.scales[0].astype(np.float32), zero_point
+
+
+def dequantized_weight(model: ir.Model, layer: LinearLayer, qw: QuantizedWeight) -> ir.Value:
+    """DequantizeLinear(uint8 weight, per-channel scale, axis=1) inserted before the layer's node."""
+    graph = model.graph
+    q, scale, zero_point = weight_as_u8(qw)
+    float_type = layer.dtype.numpy()
+    inputs = [
+        add_initializer(graph, f"{layer.name}.weight_quantized", q),
+        add_initializer(graph, f"{layer.name}.weight_scale", scale.astype(float_type)),
+        add_initializer(graph, f"{layer.name}.weight_zero_point", zero_point),
+    ]
+    node = ir.node("DequantizeLinear", inputs=inputs, attributes={"axis": 1}, name=f"{layer.name}.weight_dequantize")
+    node.outputs[0].name = f"{layer.name}.weight_dequantized"
+    node.outputs[0].shape = ir.Shape([layer.in_features, layer.out_features])
+    node.outputs[0].type = ir.TensorType(layer.dtype)
+    graph.insert_before(layer.node, node)
+    return node.outputs[0]
+
+
+def replace_weight_input(model: ir.Model, layer: LinearLayer, value: ir.Value) -> None:
+    node = layer.node
+    old = node.inputs[1]
+    node.replace_input_with(1, value)
+    if node.op_type == "Gemm":
+        node.attributes["transB"] = ir.AttrInt64("transB", 0)
+    remove_dead_weight_path(model.graph, old)
+
+
+def emit_w8a8(model: ir.Model, layer: LinearLayer, qw: QuantizedWeight, input_scale: float, input_offset: int) -> None:
+    """Rewrite one linear layer to W8A8 static: QDQ on its input (scalar scale, offset in the int8 convention
+    x_q = clip(round(x / scale) + offset, -128, 127)) and DQ on its per-channel 8-bit weight."""
+    if not input_scale > 0 or not np.isfinite(input_scale):
+        raise ValueError(f"{layer.name}: input scale must be positive and finite, got {input_scale}")
+    if not QMIN <= int(input_offset) <= -QMIN - 1:
+        raise ValueError(f"{layer.name}: input offset {input_offset} is outside [-128, 127]")
+    graph = model.graph
+    float_type = layer.dtype.numpy()
+    scale = add_initializer(graph, f"{layer.name}.input_scale", np.array(input_scale, dtype=float_type))
+    zero_point = add_initializer(graph, f"{layer.name}.input_zero_point", np.array(int(input_offset) - QMIN, dtype=np.uint8))
+    quantize = ir.node("QuantizeLinear", inputs=[layer.input, scale, zero_point], name=f"{layer.name}.input_quantize")
+    quantize.outputs[0].name = f"{layer.name}.input_quantized"
+    dequantize = ir.node("DequantizeLinear", inputs=[quantize.outputs[0], scale, zero_point],
+                         name=f"{layer.name}.input_dequantize")
+    dequantize.outputs[0].name = f"{layer.name}.input_dequantized"
+    dequantize.outputs[0].type = ir.TensorType(layer.dtype)
+    graph.insert_before(layer.node, quantize)
+    graph.insert_before(layer.node, dequantize)
+    layer.node.replace_input_with(0, dequantize.outputs[0])
+    replace_weight_input(model, layer, dequantized_weight(model, layer, qw))
+    set_opset(model, "", QDQ_OPSET)
+    model.ir_version = max(model.ir_version or 0, QDQ_IR_VERSION)
