@@ -189,33 +189,45 @@ def percentile_range(hist: Histogram, percentile: float, data_min: float, data_m
     return max(lo, data_min), min(hi, data_max)
 
 
-def quantization_mse(centers: np.ndarray, counts: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    """Expected squared error of quantizing the histogram onto 256 levels over each candidate [lo, hi].
+def quantization_mse(centers: np.ndarray, counts: np.ndarray, lo: np.ndarray, hi: np.ndarray,
+                     bin_width: float = 0.0) -> np.ndarray:
+    """Mean squared error of quantizing the histogram onto the 256-level grid of each candidate [lo, hi].
 
-    Values outside the range cost their clipping distance squared; values inside cost the uniform rounding noise
-    step^2 / 12 (the bins are much finer than the quantization step, so this is their expected rounding error)."""
-    lo = np.asarray(lo, dtype=np.float64)[..., None]
-    hi = np.asarray(hi, dtype=np.float64)[..., None]
-    step = (hi - lo) / (LEVELS - 1)
-    clipped = np.clip(centers, lo, hi)
-    inside = (centers >= lo) & (centers <= hi)
-    error = (centers - clipped) ** 2 + inside * step**2 / 12.0
-    return (error * counts).sum(axis=-1) / max(counts.sum(), 1)
+    Each bin's values are taken at its center and rounded exactly as QuantizeLinear would (zero point included, so
+    mass near zero that the grid represents exactly costs nothing); the spread inside a bin adds bin_width^2 / 12."""
+    lo = np.minimum(np.asarray(lo, dtype=np.float64), 0.0)[..., None]
+    hi = np.maximum(np.asarray(hi, dtype=np.float64), 0.0)[..., None]
+    scale = np.maximum((hi - lo) / (LEVELS - 1), 1e-30)
+    zero_point = np.clip(np.round(-lo / scale), 0, LEVELS - 1)
+    q = np.clip(np.round(centers / scale) + zero_point, 0, LEVELS - 1)
+    error = (centers - (q - zero_point) * scale) ** 2
+    return (error * counts).sum(axis=-1) / max(counts.sum(), 1) + bin_width**2 / 12.0
 
 
-def mse_range(hist: Histogram, data_min: float, data_max: float, steps: int = 64) -> tuple[float, float]:
+def mse_range(hist: Histogram, data_min: float, data_max: float, steps: int = 32) -> tuple[float, float]:
     """Search lower and upper clip points (each a fraction of the data's extreme on its side) minimising the MSE."""
     lo0, hi0 = min(data_min, 0.0), max(data_max, 0.0)
     if hist.limit == 0 or hi0 - lo0 == 0:
         return data_min, data_max
-    fractions = np.linspace(1.0 / steps, 1.0, steps)
-    lo = (lo0 * fractions)[:, None] * np.ones(steps)[None, :]
-    hi = np.ones(steps)[:, None] * (hi0 * fractions)[None, :]
     # Bins that are empty cost nothing: drop them to keep the grid search small.
     nonzero = hist.counts > 0
-    errors = quantization_mse(hist.centers[nonzero], hist.counts[nonzero].astype(np.float64), lo, hi)
-    i, j = np.unravel_index(int(np.argmin(errors)), errors.shape)
-    return float(lo[i, j]), float(hi[i, j])
+    centers, counts = hist.centers[nonzero], hist.counts[nonzero].astype(np.float64)
+    bin_width = 2 * hist.limit / len(hist.counts)
+
+    def search(lo_fractions: np.ndarray, hi_fractions: np.ndarray) -> tuple[float, float]:
+        lo = (lo0 * lo_fractions)[:, None] * np.ones(len(hi_fractions))[None, :]
+        hi = np.ones(len(lo_fractions))[:, None] * (hi0 * hi_fractions)[None, :]
+        errors = quantization_mse(centers, counts, lo, hi, bin_width)
+        i, j = np.unravel_index(int(np.argmin(errors)), errors.shape)
+        return float(lo_fractions[i]), float(hi_fractions[j])
+
+    # A coarse grid over both ends, then a fine one around its best point.
+    coarse = np.linspace(1.0 / steps, 1.0, steps)
+    f_lo, f_hi = search(coarse, coarse)
+    width = 1.0 / steps
+    f_lo, f_hi = search(np.clip(np.linspace(f_lo - width, f_lo + width, 17), width / 16, 1.0),
+                        np.clip(np.linspace(f_hi - width, f_hi + width, 17), width / 16, 1.0))
+    return lo0 * f_lo, hi0 * f_hi
 
 
 def entropy_threshold(abs_counts: np.ndarray, limit: float, target_bins: int = 128) -> float:
