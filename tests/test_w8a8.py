@@ -3,8 +3,10 @@ W8A8 static / dynamic models in onnxruntime against a torch fake-quant reference
 KV-cache int8, mixed schemes, the constant-activation guard, and bad input.
 
 Tolerance of the onnxruntime-vs-torch comparison: both round the same float32 numbers onto the same grids; what
-is left is float32 accumulation order, which can flip the rounding of an activation sitting on a half step (one
-level, ~1% of a scale step's effect on one output). Measured max |logit diff| over the cases below: see ATOL.
+is left is float32 accumulation order. Measured max |logit diff| over the 8 static/dynamic x level cases: 2.1e-7,
+while quantization moves the logits by 4.4e-3 to 5.8e-2. ATOL = 1e-5 is ~50x above the noise; a wrong zero point,
+scale, rounding mode or a saturating integer kernel moves logits by far more. (A float32 difference could flip
+the rounding of an activation sitting exactly on a half step; none does on these inputs.)
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from graphq.runtimes.ort import session_options
 
 KINDS = ["llama", "qwen2"]
 IDS = np.random.default_rng(1).integers(3, 96, size=64)
-ATOL = 2e-4
+ATOL = 1e-5
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -250,7 +252,7 @@ LEVELS = [ort.GraphOptimizationLevel.ORT_ENABLE_ALL, ort.GraphOptimizationLevel.
 
 def assert_matches(model_file, reference, float_logits):
     effect = float(np.abs(float_logits - reference).max())
-    assert effect > 20 * ATOL, f"quantization changed the logits by only {effect:.3g}"
+    assert effect > 100 * ATOL, f"quantization changed the logits by only {effect:.3g}"
     for level in LEVELS:
         logits = onnx_logits(model_file, level)
         diff = float(np.abs(logits - reference).max())

@@ -14,13 +14,16 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+import onnx
 import onnx_ir as ir
+import onnxruntime as ort
 from tqdm import tqdm
 
 from graphq.algorithms.activation_ranges import ActivationStats
 from graphq.linear_layers import LinearLayer
 from graphq.runtimes.layerwise import graph_input_feeds
-from graphq.runtimes.submodel import SubmodelSession
+from graphq.runtimes.ort import session_options
+from graphq.runtimes.submodel import _closure
 
 
 def kv_cache_outputs(model: ir.Model) -> list[str]:
@@ -55,8 +58,40 @@ class CalibrationResult:
     peak_sample_bytes: int = 0  # largest set of captured arrays of one sample
 
 
+def _owned(tensor):
+    """An ``ir.Tensor`` over the tensor's array, for tensors parsed from the model file (else the tensor itself)."""
+    if isinstance(tensor, (ir.Tensor, ir.ExternalTensor)):
+        return tensor
+    array = tensor.numpy()  # a copy for protobuf-backed tensors (np.ascontiguousarray would make 0-d arrays 1-d)
+    return ir.Tensor(array if array.flags.c_contiguous else array.copy(), name=tensor.name)
+
+
+def detach_from_file_proto(model: ir.Model) -> None:
+    """Give every tensor parsed from the model file its own numpy array, once.
+
+    Such tensors live inside the loaded protobuf and every ``numpy()`` call copies them. Once none refers to the
+    protobuf any more it is freed, and the IR model and onnxruntime share one copy of the weights (memory-mapped
+    external data is used in place). Values are unchanged."""
+    for value in model.graph.initializers.values():
+        owned = _owned(value.const_value)
+        if owned is not value.const_value:
+            value.const_value = owned
+    for node in model.graph.all_nodes():
+        for name, attr in list(node.attributes.items()):
+            if attr.type == ir.AttributeType.TENSOR:
+                owned = _owned(attr.value)
+                if owned is not attr.value:
+                    node.attributes[name] = ir.AttrTensor(name, owned)
+
+
 class ActivationCapture:
-    """One onnxruntime session over ``model`` whose outputs are the chosen values; reused for both passes."""
+    """One onnxruntime session over ``model`` whose outputs are the chosen values; reused for both passes.
+
+    The session is built without a copy of the weights: initializers become graph inputs fed, on every run, with
+    arrays the IR model holds (onnxruntime wraps numpy inputs without copying), so calibration memory is the model
+    once plus one sample's activations and the fixed-size statistics. Only the nodes the chosen values need run
+    (lm_head and anything after the last captured value are cut).
+    """
 
     def __init__(self, model: ir.Model, layers: list[LinearLayer], kv_outputs: list[str] | None = None,
                  threads: int | None = None):
@@ -64,10 +99,33 @@ class ActivationCapture:
         self.inputs = {layer.input.name: layer.in_features for layer in layers}
         self.kv_outputs = list(kv_outputs or [])
         outputs = list(self.inputs) + [name for name in self.kv_outputs if name not in self.inputs]
-        self.session = SubmodelSession(model, {}, outputs, threads=threads)
+        detach_from_file_proto(model)
+        nodes, initializers, graph_inputs = _closure(model.graph, outputs, set())
+        self.weights = {value.name: value.const_value.numpy() for value in initializers}
+        inputs = [ir.serde.serialize_value(value) for value in graph_inputs]
+        inputs += [
+            onnx.helper.make_tensor_value_info(name, onnx.helper.np_dtype_to_tensor_dtype(array.dtype), array.shape)
+            for name, array in self.weights.items()
+        ]
+        output_infos = []
+        for name in outputs:
+            info = onnx.ValueInfoProto()
+            info.name = name
+            output_infos.append(info)
+        graph = onnx.helper.make_graph([ir.serde.serialize_node(node) for node in nodes], "graphq_capture", inputs,
+                                       output_infos)
+        opsets = [onnx.helper.make_opsetid(domain, version) for domain, version in model.opset_imports.items()]
+        proto = onnx.helper.make_model(graph, opset_imports=opsets, ir_version=model.ir_version)
+        self.session = ort.InferenceSession(proto.SerializeToString(), session_options(threads),
+                                            providers=["CPUExecutionProvider"])
+        self.graph_input_names = [value.name for value in graph_inputs]
+        self.output_names = outputs
 
     def run(self, ids: np.ndarray) -> dict[str, np.ndarray]:
-        return self.session.run(graph_input_feeds(self.model.graph, ids))
+        feeds = graph_input_feeds(self.model.graph, ids)
+        feeds = {name: feeds[name] for name in self.graph_input_names}
+        results = self.session.run(self.output_names, {**feeds, **self.weights})
+        return dict(zip(self.output_names, results))
 
     def calibrate(
         self,
