@@ -84,38 +84,13 @@ class InputChannelStats:
     def from_rows(
         cls, chunks: np.ndarray | Iterable[np.ndarray], max_tokens: int = 512, seed: int = 0
     ) -> "InputChannelStats":
-        """Statistics of input rows given as one array or as chunks [..., K]; keeps a seeded uniform sample of at
-        most ``max_tokens`` rows (reservoir sampling, so chunks can stream without being kept)."""
+        """Statistics of input rows given as one array or as chunks [..., K] (see ``ChannelStatsAccumulator``)."""
         if isinstance(chunks, np.ndarray):
             chunks = [chunks]
-        rng = np.random.default_rng(seed)
-        low = high = None
-        reservoir: np.ndarray | None = None
-        seen = 0
+        accumulator = ChannelStatsAccumulator(max_tokens, seed)
         for chunk in chunks:
-            rows = np.asarray(chunk, dtype=np.float32)
-            rows = rows.reshape(-1, rows.shape[-1])
-            if low is None:
-                low, high = rows.min(axis=0), rows.max(axis=0)
-                reservoir = np.empty((0, rows.shape[1]), dtype=np.float32)
-            elif rows.shape[1] != low.shape[0]:
-                raise ValueError(f"expected {low.shape[0]} input channels, got {rows.shape[1]}")
-            else:
-                low, high = np.minimum(low, rows.min(axis=0)), np.maximum(high, rows.max(axis=0))
-            # Reservoir sampling (algorithm R, vectorised per chunk): every row seen so far is kept with equal
-            # probability, independent of how the rows were chunked only through the seeded generator.
-            free = max(0, max_tokens - len(reservoir))
-            if free:
-                reservoir = np.concatenate([reservoir, rows[:free]])
-            if len(rows) > free:
-                positions = seen + free + np.arange(len(rows) - free)
-                slots = (rng.random(len(positions)) * (positions + 1)).astype(np.int64)
-                keep = slots < max_tokens
-                reservoir[slots[keep]] = rows[free:][keep]
-            seen += len(rows)
-        if low is None:
-            raise ValueError("no activations were given")
-        return cls(low, high, reservoir)
+            accumulator.add(chunk)
+        return accumulator.result()
 
     def transformed(self, shift: np.ndarray, scale: np.ndarray) -> "InputChannelStats":
         """The statistics of (x - shift) / scale, the input the smoothed linears read (scale > 0)."""
@@ -126,6 +101,47 @@ class InputChannelStats:
             ((self.channel_max - shift) / scale).astype(np.float32),
             ((self.tokens - shift) / scale).astype(np.float32),
         )
+
+
+class ChannelStatsAccumulator:
+    """Streams input rows into per-channel min/max and a seeded uniform sample of at most ``max_tokens`` rows
+    (reservoir sampling), so calibration never keeps more than the sample; ``result()`` -> InputChannelStats."""
+
+    def __init__(self, max_tokens: int = 512, seed: int = 0) -> None:
+        self.max_tokens = max_tokens
+        self.rng = np.random.default_rng(seed)
+        self.low: np.ndarray | None = None
+        self.high: np.ndarray | None = None
+        self.reservoir: np.ndarray | None = None
+        self.seen = 0
+
+    def add(self, chunk: np.ndarray) -> None:
+        rows = np.asarray(chunk, dtype=np.float32)
+        rows = rows.reshape(-1, rows.shape[-1])
+        if self.low is None:
+            self.low, self.high = rows.min(axis=0), rows.max(axis=0)
+            self.reservoir = np.empty((0, rows.shape[1]), dtype=np.float32)
+        elif rows.shape[1] != self.low.shape[0]:
+            raise ValueError(f"expected {self.low.shape[0]} input channels, got {rows.shape[1]}")
+        else:
+            self.low = np.minimum(self.low, rows.min(axis=0))
+            self.high = np.maximum(self.high, rows.max(axis=0))
+        # Algorithm R, vectorised per chunk: row number i (0-based) replaces a random slot with probability
+        # max_tokens / (i + 1), so every row seen so far is kept with equal probability.
+        free = max(0, self.max_tokens - len(self.reservoir))
+        if free:
+            self.reservoir = np.concatenate([self.reservoir, rows[:free]])
+        if len(rows) > free:
+            positions = self.seen + free + np.arange(len(rows) - free)
+            slots = (self.rng.random(len(positions)) * (positions + 1)).astype(np.int64)
+            keep = slots < self.max_tokens
+            self.reservoir[slots[keep]] = rows[free:][keep]
+        self.seen += len(rows)
+
+    def result(self) -> InputChannelStats:
+        if self.low is None:
+            raise ValueError("no activations were given")
+        return InputChannelStats(self.low.copy(), self.high.copy(), self.reservoir.copy())
 
 
 def weight_absmax(weights_kn: Sequence[np.ndarray]) -> np.ndarray:
@@ -229,21 +245,46 @@ def w8a8_output_error(
 
         sum_linears ||x W - (Q_a(x') Q_w(W') + z W)||^2 / sum_linears ||x W||^2,  x' = (x - z)/s,  W' = diag(s) W
 
-    on ``stats.tokens``; since x W == x' W' + z W exactly, this is ||x' W' - Q_a(x') Q_w(W')||^2. The activation
-    range is the per-tensor min/max of x' over all calibration data (from the channel min/max)."""
-    smoothed = stats.transformed(shift, scale)
-    x = smoothed.tokens.astype(np.float64)
-    xq = fake_quantize_activation(smoothed.tokens, smoothed.channel_min.min(), smoothed.channel_max.max(), act_bits)
-    xq = xq.astype(np.float64)
-    x_ref = stats.tokens.astype(np.float64)
-    s = np.asarray(scale, dtype=np.float32)[:, None]
-    error = reference = 0.0
+    on ``stats.tokens``; since x W == x' W' + z W exactly, the error is ||(x - z) W - Q_a(x') Q_w(W')||^2. The
+    activation range is the per-tensor min/max of x' over all calibration data (from the channel min/max)."""
+    references = _shifted_references(stats, weights_kn, shift)
+    return _error_with_references(stats, weights_kn, shift, scale, references, weight_bits, act_bits)
+
+
+def _shifted_references(
+    stats: InputChannelStats, weights_kn: Sequence[np.ndarray], shift: np.ndarray
+) -> list[tuple[np.ndarray, float]]:
+    """Per linear: (x - z) W, the float output the smoothed linear must reproduce (independent of s), and
+    ||x W||^2 for the relative error. Computed once per shift, so the alpha search pays one product per alpha."""
+    x = stats.tokens
+    shifted = (x - np.asarray(shift, dtype=np.float32)).astype(np.float32)
+    out = []
     for weight in weights_kn:
         w = np.asarray(weight, dtype=np.float32)
-        w_smooth = w * s
-        wq = fake_quantize_weight(w_smooth, weight_bits).astype(np.float64)
-        error += float(np.sum(np.square(x @ w_smooth.astype(np.float64) - xq @ wq)))
-        reference += float(np.sum(np.square(x_ref @ w.astype(np.float64))))
+        plain = x @ w
+        out.append((shifted @ w, float(np.sum(np.square(plain, dtype=np.float64)))))
+    return out
+
+
+def _error_with_references(
+    stats: InputChannelStats,
+    weights_kn: Sequence[np.ndarray],
+    shift: np.ndarray,
+    scale: np.ndarray,
+    references: list[tuple[np.ndarray, float]],
+    weight_bits: int,
+    act_bits: int,
+) -> float:
+    # float32 products: their rounding (~1e-7 relative) is far below the int8 error being measured.
+    smoothed = stats.transformed(shift, scale)
+    low, high = float(smoothed.channel_min.min()), float(smoothed.channel_max.max())
+    xq = fake_quantize_activation(smoothed.tokens, low, high, act_bits)
+    s = np.asarray(scale, dtype=np.float32)[:, None]
+    error = reference = 0.0
+    for weight, (target, norm) in zip(weights_kn, references):
+        wq = fake_quantize_weight(np.asarray(weight, dtype=np.float32) * s, weight_bits)
+        error += float(np.sum(np.square(target - xq @ wq, dtype=np.float64)))
+        reference += norm
     return error / max(reference, 1e-30)
 
 
@@ -264,10 +305,14 @@ def search_alpha(
     alphas = [float(a) for a in grid]
     if not alphas:
         raise ValueError("the alpha grid is empty")
+    weights_kn = [np.asarray(w, dtype=np.float32) for w in weights_kn]
     errors = []
+    references = None
     for alpha in alphas:
         shift, scale = smoothing_factors(stats, weights_kn, method, alpha)
-        errors.append(w8a8_output_error(stats, weights_kn, shift, scale, weight_bits, act_bits))
+        if references is None:  # the shift does not depend on alpha
+            references = _shifted_references(stats, weights_kn, shift)
+        errors.append(_error_with_references(stats, weights_kn, shift, scale, references, weight_bits, act_bits))
     best = int(np.argmin(errors))
     ones = np.ones(stats.channels, dtype=np.float32)
     unsmoothed = w8a8_output_error(stats, weights_kn, np.zeros_like(ones), ones, weight_bits, act_bits)
