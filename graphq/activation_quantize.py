@@ -37,14 +37,15 @@ def int8_weight(layer: LinearLayer) -> tuple[np.ndarray, QuantizedWeight, float]
 
 
 def _smooth(model: ir.Model, layers: list[LinearLayer], result: CalibrationResult, config: QuantConfig) -> dict:
-    try:
-        from graphq.passes.smooth import smooth_linear_groups
-    except ImportError as exc:
-        raise GraphqError("--smooth needs graphq.passes.smooth, which this build does not have") from exc
-    return smooth_linear_groups(
-        model, layers, result.stats, method=config.smooth, alpha=config.smooth_alpha,
-        all_linears=config.smooth_all_linears,
-    )
+    from graphq.algorithms.smoothing import InputChannelStats
+    from graphq.passes.smooth import smooth_linear_groups
+
+    stats = {
+        name: InputChannelStats(entry.channel_min, entry.channel_max, entry.tokens)
+        for name, entry in result.stats.items()
+        if entry.rows_seen
+    }
+    return smooth_linear_groups(model, layers, stats, config.smooth, config.smooth_alpha, config.smooth_all_linears)
 
 
 def _peak_rss_bytes() -> int:
@@ -87,8 +88,12 @@ def activation_quantize(
         del capture
         calibration["passes"] += first.passes
         calibration["seconds"] += first.seconds
-        report["smoothing"] = {"method": config.smooth, "alpha": config.smooth_alpha,
-                               "all_linears": config.smooth_all_linears, **(_smooth(model, w8a8_layers, first, config) or {})}
+        report["smoothing"] = _smooth(model, w8a8_layers, first, config)
+        smoothed = report["smoothing"]
+        if progress:
+            print(f"graphq: smoothing ({config.smooth}, alpha {config.smooth_alpha}): {len(smoothed['groups'])} input "
+                  f"group(s) smoothed, {len(smoothed['skipped'])} skipped, {smoothed['ops_added']} op(s) added",
+                  file=sys.stderr)
         del first
     for layer in tqdm(dynamic_layers, desc="w8a8-dynamic", unit="layer", disable=not progress, file=sys.stderr):
         _, qw, error = int8_weight(layer)
