@@ -17,7 +17,7 @@ import numpy as np
 import onnx_ir as ir
 from tqdm import tqdm
 
-from graphq.algorithms.activation_ranges import HISTOGRAM_METHODS, choose_range
+from graphq.algorithms.activation_ranges import HISTOGRAM_METHODS, ActivationStats, choose_range
 from graphq.algorithms.rtn import QuantizedWeight, quantize_rtn
 from graphq.config import QuantConfig
 from graphq.errors import GraphqError
@@ -36,7 +36,11 @@ def int8_weight(layer: LinearLayer) -> tuple[np.ndarray, QuantizedWeight, float]
     return weight, qw, error
 
 
-def _smooth(model: ir.Model, layers: list[LinearLayer], result: CalibrationResult, config: QuantConfig) -> dict:
+def _smooth(
+    model: ir.Model, layers: list[LinearLayer], result: CalibrationResult, config: QuantConfig
+) -> tuple[dict, dict[str, ActivationStats]]:
+    """Smooth the W8A8 groups; returns the report and the pass-1 statistics of every W8A8 input after smoothing
+    (derived from those before: per-channel ranges and tokens of (x - z) / s), so no second ranges pass runs."""
     from graphq.algorithms.smoothing import InputChannelStats
     from graphq.passes.smooth import smooth_linear_groups
 
@@ -45,7 +49,22 @@ def _smooth(model: ir.Model, layers: list[LinearLayer], result: CalibrationResul
         for name, entry in result.stats.items()
         if entry.rows_seen
     }
-    return smooth_linear_groups(model, layers, stats, config.smooth, config.smooth_alpha, config.smooth_all_linears)
+    smoothed: dict[str, InputChannelStats] = {}
+    report = smooth_linear_groups(model, layers, stats, config.smooth, config.smooth_alpha, config.smooth_all_linears,
+                                  smoothed_stats=smoothed)
+    known: dict[str, ActivationStats] = {}
+    for layer in layers:
+        name = layer.input.name  # after smoothing
+        before = result.stats.get(name)
+        if name in smoothed:
+            entry = smoothed[name]
+            rows_seen = max(s.rows_seen for s in result.stats.values())
+            known[name] = ActivationStats.from_channel_ranges(entry.channel_min, entry.channel_max, entry.tokens,
+                                                              rows_seen, reservoir_rows=len(entry.tokens),
+                                                              seed=config.seed)
+        elif before is not None:
+            known[name] = before
+    return report, known
 
 
 def _peak_rss_bytes() -> int:
@@ -88,13 +107,15 @@ def activation_quantize(
         del capture
         calibration["passes"] += first.passes
         calibration["seconds"] += first.seconds
-        report["smoothing"] = _smooth(model, w8a8_layers, first, config)
+        report["smoothing"], known = _smooth(model, w8a8_layers, first, config)
         smoothed = report["smoothing"]
         if progress:
             print(f"graphq: smoothing ({config.smooth}, alpha {config.smooth_alpha}): {len(smoothed['groups'])} input "
                   f"group(s) smoothed, {len(smoothed['skipped'])} skipped, {smoothed['ops_added']} op(s) added",
                   file=sys.stderr)
         del first
+    else:
+        known = {}
     for layer in tqdm(dynamic_layers, desc="w8a8-dynamic", unit="layer", disable=not progress, file=sys.stderr):
         _, qw, error = int8_weight(layer)
         finish(layer, qw, {"weight_relative_mse": error, "activations": "int8 per token, dynamic, symmetric"})
@@ -106,6 +127,7 @@ def activation_quantize(
             reservoir_rows=reservoir if static_layers else 0,
             seed=config.seed,
             progress=progress,
+            known=known,
         )
         del capture
         calibration["passes"] += result.passes

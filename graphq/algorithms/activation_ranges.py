@@ -144,6 +144,21 @@ class ActivationStats:
             return np.empty((0, self.channels), dtype=np.float32)
         return self._reservoir
 
+    @classmethod
+    def from_channel_ranges(cls, channel_min: np.ndarray, channel_max: np.ndarray, tokens: np.ndarray,
+                            rows_seen: int, reservoir_rows: int = 0, seed: int = 0) -> "ActivationStats":
+        """Pass-1 statistics known without a pass, e.g. of a smoothed input (x - z) / s derived from those of x:
+        the per-tensor range is the range of the per-channel ranges."""
+        channel_min = np.asarray(channel_min, dtype=np.float32)
+        channel_max = np.asarray(channel_max, dtype=np.float32)
+        stats = cls(len(channel_min), reservoir_rows=reservoir_rows, seed=seed)
+        stats.min, stats.max = float(channel_min.min()), float(channel_max.max())
+        stats.channel_min, stats.channel_max = channel_min, channel_max
+        stats.rows_seen = rows_seen
+        if reservoir_rows:
+            stats._reservoir = np.asarray(tokens, dtype=np.float32)[:reservoir_rows]
+        return stats
+
     def start_histogram(self) -> None:
         """Fix the histogram range from pass 1 (symmetric, so it also folds into a histogram of |x|)."""
         limit = max(abs(self.min), abs(self.max)) if np.isfinite(self.min) else 0.0

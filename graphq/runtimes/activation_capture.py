@@ -134,33 +134,43 @@ class ActivationCapture:
         reservoir_rows: int = 0,
         seed: int = 0,
         progress: bool = False,
+        known: dict[str, ActivationStats] | None = None,
     ) -> CalibrationResult:
+        """Pass 1 (ranges, reservoir, KV cache) for the inputs not in ``known``, then pass 2 (histograms) if asked.
+
+        ``known`` holds pass-1 statistics already available for some inputs (derived after smoothing); when every
+        input is known and there is no KV cache to measure, pass 1 is skipped."""
         started = time.perf_counter()
+        known = known or {}
         stats = {
-            name: ActivationStats(channels, reservoir_rows=reservoir_rows, seed=seed + i)
+            name: known.get(name) or ActivationStats(channels, reservoir_rows=reservoir_rows, seed=seed + i)
             for i, (name, channels) in enumerate(self.inputs.items())
         }
         kv = {name: KVStats() for name in self.kv_outputs}
         result = CalibrationResult(stats=stats, kv=kv, samples=len(samples))
-        passes = 2 if histograms else 1
-        for p in range(passes):
-            if p == 1:
+        passes = []
+        if kv or any(name not in known for name in stats):
+            passes.append("ranges")
+        if histograms:
+            passes.append("histograms")
+        for number, kind in enumerate(passes):
+            if kind == "histograms":
                 for entry in stats.values():
                     entry.start_histogram()
-            bar = tqdm(samples, desc=f"activation calibration pass {p + 1}/{passes}", unit="sample",
+            bar = tqdm(samples, desc=f"activation calibration pass {number + 1}/{len(passes)} ({kind})", unit="sample",
                        disable=not progress, file=sys.stderr)
             for ids in bar:
                 captured = self.run(ids)
                 result.peak_sample_bytes = max(result.peak_sample_bytes, sum(a.nbytes for a in captured.values()))
                 for name, array in captured.items():
                     if name in stats:
-                        if p == 0:
-                            stats[name].add_ranges(array)
-                        else:
+                        if kind == "histograms":
                             stats[name].add_histogram(array)
-                    if p == 0 and name in kv:
+                        elif name not in known:
+                            stats[name].add_ranges(array)
+                    if number == 0 and name in kv:
                         kv[name].add(array)
                 del captured  # one sample's activations at a time
-        result.passes = passes
+        result.passes = len(passes)
         result.seconds = time.perf_counter() - started
         return result
