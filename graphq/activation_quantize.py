@@ -17,7 +17,7 @@ import numpy as np
 import onnx_ir as ir
 from tqdm import tqdm
 
-from graphq.algorithms.activation_ranges import HISTOGRAM_METHODS, ActivationStats, choose_range
+from graphq.algorithms.activation_ranges import HISTOGRAM_METHODS, ActivationStats, choose_range, linear_output_error
 from graphq.algorithms.rtn import QuantizedWeight, quantize_rtn
 from graphq.config import QuantConfig
 from graphq.errors import GraphqError
@@ -98,7 +98,7 @@ def activation_quantize(
         raise GraphqError("--kv-cache int8: the model has no present.* outputs; export it with past key values")
     calibration: dict = {"samples": len(samples), "tokens": int(sum(len(s) for s in samples)), "passes": 0,
                          "seconds": 0.0, "method": config.act_method}
-    want_tokens = config.act_method == "auto" or smoothing
+    want_tokens = config.act_method == "auto" or smoothing or config.act_fallback > 0
     reservoir = config.reservoir_rows if want_tokens else 0
     if smoothing:
         capture = ActivationCapture(model, w8a8_layers)
@@ -149,8 +149,12 @@ def _emit_static(
     model: ir.Model, layers: list[LinearLayer], result: CalibrationResult, config: QuantConfig, progress: bool,
     finish: FinishLayer,
 ) -> dict[str, int]:
-    """Choose the range of every static layer's input (once per shared input, so q/k/v quantize it alike) and emit."""
+    """Choose the range of every static layer's input (once per shared input, so q/k/v quantize it alike) and emit.
+
+    With ``act_fallback`` N, the N input groups whose W8A8 output error (relative, on the sampled tokens and the
+    extreme rows) is largest keep float activations: their layers get the int8 weight only (W8A16)."""
     chosen: dict[str, int] = {}
+    plans = []
     bar = tqdm(input_groups(layers), desc=f"w8a8 ranges ({config.act_method})", unit="input", disable=not progress,
                file=sys.stderr)
     for group in bar:
@@ -158,23 +162,41 @@ def _emit_static(
         if stats.rows_seen == 0:
             raise GraphqError(f"calibration never produced the input of {group[0].name}")
         weights = [int8_weight(layer) for layer in group]
-        choice = choose_range(
-            stats, config.act_method, config.percentile,
-            weights=[(w, qw.dequantize()) for w, qw, _ in weights] if config.act_method == "auto" else None,
-        )
-        chosen[choice.method] = chosen.get(choice.method, 0) + len(group)
-        for layer, (_, qw, error) in zip(group, weights):
+        pairs = [(w, qw.dequantize()) for w, qw, _ in weights]
+        choice = choose_range(stats, config.act_method, config.percentile,
+                              weights=pairs if config.act_method == "auto" else None)
+        error = None
+        if config.act_fallback and len(stats.tokens):
+            error = choice.errors.get(choice.method) if choice.errors else sum(
+                linear_output_error(stats.tokens, w, wq, choice.range) for w, wq in pairs)
+        plans.append((group, stats, weights, choice, error))
+    fallback: set[int] = set()
+    if config.act_fallback:
+        ranked = sorted(range(len(plans)), key=lambda i: -(plans[i][4] or 0.0))
+        fallback = set(ranked[: config.act_fallback])
+    for index, (group, stats, weights, choice, error) in enumerate(plans):
+        for layer, (_, qw, weight_error) in zip(group, weights):
             details = {
-                "weight_relative_mse": error,
-                "input_scale": choice.range.scale,
-                "input_offset": choice.range.offset,
+                "weight_relative_mse": weight_error,
                 "activation_method": choice.method,
                 "activation_range": [choice.range.lo, choice.range.hi],
                 "activation_observed": [stats.min, stats.max],
             }
+            if error is not None:
+                details["activation_output_error"] = error
             if choice.errors:
                 details["activation_output_errors"] = choice.errors
+            if index in fallback:
+                details["activation_fallback"] = (
+                    f"activations kept float: W8A8 output error {error:.3g} is among the {config.act_fallback} largest"
+                )
+            else:
+                details["input_scale"] = choice.range.scale
+                details["input_offset"] = choice.range.offset
+                chosen[choice.method] = chosen.get(choice.method, 0) + 1
             if choice.range.note:
                 details["warnings"] = [choice.range.note]
             finish(layer, qw, details)
+    if fallback:
+        chosen["fallback_w8a16"] = sum(len(plans[i][0]) for i in fallback)
     return chosen

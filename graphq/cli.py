@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--no-awq-clip", dest="awq_clip", action="store_const", const=False, help="AWQ: skip the weight clip search")
     quantize.add_argument("--act-method", help="w8a8 activation ranges: minmax (default), percentile, entropy, mse, or auto (per layer, lowest output error)")
     quantize.add_argument("--percentile", type=float, help="percentile for --act-method percentile (default 99.99)")
+    quantize.add_argument("--act-fallback", type=int, help="w8a8: keep activations float for the N input groups with the largest output error (default 0)")
     quantize.add_argument("--kv-cache", help="int8: calibrated per-head QDQ on the present.* key/value outputs")
     quantize.add_argument("--smooth", help="anti-outlier pass before W8A8: smoothquant or os+")
     quantize.add_argument("--smooth-alpha", help="smoothing strength in [0, 1] (default 0.5) or 'auto' (searched per layer)")
@@ -82,7 +83,7 @@ def _quant_config(args: argparse.Namespace):
         data = QuantConfig.from_yaml(args.config).__dict__.copy()
     keys = ("scheme", "group_size", "symmetric", "format", "method", "exclude", "quantize_lm_head", "seed", "calib",
             "calib_texts", "calib_field", "num_samples", "seq_len", "damp", "act_order", "awq_clip", "act_method",
-            "percentile", "kv_cache", "smooth", "smooth_alpha", "smooth_all_linears")
+            "percentile", "act_fallback", "kv_cache", "smooth", "smooth_alpha", "smooth_all_linears")
     for key in keys:
         value = getattr(args, key)
         if value is not None:

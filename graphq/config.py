@@ -39,6 +39,8 @@ class QuantConfig:
     kv_cache: "int8" adds calibrated per-head QDQ on the present.* key/value outputs.
     smooth: smoothquant or os+ migrates activation outliers into the weights before W8A8 (alpha or "auto").
     reservoir_rows: token rows kept per linear input for the output-error searches (auto, smoothing alpha).
+    act_fallback: W8A8 static input groups (q/k/v, gate/up, o, down of one layer) with the largest output error to
+    keep with float activations (int8 weights, W8A16), as msModelSlim's disable_level does.
     """
 
     scheme: str = "w4a16"
@@ -65,6 +67,7 @@ class QuantConfig:
     smooth_alpha: float | str = 0.5
     smooth_all_linears: bool = False
     reservoir_rows: int = 512
+    act_fallback: int = 0
 
     def group_size_for(self, in_features: int) -> int:
         """The group size for a layer with ``in_features`` inputs: a group covering all of K is per-channel (-1)."""
@@ -141,6 +144,8 @@ class QuantConfig:
             if not 0 <= alpha <= 1:
                 raise GraphqError(f"--smooth-alpha must be a number in [0, 1] or 'auto', got {self.smooth_alpha!r}")
             self.smooth_alpha = alpha
+        if not isinstance(self.act_fallback, int) or self.act_fallback < 0:
+            raise GraphqError(f"--act-fallback must be a count >= 0, got {self.act_fallback!r}")
         if self.reservoir_rows < 16:
             raise GraphqError(f"reservoir_rows must be at least 16, got {self.reservoir_rows}")
         if self.format not in FORMATS:

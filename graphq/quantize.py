@@ -204,7 +204,11 @@ def quantize(
                 weight_bytes_after=quantized_weight_bytes(qw),
                 **details,
             )
-            if scheme == "w8a8":
+            if scheme == "w8a8" and "input_scale" not in details:
+                # Activation fallback: the int8 weight stays, the activations stay float (W8A16, QDQ).
+                entries[layer.name]["scheme"] = "w8a16"
+                emit_dequantize_linear(model, layer, qw)
+            elif scheme == "w8a8":
                 emit_w8a8(model, layer, qw, details["input_scale"], details["input_offset"])
             elif scheme == "w8a8-dynamic":
                 emit_w8a8_dynamic(model, layer, qw)

@@ -82,7 +82,8 @@ def test_streaming_statistics_equal_whole_array_statistics(name):
     assert np.abs(np.cumsum(stats.histogram.counts) - np.cumsum(reference)).max() <= 3
     assert stats.histogram.counts.sum() == x.size
     tokens = stats.tokens
-    assert tokens.shape == (256, x.shape[1])
+    assert tokens.shape == (256 + 8, x.shape[1])  # the reservoir and the 8 rows of largest |x|
+    assert np.abs(tokens).max() == np.abs(x).max()
     rows = {r.tobytes(): i for i, r in enumerate(x)}
     positions = np.array([rows[t.tobytes()] for t in tokens])  # every kept row is a real row...
     assert 0.35 < positions.mean() / len(x) < 0.65  # ...drawn from the whole stream, not only its start

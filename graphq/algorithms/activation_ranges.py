@@ -104,7 +104,9 @@ class ActivationStats:
     channel_max: np.ndarray | None = None
     rows_seen: int = 0
     histogram: Histogram | None = None
+    extreme_rows: int = 8
     _reservoir: np.ndarray | None = field(default=None, repr=False)
+    _extremes: np.ndarray | None = field(default=None, repr=False)
     _rng: np.random.Generator | None = field(default=None, repr=False)
 
     def add_ranges(self, x: np.ndarray) -> None:
@@ -119,7 +121,21 @@ class ActivationStats:
         self.channel_max = cmax if self.channel_max is None else np.maximum(self.channel_max, cmax)
         if self.reservoir_rows:
             self._sample_rows(rows)
+            self._keep_extremes(rows)
         self.rows_seen += len(rows)
+
+    def _keep_extremes(self, rows: np.ndarray) -> None:
+        """The rows of largest |x| seen so far. LLMs put massive activations on a few tokens (BOS, attention sinks);
+        a uniform sample of thousands of tokens rarely holds one, yet clipping them breaks the model, so the
+        output-error searches must see them."""
+        k = self.extreme_rows
+        if not k:
+            return
+        candidates = rows if len(rows) <= k else rows[np.argpartition(np.abs(rows).max(axis=1), -k)[-k:]]
+        pool = candidates if self._extremes is None else np.concatenate([self._extremes, candidates])
+        if len(pool) > k:
+            pool = pool[np.argpartition(np.abs(pool).max(axis=1), -k)[-k:]]
+        self._extremes = pool.copy()
 
     def _sample_rows(self, rows: np.ndarray) -> None:
         """Reservoir sampling (algorithm R): every row seen so far is kept with equal probability."""
@@ -139,10 +155,11 @@ class ActivationStats:
 
     @property
     def tokens(self) -> np.ndarray:
-        """The reservoir rows [<= reservoir_rows, channels]."""
-        if self._reservoir is None:
+        """The reservoir rows plus the extreme rows [<= reservoir_rows + extreme_rows, channels]."""
+        parts = [p for p in (self._reservoir, self._extremes) if p is not None]
+        if not parts:
             return np.empty((0, self.channels), dtype=np.float32)
-        return self._reservoir
+        return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
     @classmethod
     def from_channel_ranges(cls, channel_min: np.ndarray, channel_max: np.ndarray, tokens: np.ndarray,
@@ -299,9 +316,12 @@ def method_range(stats: ActivationStats, method: str, percentile: float = 99.99)
     raise ValueError(f"unknown activation method {method}")
 
 
-def linear_output_error(x: np.ndarray, weight: np.ndarray, weight_q: np.ndarray, act: ActivationRange) -> float:
-    """Relative squared error of the linear's output with x and W fake-quantized, against float x @ W."""
-    reference = x @ weight
+def linear_output_error(x: np.ndarray, weight: np.ndarray, weight_q: np.ndarray, act: ActivationRange,
+                        reference: np.ndarray | None = None) -> float:
+    """Relative squared error of the linear's output with x and W fake-quantized, against float x @ W
+    (``reference``, if the caller has it already)."""
+    if reference is None:
+        reference = x @ weight
     candidate = fake_quantize(x, act.scale, act.offset) @ weight_q
     return float(np.mean((candidate - reference) ** 2) / max(np.mean(reference**2), 1e-30))
 
@@ -328,8 +348,10 @@ def choose_range(
         raise ValueError("auto needs the linears' weights and reservoir tokens")
     errors: dict[str, float] = {}
     ranges: dict[str, ActivationRange] = {}
+    references = [x @ w for w, _ in weights]
     for candidate in ("minmax", "percentile", "entropy", "mse"):
         ranges[candidate] = range_to_qparams(*method_range(stats, candidate, percentile))
-        errors[candidate] = sum(linear_output_error(x, w, wq, ranges[candidate]) for w, wq in weights)
+        errors[candidate] = sum(linear_output_error(x, w, wq, ranges[candidate], ref)
+                                for (w, wq), ref in zip(weights, references))
     best = min(errors, key=errors.get)
     return RangeChoice(best, ranges[best], errors)
