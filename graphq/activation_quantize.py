@@ -17,7 +17,7 @@ import numpy as np
 import onnx_ir as ir
 from tqdm import tqdm
 
-from graphq.algorithms.activation_ranges import HISTOGRAM_METHODS, ActivationStats, choose_range, linear_output_error
+from graphq.algorithms.activation_ranges import HISTOGRAM_METHODS, ActivationStats, choose_range, token_output_errors
 from graphq.algorithms.rtn import QuantizedWeight, quantize_rtn
 from graphq.config import QuantConfig
 from graphq.errors import GraphqError
@@ -151,8 +151,8 @@ def _emit_static(
 ) -> dict[str, int]:
     """Choose the range of every static layer's input (once per shared input, so q/k/v quantize it alike) and emit.
 
-    With ``act_fallback`` N, the N input groups whose W8A8 output error (relative, on the sampled tokens and the
-    extreme rows) is largest keep float activations: their layers get the int8 weight only (W8A16)."""
+    With ``act_fallback`` N, the N input groups whose worst per-token W8A8 output error (relative, on the sampled
+    tokens and the extreme rows) is largest keep float activations: their layers get the int8 weight only (W8A16)."""
     chosen: dict[str, int] = {}
     plans = []
     bar = tqdm(input_groups(layers), desc=f"w8a8 ranges ({config.act_method})", unit="input", disable=not progress,
@@ -167,8 +167,11 @@ def _emit_static(
                               weights=pairs if config.act_method == "auto" else None)
         error = None
         if config.act_fallback and len(stats.tokens):
-            error = choice.errors.get(choice.method) if choice.errors else sum(
-                linear_output_error(stats.tokens, w, wq, choice.range) for w, wq in pairs)
+            # Ranked by the worst token: a range that wrecks a few massive-activation tokens (attention sinks)
+            # wrecks the model even when the mean error is small.
+            error = choice.worst_token_error
+            if error is None:
+                error = float(sum(token_output_errors(stats.tokens, w, wq, choice.range) for w, wq in pairs).max())
         plans.append((group, stats, weights, choice, error))
     fallback: set[int] = set()
     if config.act_fallback:
@@ -183,12 +186,12 @@ def _emit_static(
                 "activation_observed": [stats.min, stats.max],
             }
             if error is not None:
-                details["activation_output_error"] = error
+                details["activation_worst_token_error"] = error
             if choice.errors:
                 details["activation_output_errors"] = choice.errors
             if index in fallback:
                 details["activation_fallback"] = (
-                    f"activations kept float: W8A8 output error {error:.3g} is among the {config.act_fallback} largest"
+                    f"activations kept float: W8A8 worst-token output error {error:.3g} is among the {config.act_fallback} largest"
                 )
             else:
                 details["input_scale"] = choice.range.scale

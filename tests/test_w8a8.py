@@ -425,3 +425,32 @@ def test_bad_input_is_one_line(capsys, tiny_models, tmp_path):
     one_error(capsys, ["quantize", model, "-o", out, "--smooth", "smoothquant"], "w8a8")
     one_error(capsys, ["quantize", model, "-o", out, "--scheme", "w8a8", "--smooth-alpha", "2"], "smooth-alpha")
     assert not out.exists()
+
+
+def test_smoothing_and_fallback_in_the_w8a8_pipeline(tiny_models, tiny_text, tmp_path):
+    """--smooth runs calibrate -> smooth -> range pass on the smoothed model -> emit; --act-fallback keeps the
+    worst input groups' activations float. Both models run and stay close to float."""
+    from graphq.runtimes.ort import OrtCausalLM
+
+    source = tiny_models["llama"]["onnx"]
+    float_logits = OrtCausalLM(source).logits(IDS)
+    config = QuantConfig(scheme="w8a8", act_method="percentile", smooth="smoothquant", smooth_alpha=0.5,
+                         act_fallback=2, calib=str(tiny_text), num_samples=6, seq_len=64)
+    result = graphq.quantize(source, config, tmp_path / "q", progress=False)
+    report = result.report
+    smoothing = report["smoothing"]
+    assert smoothing["method"] == "smoothquant" and smoothing["groups"]
+    assert report["activation_calibration"]["passes"] == 2  # ranges before smoothing, histograms after
+    fallback = [e for e in report["layers"] if "activation_fallback" in e]
+    groups = {tuple(sorted([e["name"], *e["shares_input_with"]])) for e in fallback}
+    assert len(groups) == 2 and all(e["scheme"] == "w8a16" and "input_scale" not in e for e in fallback)
+    quantized = [e for e in report["layers"] if e["scheme"] == "w8a8"]
+    assert len(quantized) + len(fallback) == 14
+    ranked = sorted((e for e in report["layers"] if "activation_worst_token_error" in e),
+                    key=lambda e: -e["activation_worst_token_error"])
+    assert {e["name"] for e in fallback} == {e["name"] for e in ranked[: len(fallback)]}
+    ops = [n.op_type for n in onnx.load(result.model_file).graph.node]
+    assert ops.count("QuantizeLinear") == len(quantized)
+    logits = OrtCausalLM(result.output_dir).logits(IDS)
+    assert 0 < np.abs(logits - float_logits).max() < 0.1
+    assert np.mean(logits.argmax(-1) == float_logits.argmax(-1)) > 0.9

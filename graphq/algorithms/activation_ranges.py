@@ -316,21 +316,31 @@ def method_range(stats: ActivationStats, method: str, percentile: float = 99.99)
     raise ValueError(f"unknown activation method {method}")
 
 
-def linear_output_error(x: np.ndarray, weight: np.ndarray, weight_q: np.ndarray, act: ActivationRange,
-                        reference: np.ndarray | None = None) -> float:
-    """Relative squared error of the linear's output with x and W fake-quantized, against float x @ W
-    (``reference``, if the caller has it already)."""
+def token_output_errors(x: np.ndarray, weight: np.ndarray, weight_q: np.ndarray, act: ActivationRange,
+                        reference: np.ndarray | None = None) -> np.ndarray:
+    """Per token (row): squared error of the linear's output with x and W fake-quantized, relative to the float
+    output's squared norm. Per token, so a few tokens with massive activations neither drown the others' error
+    (as one mean over all outputs would) nor hide their own."""
     if reference is None:
         reference = x @ weight
     candidate = fake_quantize(x, act.scale, act.offset) @ weight_q
-    return float(np.mean((candidate - reference) ** 2) / max(np.mean(reference**2), 1e-30))
+    error = ((candidate - reference) ** 2).sum(axis=1)
+    norm = (reference.astype(np.float64) ** 2).sum(axis=1)
+    return error / np.maximum(norm, 1e-30)
+
+
+def linear_output_error(x: np.ndarray, weight: np.ndarray, weight_q: np.ndarray, act: ActivationRange,
+                        reference: np.ndarray | None = None) -> float:
+    """Mean per-token relative output error (``token_output_errors``)."""
+    return float(np.mean(token_output_errors(x, weight, weight_q, act, reference)))
 
 
 @dataclass
 class RangeChoice:
     method: str
     range: ActivationRange
-    errors: dict[str, float] = field(default_factory=dict)  # auto: output error per candidate method
+    errors: dict[str, float] = field(default_factory=dict)  # auto: mean output error per candidate method
+    worst_token_error: float | None = None  # of the chosen range, over the token sample (auto)
 
 
 def choose_range(
@@ -349,9 +359,10 @@ def choose_range(
     errors: dict[str, float] = {}
     ranges: dict[str, ActivationRange] = {}
     references = [x @ w for w, _ in weights]
+    worst: dict[str, float] = {}
     for candidate in ("minmax", "percentile", "entropy", "mse"):
         ranges[candidate] = range_to_qparams(*method_range(stats, candidate, percentile))
-        errors[candidate] = sum(linear_output_error(x, w, wq, ranges[candidate], ref)
-                                for (w, wq), ref in zip(weights, references))
+        per_token = sum(token_output_errors(x, w, wq, ranges[candidate], ref) for (w, wq), ref in zip(weights, references))
+        errors[candidate], worst[candidate] = float(per_token.mean()), float(per_token.max())
     best = min(errors, key=errors.get)
-    return RangeChoice(best, ranges[best], errors)
+    return RangeChoice(best, ranges[best], errors, worst[best])
