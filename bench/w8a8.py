@@ -2,7 +2,7 @@
 per-token, next to onnxruntime.quantization's quantize_static (MinMax, Percentile; QDQ; const-weight MatMuls only;
 with and without reduce_range) and quantize_dynamic, measured in the same run.
 
-    .venv/bin/python -m bench.w8a8 [--num-samples 16] [--seq-len 512] [--only graphq-static-minmax ...]
+    .venv/bin/python -m bench.w8a8 [--num-samples 8] [--seq-len 512] [--only graphq-static-minmax ...]
 
 Both tools calibrate on the same token sequences (graphq's sampler over Sense and Sensibility, same seed); the
 table gives perplexity on Pride and Prejudice (first --max-tokens tokens, windows of --ctx), delta against float,
@@ -33,23 +33,49 @@ class Variant:
     options: dict
 
 
+FALLBACK = 6
+
+
 def variants() -> list[Variant]:
-    out = []
-    for smooth, smooth_label in ((None, ""), ("smoothquant", " + SmoothQuant 0.5"), ("os+", " + OS+ 0.5")):
-        for method in ("minmax", "percentile", "auto"):
-            key = f"graphq-static-{method}" + (f"-{smooth.replace('+', 'plus')}" if smooth else "")
-            options = dict(scheme="w8a8", act_method=method, smooth=smooth)
-            out.append(Variant(key, f"graphq W8A8 static {method}{smooth_label}", "graphq", options))
-    out.append(Variant("graphq-dynamic", "graphq W8A8 dynamic per-token", "graphq", dict(scheme="w8a8-dynamic")))
-    out.append(Variant("graphq-dynamic-smoothquant", "graphq W8A8 dynamic per-token + SmoothQuant 0.5", "graphq",
-                       dict(scheme="w8a8-dynamic", smooth="smoothquant")))
-    for method in ("MinMax", "Percentile"):
-        for reduce_range in (False, True):
-            key = f"ort-static-{method.lower()}" + ("-reduce-range" if reduce_range else "")
-            label = f"onnxruntime quantize_static {method}" + (" reduce_range" if reduce_range else "")
-            out.append(Variant(key, label, "ort", dict(kind="static", method=method, reduce_range=reduce_range)))
-    out.append(Variant("ort-dynamic", "onnxruntime quantize_dynamic", "ort", dict(kind="dynamic", reduce_range=False)))
-    return out
+    """Most telling rows first (a long run can be cut short and still compare the tools)."""
+    smooth_options = {None: "", "smoothquant": " + SmoothQuant 0.5", "os+": " + OS+ 0.5"}
+
+    def static(method: str, smooth: str | None, fallback: int = 0) -> Variant:
+        key = f"graphq-static-{method}" + (f"-{smooth.replace('+', 'plus')}" if smooth else "")
+        label = f"graphq W8A8 static {method}{smooth_options[smooth]}"
+        if fallback:
+            key += f"-fallback{fallback}"
+            label += f", {fallback} worst input groups W8A16"
+        return Variant(key, label, "graphq", dict(scheme="w8a8", act_method=method, smooth=smooth, act_fallback=fallback))
+
+    def ort(kind: str, method: str = "", reduce_range: bool = False) -> Variant:
+        if kind == "dynamic":
+            return Variant("ort-dynamic", "onnxruntime quantize_dynamic", "ort", dict(kind="dynamic", reduce_range=False))
+        key = f"ort-static-{method.lower()}" + ("-reduce-range" if reduce_range else "")
+        label = f"onnxruntime quantize_static {method}" + (" reduce_range" if reduce_range else "")
+        return Variant(key, label, "ort", dict(kind="static", method=method, reduce_range=reduce_range))
+
+    return [
+        Variant("graphq-dynamic", "graphq W8A8 dynamic per-token", "graphq", dict(scheme="w8a8-dynamic")),
+        static("auto", None),
+        static("auto", None, FALLBACK),
+        static("auto", "smoothquant", FALLBACK),
+        ort("static", "MinMax"),
+        ort("static", "Percentile"),
+        ort("dynamic"),
+        ort("static", "MinMax", True),
+        ort("static", "Percentile", True),
+        static("minmax", None),
+        static("percentile", None),
+        static("minmax", "smoothquant"),
+        static("percentile", "smoothquant"),
+        static("auto", "smoothquant"),
+        static("minmax", "os+"),
+        static("percentile", "os+"),
+        static("auto", "os+"),
+        Variant("graphq-dynamic-smoothquant", "graphq W8A8 dynamic per-token + SmoothQuant 0.5", "graphq",
+                dict(scheme="w8a8-dynamic", smooth="smoothquant")),
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -166,7 +192,7 @@ def main() -> None:
     parser = bench_arguments(__doc__.splitlines()[0])
     parser.set_defaults(decode_tokens=0)
     parser.add_argument("--calib", type=Path, default=DATA / "sensesensibility.txt")
-    parser.add_argument("--num-samples", type=int, default=16)
+    parser.add_argument("--num-samples", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", nargs="*", default=None, help="run only variants whose key contains one of these")
@@ -215,6 +241,8 @@ def main() -> None:
         records.append({"key": variant.key, **{k: v for k, v in row.__dict__.items()},
                         "outcome": {k: v for k, v in outcome.items() if k != "traceback"}})
         shutil.rmtree(out_dir, ignore_errors=True)  # keep the disk free: models are ~150-550 MB each
+        if args.json:
+            args.json.write_text(json.dumps({"reference_ppl": reference, "rows": records}, indent=2, default=str))
     print()
     print(f"SmolLM2-135M, W8A8 (int8 weights per output channel; activations per tensor static, or per token "
           f"dynamic), lm_head float. Calibration: {args.calib.name}, {args.num_samples} samples x {args.seq_len} "
