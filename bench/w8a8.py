@@ -75,6 +75,8 @@ def variants() -> list[Variant]:
         static("auto", "os+"),
         Variant("graphq-dynamic-smoothquant", "graphq W8A8 dynamic per-token + SmoothQuant 0.5", "graphq",
                 dict(scheme="w8a8-dynamic", smooth="smoothquant")),
+        static("minmax", "smoothquant", FALLBACK),
+        static("auto", "os+", FALLBACK),
     ]
 
 
