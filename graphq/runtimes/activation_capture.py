@@ -119,13 +119,16 @@ class ActivationCapture:
         self.session = ort.InferenceSession(proto.SerializeToString(), session_options(threads),
                                             providers=["CPUExecutionProvider"])
         self.graph_input_names = [value.name for value in graph_inputs]
+        self.weight_values = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in self.weights.items()}
         self.output_names = outputs
 
     def run(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+        """The captured values of one sample. OrtValues in and out: onnxruntime neither copies the weights in nor
+        the (large) captured activations out; the arrays returned are views of its output buffers."""
         feeds = graph_input_feeds(self.model.graph, ids)
-        feeds = {name: feeds[name] for name in self.graph_input_names}
-        results = self.session.run(self.output_names, {**feeds, **self.weights})
-        return dict(zip(self.output_names, results))
+        values = {name: ort.OrtValue.ortvalue_from_numpy(feeds[name]) for name in self.graph_input_names}
+        results = self.session.run_with_ort_values(self.output_names, {**values, **self.weight_values})
+        return {name: value.numpy() for name, value in zip(self.output_names, results)}
 
     def calibrate(
         self,
