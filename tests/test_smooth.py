@@ -350,3 +350,31 @@ def test_bad_arguments_are_one_line_errors(tiny_models):
     wrong = {layers[0].input.name: InputChannelStats.from_rows(np.ones((4, 8), np.float32))}
     with pytest.raises(GraphqError, match="different model"):
         smooth_linear_groups(model, layers, wrong, "smoothquant", 0.5)
+
+
+@pytest.mark.real_model
+def test_smollm2_os_plus_keeps_logits_and_lowers_w8a8_error(smollm2, austen):
+    """The real model: every q/k/v, gate/up and down group smoothed (o_proj skipped: GQA), logits unchanged."""
+    from graphq.calibration_data import calibration_samples
+    from graphq.evaluate import load_tokenizer, read_text, token_windows
+
+    tokenizer = load_tokenizer(smollm2["onnx"])
+    samples = calibration_samples(tokenizer, austen["calib"], num_samples=4, seq_len=96)
+    window = token_windows(tokenizer, read_text(austen["eval"]), 64, 64)[0]
+    model = load_model(smollm2["onnx"])
+    before = model_outputs(model, window, ["logits"])["logits"]
+    layers = [l for l in find_linear_layers(model) if l.role != "lm_head"]
+    names = list(dict.fromkeys(l.input.name for l in layers))
+    session = SubmodelSession(model, {}, names)
+    runs = [session.run(graph_input_feeds(model.graph, ids)) for ids in samples]
+    stats = {name: InputChannelStats.from_rows([run[name] for run in runs], max_tokens=256) for name in names}
+    del runs, session
+    report = smooth_linear_groups(model, layers, stats, "os+", 0.5)
+    after = model_outputs(model, window, ["logits"])["logits"]
+    np.testing.assert_allclose(after, before, rtol=1e-3, atol=1e-3 * np.abs(before).max())
+    assert len(report["groups"]) == 90 and len(report["skipped"]) == 30
+    assert all("o_proj" in s["layers"][0] for s in report["skipped"])
+    # Per layer: an Add after each RMSNorm for -z/s and a bias Add for q, k, v, gate, up (the model has no biases).
+    assert report["ops_added"] == 30 * 7
+    ratio = [g["error_smoothed"] / g["error_unsmoothed"] for g in report["groups"]]
+    assert np.median(ratio) < 0.7, np.median(ratio)
