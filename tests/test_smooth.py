@@ -8,6 +8,7 @@ import onnx_ir as ir
 import pytest
 
 from graphq.algorithms.smoothing import (
+    DEFAULT_ALPHA_GRID,
     InputChannelStats,
     activation_qparams,
     fake_quantize_activation,
@@ -130,6 +131,11 @@ def test_search_alpha_beats_both_ends_and_is_deterministic(method):
     assert info["error"] == pytest.approx(w8a8_output_error(stats, weights, shift, scale), rel=1e-12)
     alpha_again, info_again = search_alpha(stats, weights, method)
     assert alpha_again == alpha and info_again["errors"] == info["errors"]
+    # Coarse to fine (13 points) lands where the full 0.05 grid (21 points) does.
+    assert len(info["alphas"]) == 13 and set(DEFAULT_ALPHA_GRID) >= set(info["alphas"])
+    alpha_full, info_full = search_alpha(stats, weights, method, grid=DEFAULT_ALPHA_GRID)
+    assert len(info_full["alphas"]) == 21 and abs(alpha_full - alpha) <= 0.05 + 1e-9
+    assert info["error"] <= 1.02 * info_full["error"]
 
 
 def test_output_error_matches_direct_fake_quant():

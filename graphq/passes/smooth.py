@@ -51,7 +51,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphq.algorithms.awq import fold_scales_into_norm, scale_weight_columns, scale_weight_rows
-from graphq.algorithms.smoothing import METHODS, InputChannelStats, search_alpha, smoothing_factors, w8a8_output_error
+from graphq.algorithms.smoothing import METHODS, GroupProducts, InputChannelStats, search_alpha, smoothing_factors
 from graphq.errors import GraphqError
 from graphq.graph_utils import add_initializer
 from graphq.layer_methods import upstream_linear
@@ -136,9 +136,10 @@ def smooth_linear_groups(
             chosen = float(alpha)
         shift, scale = smoothing_factors(entry, weights, group_method, chosen)
         if alpha != "auto":
+            products = GroupProducts(entry, weights)
             ones = np.ones_like(scale)
-            unsmoothed = w8a8_output_error(entry, weights, np.zeros_like(ones), ones)
-            smoothed = w8a8_output_error(entry, weights, shift, scale)
+            unsmoothed = products.error(np.zeros_like(ones), ones)
+            smoothed = products.error(shift, scale)
         ops = _apply(model, group, target, shift, scale, all_linears)
         new_input = group[0].input.name
         if smoothed_stats is not None:
