@@ -248,6 +248,16 @@ def test_auto_alpha_on_tiny_model(tiny_models):
     for group in report["groups"]:
         assert group["alpha"] in [round(0.05 * i, 2) for i in range(21)]
         assert group["error_smoothed"] < group["error_unsmoothed"]
+        # OS+ auto keeps the shift only where it beats the scale alone, and says so when it drops it.
+        shift_dropped = any("shift dropped" in note for note in group["notes"])
+        assert (group["method"] == "smoothquant") == shift_dropped == (group["shift_absmax"] == 0)
+        stats_entry = stats[group["input"]]
+        weights = [l.weight_kn() for l in find_linear_layers(load_model(tiny_models["llama"]["onnx"])) if l.name in group["layers"]]
+        best_plain = search_alpha(stats_entry, weights, "smoothquant")[1]["error"]
+        best_shift = search_alpha(stats_entry, weights, "os+")[1]["error"]
+        if group["layers"][0].endswith("down_proj"):  # no shift can pass the gated product: scale only
+            best_shift = np.inf
+        assert group["error_smoothed"] == pytest.approx(min(best_plain, best_shift), rel=1e-9)
     assert all(("no alpha" in s["reason"]) or ("GQA" in s["reason"]) for s in report["skipped"])
     after = model_outputs(model, ids, ["logits"])["logits"]
     np.testing.assert_allclose(after, before, rtol=1e-4, atol=2e-4 * np.abs(before).max())

@@ -79,7 +79,8 @@ def smooth_linear_groups(
     ``stats`` is keyed by the group's input value name (``layer.input.name``). Groups are processed in graph
     order; a linear outside ``layers`` that reads a smoothed input is rescaled too (it must be, for exactness).
     ``alpha="auto"`` searches alpha per group (``search_alpha``) and leaves a group unsmoothed when no alpha
-    lowers its W8A8 output error. If ``smoothed_stats`` is a dict, it receives the statistics of each smoothed
+    lowers its W8A8 output error; with OS+ it also tries the scale alone and drops the shift (and the ops it
+    would add) where that error is lower. If ``smoothed_stats`` is a dict, it receives the statistics of each smoothed
     group's new input (keyed by its new name), (x - z) / s, so calibration need not run again for them.
 
     Returns a JSON-friendly report: 'method', 'alpha', 'all_linears', 'groups' (per smoothed group: layers, input,
@@ -125,6 +126,17 @@ def smooth_linear_groups(
         weights = [l.weight_kn() for l in group]
         if alpha == "auto":
             chosen, info = search_alpha(entry, weights, group_method)
+            if group_method == "os+":
+                # A shift is not always a gain: where an outlier channel is near 0 on most tokens (SwiGLU outputs
+                # before down_proj), centring it moves every token off the exact zero level. Measured on
+                # SmolLM2-135M, OS+ with down_proj's shift costs W8A8 ~3x the perplexity increase.
+                plain_alpha, plain_info = search_alpha(entry, weights, "smoothquant")
+                if plain_info["error"] < info["error"]:
+                    notes.append(
+                        f"OS+ shift dropped: scale only gives a lower W8A8 error "
+                        f"({plain_info['error']:.3g} vs {info['error']:.3g} with the shift)"
+                    )
+                    group_method, chosen, info = "smoothquant", plain_alpha, plain_info
             unsmoothed, smoothed = info["error_unsmoothed"], info["error"]
             if not smoothed < unsmoothed:
                 report["skipped"].append({
