@@ -12,6 +12,7 @@ from graphq.algorithms.smoothing import (
     InputChannelStats,
     activation_qparams,
     fake_quantize_activation,
+    fake_quantize_activation_per_token,
     fake_quantize_weight,
     os_plus_scales,
     os_plus_shift,
@@ -151,6 +152,29 @@ def test_output_error_matches_direct_fake_quant():
         error += np.sum((ref - approx) ** 2)
         reference += np.sum(ref**2)
     assert w8a8_output_error(stats, weights, shift, scale) == pytest.approx(error / reference, rel=1e-3)
+
+
+def test_per_token_error_matches_direct_fake_quant_and_search_still_helps():
+    x, weights = outlier_case(seed=6, t=128)
+    x[7] = 0.0  # an all-zero token keeps a usable scale
+    xq = fake_quantize_activation_per_token(x)
+    assert not xq[7].any()
+    for row, row_q in zip(x[:5], xq[:5]):
+        np.testing.assert_allclose(row_q, fake_quantize_activation(row, row.min(), row.max()), rtol=1e-6, atol=1e-6)
+    stats = InputChannelStats.from_rows(x)
+    shift, scale = smoothing_factors(stats, weights, "smoothquant", 0.5)
+    xs = (x - shift) / scale
+    xsq = fake_quantize_activation_per_token(xs)
+    error = reference = 0.0
+    for w in weights:
+        ref = x.astype(np.float64) @ w
+        error += np.sum((ref - xsq.astype(np.float64) @ fake_quantize_weight(w * scale[:, None])) ** 2)
+        reference += np.sum(ref**2)
+    assert w8a8_output_error(stats, weights, shift, scale, per_token=True) == pytest.approx(error / reference, rel=1e-3)
+    # Per-token scales already absorb the outlier tokens' range but not the outlier channels': smoothing helps.
+    alpha, info = search_alpha(stats, weights, "smoothquant", per_token=True)
+    assert info["error"] < 0.5 * info["error_unsmoothed"]
+    assert info["error_unsmoothed"] < w8a8_output_error(stats, weights, 0 * shift, 0 * scale + 1)  # per-tensor is worse
 
 
 @pytest.mark.parametrize("method", ["smoothquant", "os+"])

@@ -235,6 +235,20 @@ def fake_quantize_activation(x: np.ndarray, low: float, high: float, bits: int =
     return ((q - zero_point) * scale).astype(np.float32)
 
 
+def fake_quantize_activation_per_token(x: np.ndarray, bits: int = 8) -> np.ndarray:
+    """Per-token (per-row) asymmetric fake quantization, each row with its own min/max range (incl. 0): what a
+    dynamic per-token W8A8 scheme computes at run time."""
+    x = np.asarray(x, dtype=np.float32)
+    qmax = (1 << bits) - 1
+    low = np.minimum(x.min(axis=-1, keepdims=True), 0.0)
+    high = np.maximum(x.max(axis=-1, keepdims=True), 0.0)
+    scale = (high - low) / qmax
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    zero_point = np.clip(np.round(-low / scale), 0, qmax)
+    q = np.clip(np.round(x / scale) + zero_point, 0, qmax)
+    return ((q - zero_point) * scale).astype(np.float32)
+
+
 def w8a8_output_error(
     stats: InputChannelStats,
     weights_kn: Sequence[np.ndarray],
@@ -242,15 +256,17 @@ def w8a8_output_error(
     scale: np.ndarray,
     weight_bits: int = 8,
     act_bits: int = 8,
+    per_token: bool = False,
 ) -> float:
     """Relative output error of the group after smoothing by (shift, scale) and W8A8 fake quantization:
 
         sum_linears ||x W - (Q_a(x') Q_w(W') + z W)||^2 / sum_linears ||x W||^2,  x' = (x - z)/s,  W' = diag(s) W
 
     on ``stats.tokens``; since x W == x' W' + z W exactly, the error is ||(x W - z W) - Q_a(x') Q_w(W')||^2. The
-    activation range is the per-tensor min/max of x' over all calibration data (from the channel min/max)."""
+    activation range is the per-tensor min/max of x' over all calibration data (from the channel min/max), or with
+    ``per_token`` each token's own min/max (dynamic per-token activations)."""
     products = GroupProducts(stats, weights_kn)
-    return products.error(shift, scale, weight_bits, act_bits)
+    return products.error(shift, scale, weight_bits, act_bits, per_token)
 
 
 class GroupProducts:
@@ -264,10 +280,15 @@ class GroupProducts:
         self.outputs = [stats.tokens @ w for w in self.weights]
         self.norm = sum(float(np.sum(np.square(y, dtype=np.float64))) for y in self.outputs)
 
-    def error(self, shift: np.ndarray, scale: np.ndarray, weight_bits: int = 8, act_bits: int = 8) -> float:
+    def error(
+        self, shift: np.ndarray, scale: np.ndarray, weight_bits: int = 8, act_bits: int = 8, per_token: bool = False
+    ) -> float:
         smoothed = self.stats.transformed(shift, scale)
-        low, high = float(smoothed.channel_min.min()), float(smoothed.channel_max.max())
-        xq = fake_quantize_activation(smoothed.tokens, low, high, act_bits)
+        if per_token:
+            xq = fake_quantize_activation_per_token(smoothed.tokens, act_bits)
+        else:
+            low, high = float(smoothed.channel_min.min()), float(smoothed.channel_max.max())
+            xq = fake_quantize_activation(smoothed.tokens, low, high, act_bits)
         z = np.asarray(shift, dtype=np.float32)
         s = np.asarray(scale, dtype=np.float32)[:, None]
         error = 0.0
@@ -285,12 +306,14 @@ def search_alpha(
     grid: Sequence[float] | None = None,
     weight_bits: int = 8,
     act_bits: int = 8,
+    per_token: bool = False,
 ) -> tuple[float, dict]:
     """The alpha with the lowest ``w8a8_output_error`` of the group (ties keep the smaller alpha).
 
     With ``grid`` given, every value of it is tried. By default the search is coarse to fine: 0.0, 0.1, ..., 1.0,
     then the two points 0.05 either side of the best, i.e. the 0.05 grid's resolution at 13 evaluations instead of
     21 (the error is smooth in alpha; each evaluation costs one [tokens, K] x [K, N] product per linear).
+    ``per_token`` measures the error under dynamic per-token activation quantization instead of per-tensor.
 
     ``info``: 'alpha', 'error' (at that alpha), 'error_unsmoothed' (s = 1, z = 0: plain W8A8), 'alphas' and
     'errors' (every alpha tried, ascending). Deterministic: no randomness beyond the given token sample."""
@@ -304,7 +327,7 @@ def search_alpha(
             alpha = round(float(alpha), 6)
             if alpha not in tried:
                 shift, scale = smoothing_factors(stats, products.weights, method, alpha)
-                tried[alpha] = products.error(shift, scale, weight_bits, act_bits)
+                tried[alpha] = products.error(shift, scale, weight_bits, act_bits, per_token)
 
     if grid is not None:
         if len(grid) == 0:
@@ -318,7 +341,7 @@ def search_alpha(
     errors = [tried[a] for a in alphas]
     best = int(np.argmin(errors))  # first minimum: the smaller alpha on ties
     ones = np.ones(stats.channels, dtype=np.float32)
-    unsmoothed = products.error(np.zeros_like(ones), ones, weight_bits, act_bits)
+    unsmoothed = products.error(np.zeros_like(ones), ones, weight_bits, act_bits, per_token)
     info = {
         "alpha": alphas[best],
         "error": errors[best],

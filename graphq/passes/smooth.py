@@ -73,6 +73,7 @@ def smooth_linear_groups(
     all_linears: bool = False,
     *,
     smoothed_stats: dict[str, InputChannelStats] | None = None,
+    act_per_token: bool = False,
 ) -> dict:
     """Smooth every group of linears sharing an input among ``layers``; the float function stays the same.
 
@@ -82,6 +83,8 @@ def smooth_linear_groups(
     lowers its W8A8 output error; with OS+ it also tries the scale alone and drops the shift (and the ops it
     would add) where that error is lower. If ``smoothed_stats`` is a dict, it receives the statistics of each smoothed
     group's new input (keyed by its new name), (x - z) / s, so calibration need not run again for them.
+    ``act_per_token`` makes the errors (and the auto search) assume dynamic per-token activation quantization
+    (``--scheme w8a8-dynamic``) instead of static per-tensor.
 
     Returns a JSON-friendly report: 'method', 'alpha', 'all_linears', 'groups' (per smoothed group: layers, input,
     smoothed_input, alpha, fold, scale_min/max, shift_absmax, ops_added, error_unsmoothed/error_smoothed: relative
@@ -110,7 +113,10 @@ def smooth_linear_groups(
                 f"{group[0].in_features}: they were captured on a different model"
             )
 
-    report: dict = {"method": method, "alpha": alpha, "all_linears": all_linears, "groups": [], "skipped": [], "ops_added": 0}
+    report: dict = {
+        "method": method, "alpha": alpha, "all_linears": all_linears, "act_per_token": act_per_token,
+        "groups": [], "skipped": [], "ops_added": 0,
+    }
     for input_name, group in groups:
         names = [l.name for l in group]
         target = _fold_target(group, all_layers)
@@ -125,12 +131,12 @@ def smooth_linear_groups(
         entry = stats[input_name]
         weights = [l.weight_kn() for l in group]
         if alpha == "auto":
-            chosen, info = search_alpha(entry, weights, group_method)
+            chosen, info = search_alpha(entry, weights, group_method, per_token=act_per_token)
             if group_method == "os+":
                 # A shift is not always a gain: where an outlier channel is near 0 on most tokens (SwiGLU outputs
                 # before down_proj), centring it moves every token off the exact zero level. Measured on
                 # SmolLM2-135M, OS+ with down_proj's shift costs W8A8 ~3x the perplexity increase.
-                plain_alpha, plain_info = search_alpha(entry, weights, "smoothquant")
+                plain_alpha, plain_info = search_alpha(entry, weights, "smoothquant", per_token=act_per_token)
                 if plain_info["error"] < info["error"]:
                     notes.append(
                         f"OS+ shift dropped: scale only gives a lower W8A8 error "
@@ -150,8 +156,8 @@ def smooth_linear_groups(
         if alpha != "auto":
             products = GroupProducts(entry, weights)
             ones = np.ones_like(scale)
-            unsmoothed = products.error(np.zeros_like(ones), ones)
-            smoothed = products.error(shift, scale)
+            unsmoothed = products.error(np.zeros_like(ones), ones, per_token=act_per_token)
+            smoothed = products.error(shift, scale, per_token=act_per_token)
         ops = _apply(model, group, target, shift, scale, all_linears)
         new_input = group[0].input.name
         if smoothed_stats is not None:
