@@ -328,8 +328,10 @@ def test_o_proj_folds_into_v_proj_without_gqa(tiny_mha_llama, method):
     np.testing.assert_allclose(logits[0, -1], before["logits"][0, 6], rtol=1e-4, atol=2e-4 * scale)
 
 
-def layernorm_model(with_bias: bool) -> ir.Model:
-    """x -> LayerNormalization(gain, bias?) -> {MatMul Wa, MatMul Wb + bias} -> outputs ya, yb."""
+def layernorm_model(with_bias: bool, decomposed: bool = False) -> ir.Model:
+    """x -> LayerNormalization(gain, bias?) -> {MatMul Wa, MatMul Wb + bias} -> outputs ya, yb.
+
+    ``decomposed``: the gain and bias as the Mul + Add that exports below opset 17 end a LayerNorm with."""
     rng = np.random.default_rng(7)
     h = onnx.helper
     inits = [
@@ -342,8 +344,15 @@ def layernorm_model(with_bias: bool) -> ir.Model:
     if with_bias:
         inits.append(onnx.numpy_helper.from_array((rng.standard_normal(K) * 3).astype(np.float32), "beta"))
         ln_inputs.append("beta")
-    nodes = [
-        h.make_node("LayerNormalization", ln_inputs, ["n"], name="/model/layers.0/ln/LayerNorm", axis=-1),
+    nodes = [h.make_node("LayerNormalization", ln_inputs, ["n"], name="/model/layers.0/ln/LayerNorm", axis=-1)]
+    if decomposed:
+        inits.append(onnx.numpy_helper.from_array(np.ones(K, np.float32), "unit"))
+        nodes = [
+            h.make_node("LayerNormalization", ["x", "unit"], ["plain"], name="/model/layers.0/ln/LayerNorm", axis=-1),
+            h.make_node("Mul", ["plain", "gain"], ["scaled"], name="/model/layers.0/ln/Mul"),
+            h.make_node("Add", ["beta", "scaled"], ["n"], name="/model/layers.0/ln/Add"),
+        ]
+    nodes += [
         h.make_node("MatMul", ["n", "wa"], ["ya"], name="/model/layers.0/attn/a_proj/MatMul"),
         h.make_node("MatMul", ["n", "wb"], ["mb"], name="/model/layers.0/attn/b_proj/MatMul"),
         h.make_node("Add", ["mb", "bb"], ["yb"], name="/model/layers.0/attn/b_proj/Add"),
@@ -355,10 +364,10 @@ def layernorm_model(with_bias: bool) -> ir.Model:
     return ir.serde.deserialize_model(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]))
 
 
-@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("with_bias,decomposed", [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize("method", ["smoothquant", "os+"])
-def test_layernorm_gain_and_bias_absorb_scale_and_shift(method, with_bias):
-    model = layernorm_model(with_bias)
+def test_layernorm_gain_and_bias_absorb_scale_and_shift(method, with_bias, decomposed):
+    model = layernorm_model(with_bias, decomposed)
     rng = np.random.default_rng(8)
     x = rng.standard_normal((200, K)).astype(np.float32)
     x[:, 9] *= 30
@@ -368,6 +377,7 @@ def test_layernorm_gain_and_bias_absorb_scale_and_shift(method, with_bias):
     report = smooth_linear_groups(model, layers, stats, method, 0.5)
     assert report["ops_added"] == (1 if method == "os+" else 0)  # OS+: a bias Add for a_proj, nothing else
     assert report["groups"][0]["fold"].startswith("norm weight and bias")
+    assert report["groups"][0]["fold"].endswith("(Mul + Add)") == decomposed
     after = SubmodelSession(model, {"x": (np.float32, 2)}, ["ya", "yb", layers[0].input.name]).run({"x": x})
     for name in ("ya", "yb"):
         np.testing.assert_allclose(after[name], before[name], rtol=1e-4, atol=1e-4 * np.abs(before[name]).max())
