@@ -428,3 +428,33 @@ def test_smollm2_os_plus_keeps_logits_and_lowers_w8a8_error(smollm2, austen):
     assert report["ops_added"] == 30 * 7
     ratio = [g["error_smoothed"] / g["error_unsmoothed"] for g in report["groups"]]
     assert np.median(ratio) < 0.7, np.median(ratio)
+
+
+def test_smoothed_model_saves_and_quantizes_downstream(tiny_models, tmp_path):
+    """A smoothed export (OS+, with bias Adds and an Add after each RMSNorm) goes through save, graphq.quantize and
+    onnxruntime like any export: the later passes find the same linears."""
+    import shutil
+
+    from graphq import QuantConfig, quantize
+    from graphq.runtimes.ort import OrtCausalLM
+
+    source = tiny_models["qwen2"]["onnx"]
+    model = load_model(source)
+    layers = [l for l in find_linear_layers(model) if l.role != "lm_head"]
+    stats = capture_stats(model, list(dict.fromkeys(l.input.name for l in layers)))
+    report = smooth_linear_groups(model, layers, stats, "os+", 0.5)
+    assert report["ops_added"] > 0
+    smoothed_dir = tmp_path / "smoothed"
+    smoothed_dir.mkdir()
+    ir.save(model, smoothed_dir / "model.onnx", external_data="model.onnx.data")
+    for extra in source.iterdir():
+        if not extra.name.startswith("model.onnx"):
+            shutil.copy(extra, smoothed_dir / extra.name)
+    ids = np.array([1, 5, 9, 14, 3, 30, 7, 22, 41, 8], dtype=np.int64)
+    reference = OrtCausalLM(source).logits(ids)
+    np.testing.assert_allclose(OrtCausalLM(smoothed_dir).logits(ids), reference, rtol=1e-4, atol=2e-4 * np.abs(reference).max())
+    config = QuantConfig(scheme="w8a16", group_size=-1, symmetric=True, format="qdq")
+    result = quantize(smoothed_dir, config, tmp_path / "w8", progress=False)
+    assert result.report["layers_quantized"] == len(find_linear_layers(load_model(source))) - 1  # lm_head float
+    quantized = OrtCausalLM(result.output_dir).logits(ids)
+    assert np.abs(quantized - reference).max() < 0.05 * np.abs(reference).max()
