@@ -13,6 +13,7 @@ Prints perplexity on Pride and Prejudice, delta against float, and the smoothing
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -106,6 +107,7 @@ def main() -> None:
                 (out / extra.name).write_bytes(extra.read_bytes())
         rows.append((label, evaluator.measure(label, out, seconds).ppl, seconds, note))
         del model
+        shutil.rmtree(out)  # ~0.5 GB each: keep the disk for the next variant
 
     reference = rows[0][1]
     print("\n| model | perplexity | delta | smoothing s | note |\n|---|---:|---:|---:|---|")
