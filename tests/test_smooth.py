@@ -8,9 +8,11 @@ import onnx_ir as ir
 import pytest
 
 from graphq.algorithms.smoothing import (
+    DEFAULT_ALPHA_GRID,
     InputChannelStats,
     activation_qparams,
     fake_quantize_activation,
+    fake_quantize_activation_per_token,
     fake_quantize_weight,
     os_plus_scales,
     os_plus_shift,
@@ -130,6 +132,11 @@ def test_search_alpha_beats_both_ends_and_is_deterministic(method):
     assert info["error"] == pytest.approx(w8a8_output_error(stats, weights, shift, scale), rel=1e-12)
     alpha_again, info_again = search_alpha(stats, weights, method)
     assert alpha_again == alpha and info_again["errors"] == info["errors"]
+    # Coarse to fine (13 points) lands where the full 0.05 grid (21 points) does.
+    assert len(info["alphas"]) == 13 and set(DEFAULT_ALPHA_GRID) >= set(info["alphas"])
+    alpha_full, info_full = search_alpha(stats, weights, method, grid=DEFAULT_ALPHA_GRID)
+    assert len(info_full["alphas"]) == 21 and abs(alpha_full - alpha) <= 0.05 + 1e-9
+    assert info["error"] <= 1.02 * info_full["error"]
 
 
 def test_output_error_matches_direct_fake_quant():
@@ -145,6 +152,29 @@ def test_output_error_matches_direct_fake_quant():
         error += np.sum((ref - approx) ** 2)
         reference += np.sum(ref**2)
     assert w8a8_output_error(stats, weights, shift, scale) == pytest.approx(error / reference, rel=1e-3)
+
+
+def test_per_token_error_matches_direct_fake_quant_and_search_still_helps():
+    x, weights = outlier_case(seed=6, t=128)
+    x[7] = 0.0  # an all-zero token keeps a usable scale
+    xq = fake_quantize_activation_per_token(x)
+    assert not xq[7].any()
+    for row, row_q in zip(x[:5], xq[:5]):
+        np.testing.assert_allclose(row_q, fake_quantize_activation(row, row.min(), row.max()), rtol=1e-6, atol=1e-6)
+    stats = InputChannelStats.from_rows(x)
+    shift, scale = smoothing_factors(stats, weights, "smoothquant", 0.5)
+    xs = (x - shift) / scale
+    xsq = fake_quantize_activation_per_token(xs)
+    error = reference = 0.0
+    for w in weights:
+        ref = x.astype(np.float64) @ w
+        error += np.sum((ref - xsq.astype(np.float64) @ fake_quantize_weight(w * scale[:, None])) ** 2)
+        reference += np.sum(ref**2)
+    assert w8a8_output_error(stats, weights, shift, scale, per_token=True) == pytest.approx(error / reference, rel=1e-3)
+    # Per-token scales already absorb the outlier tokens' range but not the outlier channels': smoothing helps.
+    alpha, info = search_alpha(stats, weights, "smoothquant", per_token=True)
+    assert info["error"] < 0.5 * info["error_unsmoothed"]
+    assert info["error_unsmoothed"] < w8a8_output_error(stats, weights, 0 * shift, 0 * scale + 1)  # per-tensor is worse
 
 
 @pytest.mark.parametrize("method", ["smoothquant", "os+"])
@@ -242,6 +272,16 @@ def test_auto_alpha_on_tiny_model(tiny_models):
     for group in report["groups"]:
         assert group["alpha"] in [round(0.05 * i, 2) for i in range(21)]
         assert group["error_smoothed"] < group["error_unsmoothed"]
+        # OS+ auto keeps the shift only where it beats the scale alone, and says so when it drops it.
+        shift_dropped = any("shift dropped" in note for note in group["notes"])
+        assert (group["method"] == "smoothquant") == shift_dropped == (group["shift_absmax"] == 0)
+        stats_entry = stats[group["input"]]
+        weights = [l.weight_kn() for l in find_linear_layers(load_model(tiny_models["llama"]["onnx"])) if l.name in group["layers"]]
+        best_plain = search_alpha(stats_entry, weights, "smoothquant")[1]["error"]
+        best_shift = search_alpha(stats_entry, weights, "os+")[1]["error"]
+        if group["layers"][0].endswith("down_proj"):  # no shift can pass the gated product: scale only
+            best_shift = np.inf
+        assert group["error_smoothed"] == pytest.approx(min(best_plain, best_shift), rel=1e-9)
     assert all(("no alpha" in s["reason"]) or ("GQA" in s["reason"]) for s in report["skipped"])
     after = model_outputs(model, ids, ["logits"])["logits"]
     np.testing.assert_allclose(after, before, rtol=1e-4, atol=2e-4 * np.abs(before).max())
@@ -288,8 +328,10 @@ def test_o_proj_folds_into_v_proj_without_gqa(tiny_mha_llama, method):
     np.testing.assert_allclose(logits[0, -1], before["logits"][0, 6], rtol=1e-4, atol=2e-4 * scale)
 
 
-def layernorm_model(with_bias: bool) -> ir.Model:
-    """x -> LayerNormalization(gain, bias?) -> {MatMul Wa, MatMul Wb + bias} -> outputs ya, yb."""
+def layernorm_model(with_bias: bool, decomposed: bool = False) -> ir.Model:
+    """x -> LayerNormalization(gain, bias?) -> {MatMul Wa, MatMul Wb + bias} -> outputs ya, yb.
+
+    ``decomposed``: the gain and bias as the Mul + Add that exports below opset 17 end a LayerNorm with."""
     rng = np.random.default_rng(7)
     h = onnx.helper
     inits = [
@@ -302,8 +344,15 @@ def layernorm_model(with_bias: bool) -> ir.Model:
     if with_bias:
         inits.append(onnx.numpy_helper.from_array((rng.standard_normal(K) * 3).astype(np.float32), "beta"))
         ln_inputs.append("beta")
-    nodes = [
-        h.make_node("LayerNormalization", ln_inputs, ["n"], name="/model/layers.0/ln/LayerNorm", axis=-1),
+    nodes = [h.make_node("LayerNormalization", ln_inputs, ["n"], name="/model/layers.0/ln/LayerNorm", axis=-1)]
+    if decomposed:
+        inits.append(onnx.numpy_helper.from_array(np.ones(K, np.float32), "unit"))
+        nodes = [
+            h.make_node("LayerNormalization", ["x", "unit"], ["plain"], name="/model/layers.0/ln/LayerNorm", axis=-1),
+            h.make_node("Mul", ["plain", "gain"], ["scaled"], name="/model/layers.0/ln/Mul"),
+            h.make_node("Add", ["beta", "scaled"], ["n"], name="/model/layers.0/ln/Add"),
+        ]
+    nodes += [
         h.make_node("MatMul", ["n", "wa"], ["ya"], name="/model/layers.0/attn/a_proj/MatMul"),
         h.make_node("MatMul", ["n", "wb"], ["mb"], name="/model/layers.0/attn/b_proj/MatMul"),
         h.make_node("Add", ["mb", "bb"], ["yb"], name="/model/layers.0/attn/b_proj/Add"),
@@ -315,10 +364,10 @@ def layernorm_model(with_bias: bool) -> ir.Model:
     return ir.serde.deserialize_model(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]))
 
 
-@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("with_bias,decomposed", [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize("method", ["smoothquant", "os+"])
-def test_layernorm_gain_and_bias_absorb_scale_and_shift(method, with_bias):
-    model = layernorm_model(with_bias)
+def test_layernorm_gain_and_bias_absorb_scale_and_shift(method, with_bias, decomposed):
+    model = layernorm_model(with_bias, decomposed)
     rng = np.random.default_rng(8)
     x = rng.standard_normal((200, K)).astype(np.float32)
     x[:, 9] *= 30
@@ -328,6 +377,7 @@ def test_layernorm_gain_and_bias_absorb_scale_and_shift(method, with_bias):
     report = smooth_linear_groups(model, layers, stats, method, 0.5)
     assert report["ops_added"] == (1 if method == "os+" else 0)  # OS+: a bias Add for a_proj, nothing else
     assert report["groups"][0]["fold"].startswith("norm weight and bias")
+    assert report["groups"][0]["fold"].endswith("(Mul + Add)") == decomposed
     after = SubmodelSession(model, {"x": (np.float32, 2)}, ["ya", "yb", layers[0].input.name]).run({"x": x})
     for name in ("ya", "yb"):
         np.testing.assert_allclose(after[name], before[name], rtol=1e-4, atol=1e-4 * np.abs(before[name]).max())
@@ -350,3 +400,61 @@ def test_bad_arguments_are_one_line_errors(tiny_models):
     wrong = {layers[0].input.name: InputChannelStats.from_rows(np.ones((4, 8), np.float32))}
     with pytest.raises(GraphqError, match="different model"):
         smooth_linear_groups(model, layers, wrong, "smoothquant", 0.5)
+
+
+@pytest.mark.real_model
+def test_smollm2_os_plus_keeps_logits_and_lowers_w8a8_error(smollm2, austen):
+    """The real model: every q/k/v, gate/up and down group smoothed (o_proj skipped: GQA), logits unchanged."""
+    from graphq.calibration_data import calibration_samples
+    from graphq.evaluate import load_tokenizer, read_text, token_windows
+
+    tokenizer = load_tokenizer(smollm2["onnx"])
+    samples = calibration_samples(tokenizer, austen["calib"], num_samples=4, seq_len=96)
+    window = token_windows(tokenizer, read_text(austen["eval"]), 64, 64)[0]
+    model = load_model(smollm2["onnx"])
+    before = model_outputs(model, window, ["logits"])["logits"]
+    layers = [l for l in find_linear_layers(model) if l.role != "lm_head"]
+    names = list(dict.fromkeys(l.input.name for l in layers))
+    session = SubmodelSession(model, {}, names)
+    runs = [session.run(graph_input_feeds(model.graph, ids)) for ids in samples]
+    stats = {name: InputChannelStats.from_rows([run[name] for run in runs], max_tokens=256) for name in names}
+    del runs, session
+    report = smooth_linear_groups(model, layers, stats, "os+", 0.5)
+    after = model_outputs(model, window, ["logits"])["logits"]
+    np.testing.assert_allclose(after, before, rtol=1e-3, atol=1e-3 * np.abs(before).max())
+    assert len(report["groups"]) == 90 and len(report["skipped"]) == 30
+    assert all("o_proj" in s["layers"][0] for s in report["skipped"])
+    # Per layer: an Add after each RMSNorm for -z/s and a bias Add for q, k, v, gate, up (the model has no biases).
+    assert report["ops_added"] == 30 * 7
+    ratio = [g["error_smoothed"] / g["error_unsmoothed"] for g in report["groups"]]
+    assert np.median(ratio) < 0.7, np.median(ratio)
+
+
+def test_smoothed_model_saves_and_quantizes_downstream(tiny_models, tmp_path):
+    """A smoothed export (OS+, with bias Adds and an Add after each RMSNorm) goes through save, graphq.quantize and
+    onnxruntime like any export: the later passes find the same linears."""
+    import shutil
+
+    from graphq import QuantConfig, quantize
+    from graphq.runtimes.ort import OrtCausalLM
+
+    source = tiny_models["qwen2"]["onnx"]
+    model = load_model(source)
+    layers = [l for l in find_linear_layers(model) if l.role != "lm_head"]
+    stats = capture_stats(model, list(dict.fromkeys(l.input.name for l in layers)))
+    report = smooth_linear_groups(model, layers, stats, "os+", 0.5)
+    assert report["ops_added"] > 0
+    smoothed_dir = tmp_path / "smoothed"
+    smoothed_dir.mkdir()
+    ir.save(model, smoothed_dir / "model.onnx", external_data="model.onnx.data")
+    for extra in source.iterdir():
+        if not extra.name.startswith("model.onnx"):
+            shutil.copy(extra, smoothed_dir / extra.name)
+    ids = np.array([1, 5, 9, 14, 3, 30, 7, 22, 41, 8], dtype=np.int64)
+    reference = OrtCausalLM(source).logits(ids)
+    np.testing.assert_allclose(OrtCausalLM(smoothed_dir).logits(ids), reference, rtol=1e-4, atol=2e-4 * np.abs(reference).max())
+    config = QuantConfig(scheme="w8a16", group_size=-1, symmetric=True, format="qdq")
+    result = quantize(smoothed_dir, config, tmp_path / "w8", progress=False)
+    assert result.report["layers_quantized"] == len(find_linear_layers(load_model(source))) - 1  # lm_head float
+    quantized = OrtCausalLM(result.output_dir).logits(ids)
+    assert np.abs(quantized - reference).max() < 0.05 * np.abs(reference).max()

@@ -5,14 +5,14 @@ For each group of linears sharing an input x (q/k/v, gate/up, o_proj, down_proj,
 are multiplied by s (``scale_weight_rows``) and x is replaced by (x - z) / s, folded into whatever produces x:
 
 - a norm: RMSNorm gain (a ``Mul`` by a constant, SimplifiedLayerNormalization, RMSNormalization) or LayerNorm gain
-  and bias divided by s (``fold_scales_into_norm``). OS+ with an RMSNorm has no bias to absorb -z/s, so an ``Add``
-  is inserted after the norm (reported in ``ops_added``); LayerNormalization's bias absorbs it (created if absent).
+  and bias divided by s (``fold_scales_into_norm``): LayerNormalization, or below opset 17 its Mul + Add tail.
+  OS+ with an RMSNorm has no bias to absorb -z/s, so an ``Add`` is inserted after the norm (reported in ``ops_added``); LayerNormalization's bias absorbs it (created if absent).
 - the previous linear: o_proj's scales into v_proj's output columns (only when their shapes match, i.e. not under
   GQA; attention rows sum to 1, so an OS+ shift of V passes through to o_proj's input unchanged and goes into
   v_proj's bias), down_proj's scales into up_proj's output columns (``scale_weight_columns``). An OS+ shift cannot
   pass the gated product act(gate) * up: such groups get the scale only (z = 0) unless ``all_linears`` is set,
   in which case a ``Sub`` of z/s is inserted after the product.
-- nothing (o_proj under GQA, a norm whose output has other readers, a decomposed LayerNorm ending in Add): the group
+- nothing (o_proj under GQA, a norm whose output has other readers): the group
   is skipped and reported, unless ``all_linears=True``: then an explicit ``Mul`` by 1/s (after a ``Sub`` of z for
   OS+) is inserted on the group's input.
 
@@ -51,7 +51,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphq.algorithms.awq import fold_scales_into_norm, scale_weight_columns, scale_weight_rows
-from graphq.algorithms.smoothing import METHODS, InputChannelStats, search_alpha, smoothing_factors, w8a8_output_error
+from graphq.algorithms.smoothing import METHODS, GroupProducts, InputChannelStats, search_alpha, smoothing_factors
 from graphq.errors import GraphqError
 from graphq.graph_utils import add_initializer
 from graphq.layer_methods import upstream_linear
@@ -73,14 +73,18 @@ def smooth_linear_groups(
     all_linears: bool = False,
     *,
     smoothed_stats: dict[str, InputChannelStats] | None = None,
+    act_per_token: bool = False,
 ) -> dict:
     """Smooth every group of linears sharing an input among ``layers``; the float function stays the same.
 
     ``stats`` is keyed by the group's input value name (``layer.input.name``). Groups are processed in graph
     order; a linear outside ``layers`` that reads a smoothed input is rescaled too (it must be, for exactness).
     ``alpha="auto"`` searches alpha per group (``search_alpha``) and leaves a group unsmoothed when no alpha
-    lowers its W8A8 output error. If ``smoothed_stats`` is a dict, it receives the statistics of each smoothed
+    lowers its W8A8 output error; with OS+ it also tries the scale alone and drops the shift (and the ops it
+    would add) where that error is lower. If ``smoothed_stats`` is a dict, it receives the statistics of each smoothed
     group's new input (keyed by its new name), (x - z) / s, so calibration need not run again for them.
+    ``act_per_token`` makes the errors (and the auto search) assume dynamic per-token activation quantization
+    (``--scheme w8a8-dynamic``) instead of static per-tensor.
 
     Returns a JSON-friendly report: 'method', 'alpha', 'all_linears', 'groups' (per smoothed group: layers, input,
     smoothed_input, alpha, fold, scale_min/max, shift_absmax, ops_added, error_unsmoothed/error_smoothed: relative
@@ -109,7 +113,10 @@ def smooth_linear_groups(
                 f"{group[0].in_features}: they were captured on a different model"
             )
 
-    report: dict = {"method": method, "alpha": alpha, "all_linears": all_linears, "groups": [], "skipped": [], "ops_added": 0}
+    report: dict = {
+        "method": method, "alpha": alpha, "all_linears": all_linears, "act_per_token": act_per_token,
+        "groups": [], "skipped": [], "ops_added": 0,
+    }
     for input_name, group in groups:
         names = [l.name for l in group]
         target = _fold_target(group, all_layers)
@@ -124,7 +131,18 @@ def smooth_linear_groups(
         entry = stats[input_name]
         weights = [l.weight_kn() for l in group]
         if alpha == "auto":
-            chosen, info = search_alpha(entry, weights, group_method)
+            chosen, info = search_alpha(entry, weights, group_method, per_token=act_per_token)
+            if group_method == "os+":
+                # A shift is not always a gain: where an outlier channel is near 0 on most tokens (SwiGLU outputs
+                # before down_proj), centring it moves every token off the exact zero level. Measured on
+                # SmolLM2-135M, OS+ with down_proj's shift costs W8A8 ~3x the perplexity increase.
+                plain_alpha, plain_info = search_alpha(entry, weights, "smoothquant", per_token=act_per_token)
+                if plain_info["error"] < info["error"]:
+                    notes.append(
+                        f"OS+ shift dropped: scale only gives a lower W8A8 error "
+                        f"({plain_info['error']:.3g} vs {info['error']:.3g} with the shift)"
+                    )
+                    group_method, chosen, info = "smoothquant", plain_alpha, plain_info
             unsmoothed, smoothed = info["error_unsmoothed"], info["error"]
             if not smoothed < unsmoothed:
                 report["skipped"].append({
@@ -136,9 +154,10 @@ def smooth_linear_groups(
             chosen = float(alpha)
         shift, scale = smoothing_factors(entry, weights, group_method, chosen)
         if alpha != "auto":
+            products = GroupProducts(entry, weights)
             ones = np.ones_like(scale)
-            unsmoothed = w8a8_output_error(entry, weights, np.zeros_like(ones), ones)
-            smoothed = w8a8_output_error(entry, weights, shift, scale)
+            unsmoothed = products.error(np.zeros_like(ones), ones, per_token=act_per_token)
+            smoothed = products.error(shift, scale, per_token=act_per_token)
         ops = _apply(model, group, target, shift, scale, all_linears)
         new_input = group[0].input.name
         if smoothed_stats is not None:
@@ -191,7 +210,7 @@ def _only_read_by(value: ir.Value, nodes: list[ir.Node], graph: ir.Graph) -> boo
 
 
 def _fold_target(group: list[LinearLayer], all_layers: list[LinearLayer]) -> dict:
-    """Where 1/s (and -z/s) can go: {'kind': 'norm' | 'linear' | 'none', 'shift': bool, ...}."""
+    """Where 1/s (and -z/s) can go: {'kind': 'norm' | 'affine' | 'linear' | 'none', 'shift': bool, ...}."""
     first = group[0]
     graph = first.node.graph
     nodes = [l.node for l in group]
@@ -206,6 +225,10 @@ def _fold_target(group: list[LinearLayer], all_layers: list[LinearLayer]) -> dic
             has_bias = producer.op_type == "LayerNormalization"
             return {"kind": "norm", "node": producer, "bias_index": 2 if has_bias else None, "shift": True,
                     "shift_reason": "", "describe": f"norm {'weight and bias' if has_bias else 'weight'} {first.producer_name}"}
+        affine = _decomposed_affine(producer, first.in_features, graph)
+        if affine is not None:
+            return {"kind": "affine", **affine, "shift": True, "shift_reason": "",
+                    "describe": f"norm weight and bias {first.producer_name} (Mul + Add)"}
         return {"kind": "none", "reason": f"{first.producer_name} ({producer.op_type}) has no per-channel gain to fold into"}
     region = [l for l in all_layers if l.layer_index == first.layer_index]
     upstream = upstream_linear(first, region) if len(group) == 1 else None
@@ -222,6 +245,40 @@ def _fold_target(group: list[LinearLayer], all_layers: list[LinearLayer]) -> dic
     # v_proj -> attention -> o_proj: softmax rows sum to 1, so V - z reaches o_proj as x - z.
     return {"kind": "linear", "upstream": upstream, "shift": True, "shift_reason": "",
             "describe": f"output columns of {upstream.name}"}
+
+
+def _constant_index(node: ir.Node, channels: int) -> int | None:
+    """The input of a binary op that is a constant [channels] vector (through Identity), if exactly one is."""
+    found = [
+        i for i, v in enumerate(node.inputs[:2])
+        if v is not None and _is_constant(v) and tuple(_constant_array(v).shape) == (channels,)
+    ]
+    return found[0] if len(found) == 1 else None
+
+
+def _is_constant(value: ir.Value) -> bool:
+    while value.const_value is None:
+        producer = value.producer()
+        if producer is None or producer.op_type != "Identity":
+            return False
+        value = producer.inputs[0]
+    return value.is_initializer()
+
+
+def _decomposed_affine(add: ir.Node, channels: int, graph: ir.Graph) -> dict | None:
+    """A LayerNorm exported below opset 17 ends in Mul(gain) then Add(bias): the nodes and their constant inputs."""
+    if add.op_type != "Add":
+        return None
+    bias_index = _constant_index(add, channels)
+    if bias_index is None:
+        return None
+    mul = add.inputs[1 - bias_index].producer()
+    if mul is None or mul.op_type != "Mul" or not _only_read_by(mul.outputs[0], [add], graph):
+        return None
+    gain_index = _constant_index(mul, channels)
+    if gain_index is None:
+        return None
+    return {"mul": mul, "gain_index": gain_index, "add": add, "bias_index": bias_index}
 
 
 def _apply(
@@ -261,6 +318,12 @@ def _apply(
         elif has_shift:
             _insert_on_input(model, group, "Add", (-shift / s64).astype(dtype), after=norm, tag="shift")
             ops.append("Add")
+    elif kind == "affine":  # decomposed LayerNorm: gain / s, bias (b - z) / s
+        mul, add, name = target["mul"], target["add"], first.producer_name or first.name
+        gain = _constant_array(mul.inputs[target["gain_index"]])
+        beta = _constant_array(add.inputs[target["bias_index"]])
+        set_node_constant_input(model, mul, target["gain_index"], (gain / s64).astype(dtype), f"{name}.weight")
+        set_node_constant_input(model, add, target["bias_index"], ((beta - shift) / s64).astype(dtype), f"{name}.bias")
     elif kind == "linear":
         upstream = target["upstream"]
         bias = upstream.bias_array()
