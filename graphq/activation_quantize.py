@@ -50,8 +50,10 @@ def _smooth(
         if entry.rows_seen
     }
     smoothed: dict[str, InputChannelStats] = {}
+    # The alpha search measures W8A8 error the way the layers will be quantized: per token when all are dynamic.
+    per_token = all(config.scheme_for(layer.name) == "w8a8-dynamic" for layer in layers)
     report = smooth_linear_groups(model, layers, stats, config.smooth, config.smooth_alpha, config.smooth_all_linears,
-                                  smoothed_stats=smoothed)
+                                  smoothed_stats=smoothed, act_per_token=per_token)
     known: dict[str, ActivationStats] = {}
     for layer in layers:
         name = layer.input.name  # after smoothing
