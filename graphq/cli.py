@@ -94,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
         result = quantize(args.model, _quant_config(args), args.output, overwrite=args.overwrite, progress=not args.quiet)
         print(result.model_file)
         return 0
-    from graphq.evaluate import load_tokenizer, logit_agreement, perplexity, read_text, token_windows
+    from graphq.evaluate import logit_agreement, perplexity, read_text, token_windows
+    from graphq.tokenizer import load_tokenizer
     from graphq.runtimes.ort import OrtCausalLM
 
     text = read_text(args.text)
