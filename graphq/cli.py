@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "inspect":
         from graphq.artifacts.inspect import inspect_path
 
-        print(inspect_path(args.path).render())
+        print("\n".join(result.render() for result in inspect_path(args.path)))
         return 0
     if args.command == "verify":
         from graphq.verify import run_verify
