@@ -103,12 +103,14 @@ def encode_w8a8(
     if qw.bits != 8 or not qw.symmetric or qw.n_groups != 1:
         raise GraphqError("W8A8 artifacts need per-channel symmetric 8-bit weights")
     weight = np.ascontiguousarray(qw.q.astype(np.int8).T)
+    act_dtype = np.float16 if np.dtype(float_dtype) == np.float16 else np.float32
+    # deq_scale uses input_scale as stored (float16 for fp16 models), the value the runtime quantizes with.
+    input_scale = float(act_dtype(input_scale))
     deq_scale = (np.float64(input_scale) * qw.scales[0].astype(np.float64)).astype(np.float32)
     float_bias = np.zeros(weight.shape[0]) if bias is None else np.asarray(bias, dtype=np.float64)
     quant_bias = np.round(float_bias / deq_scale.astype(np.float64)) - int(input_offset) * weight.astype(np.int64).sum(1)
     if np.abs(quant_bias).max(initial=0) >= 2**31:
         raise GraphqError("quant_bias overflows int32: the bias is too large for its deq_scale")
-    act_dtype = np.float16 if np.dtype(float_dtype) == np.float16 else np.float32
     return {
         "weight": weight,
         "input_scale": np.array([input_scale], dtype=act_dtype),
