@@ -16,16 +16,22 @@ KV_CACHE_TYPE = "C8"  # int8 KV cache, as MindIE names it
 META_KEYS = ("model_quant_type", "kv_cache_type", "version")
 
 
+def file_tag(scheme: str) -> str:
+    return scheme.replace("-", "_")
+
+
 def description_name(scheme: str) -> str:
-    return f"quant_model_description_{scheme}.json"
+    return f"quant_model_description_{file_tag(scheme)}.json"
 
 
 def weight_stem(scheme: str) -> str:
-    return f"quant_model_weight_{scheme}"
+    return f"quant_model_weight_{file_tag(scheme)}"
 
 
 def write_description(path: Path, scheme: str, tensor_types: dict[str, str], kv_cache: bool, version: str) -> None:
-    data = {"model_quant_type": scheme.upper(), "version": version}
+    from graphq.artifacts.layout import TYPES
+
+    data = {"model_quant_type": TYPES[scheme], "version": version}
     if kv_cache:
         data["kv_cache_type"] = KV_CACHE_TYPE
     data.update(tensor_types)
@@ -33,14 +39,20 @@ def write_description(path: Path, scheme: str, tensor_types: dict[str, str], kv_
 
 
 def read_description(path: Path) -> tuple[str, dict[str, str], str | None]:
-    """-> (scheme in lower case, tensor name -> type, kv_cache_type or None)."""
+    """-> (graphq scheme, tensor name -> type, kv_cache_type or None)."""
+    from graphq.artifacts.layout import SCHEME_OF_TYPE
+
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise GraphqError(f"{path} is not a readable JSON description ({exc}): write the artifacts again") from exc
     if not isinstance(data, dict) or not isinstance(data.get("model_quant_type"), str):
         raise GraphqError(f"{path} has no model_quant_type: it is not a quant_model_description file")
-    scheme = data["model_quant_type"].lower()
+    scheme = SCHEME_OF_TYPE.get(data["model_quant_type"])
+    if scheme is None:
+        raise GraphqError(
+            f"{path.name}: model_quant_type {data['model_quant_type']} is not one of {', '.join(SCHEME_OF_TYPE)}"
+        )
     types = {k: v for k, v in data.items() if k not in META_KEYS}
     bad = next((k for k, v in types.items() if not isinstance(v, str)), None)
     if bad is not None:

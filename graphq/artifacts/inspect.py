@@ -89,11 +89,11 @@ def inspect_artifacts(directory: Path) -> Inspection:
     for name, (n, k) in artifacts.layers.items():
         names = [f"{name}.{s}" for s in ("weight", "weight_scale", "weight_offset", "deq_scale", "input_scale", "input_offset")]
         stored = sum(store.nbytes(t) for t in names if t in store.specs) * 8
-        result.add(name, artifacts.scheme, n * k, stored)
+        result.add(name, artifacts.layer_schemes[name], n * k, stored)
     result.float_tensors = len(artifacts.float_names)
     result.float_bytes = sum(store.nbytes(t) for t in artifacts.float_names)
     result.total_bytes = sum(f.stat().st_size for f in store.files) + artifacts.description.stat().st_size
-    if artifacts.scheme == "w4a16":
+    if "w4a16" in artifacts.layer_schemes.values():
         result.notes.append("int4 weights " + ("packed two per byte" if artifacts.packed else "unpacked, one per int8"))
     if artifacts.kv_cache_type:
         result.notes.append(f"KV cache {artifacts.kv_cache_type}: {len(artifacts.kv_names)} scale/offset tensors")

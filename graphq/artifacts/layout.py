@@ -3,7 +3,8 @@
 Weights are stored [n, k] = [out, in] (the transpose of graphq's [K, N] QuantizedWeight) under the layer's Hugging
 Face name, e.g. ``model.layers.0.self_attn.q_proj.weight``. Per scheme:
 
-W8A16 / W4A16 (weight-only)
+W8A16 / W4A16 (weight-only), and W8A8_DYNAMIC (int8 per-channel symmetric weights, per-token activation scales
+computed at run time: the same tensors as W8A16, weight_offset zeros)
     ``weight``         int8 [n, k]; for 4 bits packed two per byte into int8 [n, k/2] unless --no-pack: byte j of
                        row n holds k-index 2j in its low nibble and 2j+1 in its high nibble, each a two's-complement
                        4-bit value in [-8, 7].
@@ -29,15 +30,22 @@ import numpy as np
 from graphq.algorithms.rtn import QuantizedWeight
 from graphq.errors import GraphqError
 
-WEIGHT_ONLY_BITS = {"w4a16": 4, "w8a16": 8}
-SCHEMES = ("w4a16", "w8a16", "w8a8")
+# graphq scheme -> the tensor type the description gives its tensors (MindIE's names).
+TYPES = {"w4a16": "W4A16", "w8a16": "W8A16", "w8a8": "W8A8", "w8a8-dynamic": "W8A8_DYNAMIC"}
+SCHEME_OF_TYPE = {kind: scheme for scheme, kind in TYPES.items()}
+SCHEMES = tuple(TYPES)
 WEIGHT_ONLY_SUFFIXES = ("weight", "weight_scale", "weight_offset")
 W8A8_SUFFIXES = ("weight", "input_scale", "input_offset", "deq_scale", "quant_bias")
 PACKING = "int4_pairs_low_nibble_first"
 
 
 def suffixes_for(scheme: str) -> tuple[str, ...]:
+    """The tensors a layer of ``scheme`` must have (a float bias may come with all but W8A8)."""
     return W8A8_SUFFIXES if scheme == "w8a8" else WEIGHT_ONLY_SUFFIXES
+
+
+def bits_of(scheme: str) -> int:
+    return 4 if scheme == "w4a16" else 8
 
 
 def pack_int4(weight: np.ndarray) -> np.ndarray:
@@ -80,9 +88,13 @@ def encode_weight_only(qw: QuantizedWeight, bias: np.ndarray | None, float_dtype
 
 
 def decode_weight_only(
-    tensors: dict[str, np.ndarray], bits: int, k: int, group_size: int, symmetric: bool, packed: bool
+    tensors: dict[str, np.ndarray], bits: int, k: int, group_size: int, packed: bool
 ) -> QuantizedWeight:
-    """Inverse of encode_weight_only: the same QuantizedWeight quantize emitted (integers, scales, zero points)."""
+    """Inverse of encode_weight_only: the QuantizedWeight quantize emitted (integers, scales, zero points).
+
+    All-zero offsets decode as symmetric: an asymmetric weight whose zero points all sit at 2^(b-1) dequantizes to
+    the same values either way."""
+    symmetric = not tensors["weight_offset"].any()
     weight = tensors["weight"]
     signed = unpack_int4(weight)[:, :k] if bits == 4 and packed else weight
     n_groups = tensors["weight_scale"].shape[1]
@@ -143,11 +155,11 @@ def check_layer(prefix: str, scheme: str, specs: dict[str, tuple[str, tuple[int,
     def spec(suffix: str) -> tuple[str, tuple[int, ...]]:
         name = f"{prefix}.{suffix}"
         if name not in specs:
-            raise GraphqError(f"{name} is missing: a {scheme.upper()} layer needs {', '.join(suffixes_for(scheme))}")
+            raise GraphqError(f"{name} is missing: a {TYPES[scheme]} layer needs {', '.join(suffixes_for(scheme))}")
         return specs[name]
 
     def fail(suffix: str, what: str, expected: str) -> GraphqError:
-        return GraphqError(f"{prefix}.{suffix} has {what}, but {scheme.upper()} needs {expected}: the artifact is not graphq's layout")
+        return GraphqError(f"{prefix}.{suffix} has {what}, but {TYPES[scheme]} needs {expected}: the artifact is not graphq's layout")
 
     dtype, shape = spec("weight")
     if dtype != "I8" or len(shape) != 2:

@@ -10,8 +10,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from graphq.artifacts.description import FLOAT, KV_CACHE_TYPE, find_descriptions, read_description, weight_stem
-from graphq.artifacts.layout import PACKING, SCHEMES, WEIGHT_ONLY_BITS, check_layer, suffixes_for
+from graphq.artifacts.description import (
+    FLOAT,
+    KV_CACHE_TYPE,
+    description_name,
+    find_descriptions,
+    read_description,
+    weight_stem,
+)
+from graphq.artifacts.layout import PACKING, SCHEME_OF_TYPE, TYPES, bits_of, check_layer, suffixes_for
 from graphq.artifacts.numpy_io import NumpyStore
 from graphq.artifacts.safetensors_io import SafetensorsStore
 from graphq.errors import GraphqError
@@ -28,6 +35,7 @@ class Artifacts:
     kv_cache_type: str | None
     store: SafetensorsStore | NumpyStore
     layers: dict[str, tuple[int, int]] = field(default_factory=dict)  # HF module name -> (n, k)
+    layer_schemes: dict[str, str] = field(default_factory=dict)  # HF module name -> graphq scheme
     float_names: list[str] = field(default_factory=list)
     kv_names: list[str] = field(default_factory=list)
 
@@ -39,16 +47,11 @@ class Artifacts:
     def group_size(self) -> int:
         return int(self.store.metadata.get("group_size", "-1"))
 
-    @property
-    def symmetric(self) -> bool:
-        return self.store.metadata.get("symmetric", "true") == "true"
-
-    @property
-    def bits(self) -> int:
-        return WEIGHT_ONLY_BITS.get(self.scheme, 8)
+    def bits(self, name: str) -> int:
+        return bits_of(self.layer_schemes[name])
 
     def layer_tensors(self, name: str) -> dict[str, "object"]:
-        suffixes = [*suffixes_for(self.scheme), "bias"]
+        suffixes = [*suffixes_for(self.layer_schemes[name]), "bias"]
         return {s: self.store.get(f"{name}.{s}") for s in suffixes if f"{name}.{s}" in self.store.specs}
 
 
@@ -58,15 +61,13 @@ def open_artifacts(directory: str | Path, scheme: str | None = None, numpy: bool
         raise GraphqError(f"{directory} is not a folder: pass the output folder of 'graphq quantize'")
     descriptions = find_descriptions(directory)
     if scheme is not None:
-        descriptions = [d for d in descriptions if d.name == f"quant_model_description_{scheme}.json"]
+        descriptions = [d for d in descriptions if d.name == description_name(scheme)]
     if not descriptions:
         raise GraphqError(f"{directory} holds no quant_model_description_*.json: quantize with --save-format safetensors")
     if len(descriptions) > 1:
         raise GraphqError(f"{directory} holds {len(descriptions)} descriptions: pick one with --scheme")
     description = descriptions[0]
     found_scheme, types, kv_type = read_description(description)
-    if found_scheme not in SCHEMES:
-        raise GraphqError(f"{description.name}: model_quant_type {found_scheme.upper()} is not one of W4A16, W8A16, W8A8")
     stem = weight_stem(description.name[len("quant_model_description_") : -len(".json")])
     store = NumpyStore(directory, stem) if numpy else SafetensorsStore(directory, stem)
     for name in types:
@@ -76,8 +77,6 @@ def open_artifacts(directory: str | Path, scheme: str | None = None, numpy: bool
         if name not in types:
             raise GraphqError(f"the stored tensors hold {name}, which {description.name} does not describe")
     artifacts = Artifacts(directory, description, found_scheme, types, kv_type, store)
-    kind = found_scheme.upper()
-    layer_suffixes = suffixes_for(found_scheme) + (() if found_scheme == "w8a8" else ("bias",))
     for name, tensor_type in types.items():
         if tensor_type == FLOAT:
             artifacts.float_names.append(name)
@@ -87,13 +86,17 @@ def open_artifacts(directory: str | Path, scheme: str | None = None, numpy: bool
             if kv_type != KV_CACHE_TYPE:
                 raise GraphqError(f"{name} is a KV-cache tensor but {description.name} has no kv_cache_type")
             artifacts.kv_names.append(name)
-        elif tensor_type == kind:
+        elif tensor_type in SCHEME_OF_TYPE:
+            layer_scheme = SCHEME_OF_TYPE[tensor_type]
             prefix, _, suffix = name.rpartition(".")
-            if suffix not in layer_suffixes:
-                raise GraphqError(f"{name}: {kind} layers have no '{suffix}' tensor (expected {', '.join(layer_suffixes)})")
-            artifacts.layers.setdefault(prefix, (0, 0))
+            allowed = suffixes_for(layer_scheme) + (() if layer_scheme == "w8a8" else ("bias",))
+            if suffix not in allowed:
+                raise GraphqError(f"{name}: {tensor_type} layers have no '{suffix}' tensor (expected {', '.join(allowed)})")
+            other = artifacts.layer_schemes.setdefault(prefix, layer_scheme)
+            if other != layer_scheme:
+                raise GraphqError(f"{name} is typed {tensor_type} but other tensors of {prefix} are {TYPES[other]}")
         else:
-            raise GraphqError(f"{name} has type {tensor_type!r}: expected {kind}, {FLOAT} or {KV_CACHE_TYPE}")
-    for prefix in artifacts.layers:
-        artifacts.layers[prefix] = check_layer(prefix, found_scheme, store.specs, artifacts.packed)
+            raise GraphqError(f"{name} has type {tensor_type!r}: expected one of {', '.join(SCHEME_OF_TYPE)}, {FLOAT}, {KV_CACHE_TYPE}")
+    for prefix, layer_scheme in artifacts.layer_schemes.items():
+        artifacts.layers[prefix] = check_layer(prefix, layer_scheme, store.specs, artifacts.packed)
     return artifacts

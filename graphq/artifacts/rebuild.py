@@ -44,14 +44,13 @@ def _format_of(directory: Path) -> str:
     return "qdq"
 
 
-def _w8a8_emitter():
+def _activation_emitter(scheme: str):
+    """emit_w8a8 / emit_w8a8_dynamic from the W8A8 passes (imported only when the artifacts need them)."""
+    module, function = ("graphq.passes.w8a8", "emit_w8a8") if scheme == "w8a8" else ("graphq.passes.w8a8_dynamic", "emit_w8a8_dynamic")
     try:
-        from graphq.passes.w8a8 import emit_w8a8
-    except ImportError as exc:
-        raise GraphqError(
-            "rebuilding W8A8 artifacts needs graphq.passes.w8a8 (W8A8 schemes), which this graphq build lacks"
-        ) from exc
-    return emit_w8a8
+        return getattr(__import__(module, fromlist=[function]), function)
+    except (ImportError, AttributeError) as exc:
+        raise GraphqError(f"rebuilding {scheme.upper()} artifacts needs {module}, which this graphq build lacks") from exc
 
 
 def load_artifacts(
@@ -83,7 +82,7 @@ def load_artifacts(
     if artifacts.kv_names:
         print("graphq: warning: the artifacts' int8 KV-cache scales are not applied to the rebuilt model", file=sys.stderr)
     print(
-        f"graphq: rebuilt {len(artifacts.layers)} {artifacts.scheme.upper()} layers ({format}) from {artifact_dir} "
+        f"graphq: rebuilt {len(artifacts.layers)} quantized layers ({artifacts.scheme}, {format}) from {artifact_dir} "
         f"onto {model_file}; wrote {output_dir}",
         file=sys.stderr,
     )
@@ -112,16 +111,19 @@ def apply_artifacts(model, artifacts: Artifacts, format: str) -> None:
         raise GraphqError(f"the float model has {unsaved}, which the artifacts do not hold: wrong --float model?")
     for name in artifacts.float_names:
         sources[name].store(model, artifacts.store.get(name))
-    emit = _w8a8_emitter() if artifacts.scheme == "w8a8" else EMITTERS[format]
+    emitters = {scheme: _activation_emitter(scheme) if scheme.startswith("w8a8") else EMITTERS[format]
+                for scheme in set(artifacts.layer_schemes.values())}
     for name, (n, k) in artifacts.layers.items():
         layer = by_name[name]
+        scheme = artifacts.layer_schemes[name]
+        emit = emitters[scheme]
         if (n, k) != (layer.out_features, layer.in_features):
             raise GraphqError(
                 f"{name}.weight is for a [{n}, {k}] layer but the float model's {name} is "
                 f"[{layer.out_features}, {layer.in_features}]: wrong --float model?"
             )
         tensors = artifacts.layer_tensors(name)
-        if artifacts.scheme == "w8a8":
+        if scheme == "w8a8":
             qw, input_scale, input_offset, bias = decode_w8a8(tensors)
             _check_w8a8_bias(name, layer, bias, tensors)
             emit(model, layer, qw, input_scale, input_offset)
@@ -131,10 +133,12 @@ def apply_artifacts(model, artifacts: Artifacts, format: str) -> None:
                               f"but the artifacts {'do not hold' if 'bias' not in tensors else 'hold'} {name}.bias")
         if "bias" in tensors:
             set_layer_bias(model, layer, tensors["bias"].astype(layer.bias.const_value.dtype.numpy()))
-        qw = decode_weight_only(tensors, artifacts.bits, k, artifacts.group_size, artifacts.symmetric, artifacts.packed)
-        low, high = (-(1 << (qw.bits - 1)), (1 << (qw.bits - 1)) - 1) if qw.symmetric else (0, (1 << qw.bits) - 1)
-        if qw.q.min() < low or qw.q.max() > high:
-            raise GraphqError(f"{name}.weight holds values outside the {qw.bits}-bit range: not {artifacts.scheme.upper()} data")
+        bits = artifacts.bits(name)
+        packed = artifacts.packed and scheme == "w4a16"
+        weight = tensors["weight"]
+        if bits == 4 and not packed and (weight.min() < -8 or weight.max() > 7):
+            raise GraphqError(f"{name}.weight holds values outside the int4 range [-8, 7]: not W4A16 data")
+        qw = decode_weight_only(tensors, bits, k, artifacts.group_size, packed)
         emit(model, layer, qw)
 
 

@@ -16,7 +16,7 @@ import onnx_ir as ir
 
 from graphq.algorithms.rtn import QuantizedWeight
 from graphq.artifacts.description import FLOAT, KV_CACHE_TYPE, description_name, weight_stem, write_description
-from graphq.artifacts.layout import PACKING, encode_w8a8, encode_weight_only
+from graphq.artifacts.layout import PACKING, TYPES, encode_w8a8, encode_weight_only
 from graphq.artifacts.naming import float_tensor_sources
 from graphq.artifacts.numpy_io import write_numpy
 from graphq.artifacts.safetensors_io import GB, write_safetensors
@@ -38,7 +38,10 @@ def kv_cache_tensors(kv_cache: dict) -> dict[str, np.ndarray]:
 
 
 class ArtifactCollector:
-    """Receives (layer, qw, details) from quantize's finish callback; writes the artifacts at the end."""
+    """Receives (layer, qw, details) from quantize's finish callback; writes the artifacts at the end.
+
+    ``scheme`` is the model's (it names the files and model_quant_type); a layer may carry another scheme
+    (scheme overrides), which its tensors' types in the description then say."""
 
     def __init__(self, scheme: str, group_size: int, symmetric: bool, pack: bool = True):
         self.scheme = scheme
@@ -46,18 +49,24 @@ class ArtifactCollector:
         self.symmetric = symmetric
         self.pack = pack
         self.layers: dict[str, dict[str, np.ndarray]] = {}
+        self.layer_schemes: dict[str, str] = {}
 
-    def add(self, layer: LinearLayer, qw: QuantizedWeight, details: dict) -> None:
+    def add(self, layer: LinearLayer, qw: QuantizedWeight, details: dict, scheme: str | None = None) -> None:
+        scheme = scheme or self.scheme
+        if scheme not in TYPES:
+            raise GraphqError(f"{layer.name}: no artifact layout for scheme {scheme}")
         bias = None if layer.bias is None else layer.bias.const_value.numpy()
         float_dtype = np.dtype(layer.dtype.numpy())
-        if self.scheme == "w8a8":
+        if scheme == "w8a8":
             missing = [key for key in ("input_scale", "input_offset") if key not in details]
             if missing:
                 raise GraphqError(f"{layer.name}: W8A8 artifacts need {' and '.join(missing)} from the quantizer")
             tensors = encode_w8a8(qw, bias, float(details["input_scale"]), int(details["input_offset"]), float_dtype)
         else:
-            tensors = encode_weight_only(qw, bias, bias.dtype if bias is not None else float_dtype, self.pack)
+            pack = self.pack and scheme == "w4a16"
+            tensors = encode_weight_only(qw, bias, bias.dtype if bias is not None else float_dtype, pack)
         self.layers[layer.name] = tensors
+        self.layer_schemes[layer.name] = scheme
 
     def metadata(self, version: str) -> dict[str, str]:
         return {
@@ -65,7 +74,7 @@ class ArtifactCollector:
             "scheme": self.scheme,
             "group_size": str(self.group_size),
             "symmetric": str(self.symmetric).lower(),
-            "weight_packing": PACKING if self.pack and self.scheme == "w4a16" else "none",
+            "weight_packing": PACKING if self.pack and "w4a16" in self.layer_schemes.values() else "none",
         }
 
     def write(
@@ -81,10 +90,9 @@ class ArtifactCollector:
         """Write the description and the safetensors (and numpy dicts when asked) into ``out_dir``."""
         floats = float_tensor_sources(model, layers, set(self.layers))
         kv = kv_cache_tensors(kv_cache) if kv_cache else {}
-        kind = self.scheme.upper()
         types = {name: FLOAT for name in floats}
         for name, tensors in self.layers.items():
-            types.update({f"{name}.{suffix}": kind for suffix in tensors})
+            types.update({f"{name}.{suffix}": TYPES[self.layer_schemes[name]] for suffix in tensors})
         types.update({name: KV_CACHE_TYPE for name in kv})
         clash = set(floats) & {f"{n}.{s}" for n, t in self.layers.items() for s in t}
         if clash:
