@@ -186,7 +186,7 @@ def run_isolated(kind: str, kwargs: dict) -> dict:
 def ort_gptq_feeds(float_dir: Path, args: argparse.Namespace) -> list[dict[str, np.ndarray]]:
     """onnxruntime's GPTQ inputs: graphq's calibration sampler (same file, same seed) at the smaller setting."""
     from graphq.calibration_data import calibration_samples
-    from graphq.evaluate import load_tokenizer
+    from graphq.tokenizer import load_tokenizer
     from graphq.runtimes.ort import OrtCausalLM
 
     samples = calibration_samples(

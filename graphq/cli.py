@@ -132,7 +132,8 @@ def run(args: argparse.Namespace) -> int:
         from graphq.verify import run_verify
 
         return run_verify(args)
-    from graphq.evaluate import load_tokenizer, logit_agreement, perplexity, read_text, token_windows
+    from graphq.evaluate import logit_agreement, perplexity, read_text, token_windows
+    from graphq.tokenizer import load_tokenizer
     from graphq.runtimes.ort import OrtCausalLM
 
     text = read_text(args.text)

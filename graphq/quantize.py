@@ -19,7 +19,7 @@ from graphq.artifacts.records import ArtifactCollector
 from graphq.config import QuantConfig
 from graphq.errors import GraphqError
 from graphq.calibration_data import calibration_samples
-from graphq.evaluate import load_tokenizer
+from graphq.tokenizer import load_tokenizer
 from graphq.layer_methods import quantize_region
 from graphq.linear_layers import LinearLayer, find_linear_layers
 from graphq.runtimes.layerwise import LayerwiseCalibration

@@ -210,7 +210,8 @@ def format_table(result: VerifyResult, worst: int) -> str:
 
 def run_verify(args) -> int:
     """The CLI command: print the summary and the worst layers; --html writes the page; --json the numbers."""
-    from graphq.evaluate import load_tokenizer, read_text, token_windows
+    from graphq.evaluate import read_text, token_windows
+    from graphq.tokenizer import load_tokenizer
 
     text = read_text(args.text)
     windows = token_windows(load_tokenizer(resolve_model_file(args.float_model)), text, args.ctx, args.max_tokens)

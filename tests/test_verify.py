@@ -19,10 +19,11 @@ import pytest
 
 from graphq.algorithms.rtn import quantize_rtn
 from graphq.config import QuantConfig
-from graphq.evaluate import load_tokenizer, log_softmax, logit_agreement, perplexity, read_text, token_windows
+from graphq.evaluate import log_softmax, logit_agreement, perplexity, read_text, token_windows
 from graphq.quantize import quantize
 from graphq.report_html import write_html
 from graphq.runtimes.ort import OrtCausalLM
+from graphq.tokenizer import load_tokenizer
 from graphq.verify import verify
 from tests.test_cli import run_cli
 
