@@ -378,3 +378,25 @@ def test_index_pointing_at_a_missing_shard(capsys, tiny_models, tmp_path):
 def test_rebuild_onto_the_wrong_float_model(capsys, tiny_models, w4_artifacts, tmp_path):
     code, out, err = run_cli(capsys, "load-artifacts", w4_artifacts, "-o", tmp_path / "x", "--float", tiny_models["llama"]["onnx"])
     assert_one_error(code, out, err, "wrong --float model")
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_w8a8_quantize_round_trip(tiny_models, tmp_path, kind):
+    """With the W8A8 passes (issue 3): quantize writes W8A8 + C8 artifacts and they rebuild to the same logits."""
+    pytest.importorskip("graphq.passes.w8a8")
+    config = QuantConfig(scheme="w8a8", kv_cache="int8", calib_texts=["the cat sat on the mat and ran far away home",
+                                                                        "a quick brown fox jumps over the lazy dog"],
+                         num_samples=2, seq_len=16)
+    result = quantize(tiny_models[kind]["onnx"], config, tmp_path / "q", progress=False)
+    out = result.output_dir
+    description = json.loads((out / "quant_model_description_w8a8.json").read_text())
+    assert description["model_quant_type"] == "W8A8" and description["kv_cache_type"] == "C8"
+    tensors, _ = read_all(out, "quant_model_weight_w8a8")
+    for entry in (e for e in result.report["layers"] if "skipped" not in e):
+        name = entry["name"]
+        assert tensors[f"{name}.input_scale"][0] == np.float32(entry["input_scale"])
+        assert tensors[f"{name}.input_offset"][0] == entry["input_offset"]
+    assert run_cli_quiet(["load-artifacts", out, "-o", tmp_path / "rebuilt"]) == 0
+    quant_logits = logits(out)
+    assert np.array_equal(quant_logits, logits(tmp_path / "rebuilt"))
+    assert np.abs(quant_logits - logits(tiny_models[kind]["onnx"])).max() > 1e-3

@@ -80,5 +80,7 @@ def float_tensor_sources(model: ir.Model, layers: list[LinearLayer], quantized: 
         name = named.get(id(value), value.name)
         if not is_hf_name(name) or name.startswith(quantized_prefixes) or name in sources:
             continue
+        if name.startswith(("present.", "past_key_values.")):  # KV-cache QDQ parameters: stored as kv_cache_* tensors
+            continue
         sources[name] = FloatSource(value=value)
     return sources

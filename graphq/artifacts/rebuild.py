@@ -79,8 +79,6 @@ def load_artifacts(
             data = json.loads(config_file.read_text())
             data["quantize"] = artifacts.scheme
             config_file.write_text(json.dumps(data, indent=2) + "\n")
-    if artifacts.kv_names:
-        print("graphq: warning: the artifacts' int8 KV-cache scales are not applied to the rebuilt model", file=sys.stderr)
     print(
         f"graphq: rebuilt {len(artifacts.layers)} quantized layers ({artifacts.scheme}, {format}) from {artifact_dir} "
         f"onto {model_file}; wrote {output_dir}",
@@ -140,6 +138,27 @@ def apply_artifacts(model, artifacts: Artifacts, format: str) -> None:
             raise GraphqError(f"{name}.weight holds values outside the int4 range [-8, 7]: not W4A16 data")
         qw = decode_weight_only(tensors, bits, k, artifacts.group_size, packed)
         emit(model, layer, qw)
+    if artifacts.kv_names:
+        apply_kv_cache(model, artifacts)
+
+
+def apply_kv_cache(model, artifacts: Artifacts) -> None:
+    """Per-head QDQ on every present.<i>.key|value from the kv_cache_scale / kv_cache_offset tensors."""
+    try:
+        from graphq.passes.kv_cache import emit_kv_qdq
+    except ImportError as exc:
+        raise GraphqError("rebuilding an int8 KV cache needs graphq.passes.kv_cache, which this graphq build lacks") from exc
+    outputs = {value.name for value in model.graph.outputs}
+    for name in artifacts.kv_names:
+        if not name.endswith(".kv_cache_scale"):
+            continue
+        prefix = name[: -len(".kv_cache_scale")]  # model.layers.<i>.self_attn.k_proj
+        index = prefix.split(".")[2]
+        output = f"present.{index}.{'key' if prefix.endswith('k_proj') else 'value'}"
+        if output not in outputs:
+            raise GraphqError(f"{name} is for {output}, which the float model does not output")
+        offsets = artifacts.store.get(f"{prefix}.kv_cache_offset").round().astype(np.int64)
+        emit_kv_qdq(model, output, artifacts.store.get(name).astype(np.float32), offsets)
 
 
 def _check_w8a8_bias(name, layer, bias: np.ndarray, tensors: dict) -> None:
