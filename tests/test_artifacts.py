@@ -400,3 +400,18 @@ def test_w8a8_quantize_round_trip(tiny_models, tmp_path, kind):
     quant_logits = logits(out)
     assert np.array_equal(quant_logits, logits(tmp_path / "rebuilt"))
     assert np.abs(quant_logits - logits(tiny_models[kind]["onnx"])).max() > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_awq_round_trip_carries_the_rewritten_norms(tiny_models, tmp_path, kind):
+    """AWQ folds its scales into the norms (and v_proj/up_proj): those float tensors must come from the quantized
+    graph, not the export, or the rebuilt model would differ."""
+    texts = ["the cat sat on the mat and then it ran far away home " * 3, "a quick brown fox jumps over a lazy dog " * 3]
+    config = QuantConfig(method="awq", group_size=32, calib_texts=texts, num_samples=4, seq_len=32, format="qdq")
+    out = quantize(tiny_models[kind]["onnx"], config, tmp_path / "awq", progress=False).output_dir
+    tensors, _ = read_all(out, "quant_model_weight_w4a16")
+    _, inits = float_arrays(tiny_models[kind]["onnx"])
+    norm = "model.layers.0.input_layernorm.weight"
+    assert not np.allclose(tensors[norm], inits[norm])  # rewritten by AWQ
+    assert run_cli_quiet(["load-artifacts", out, "-o", tmp_path / "rebuilt"]) == 0
+    assert np.array_equal(logits(out), logits(tmp_path / "rebuilt"))

@@ -195,3 +195,13 @@ def test_smollm2_w4a16_artifacts_round_trip_and_verify(smollm2, austen, tmp_path
     assert checked.float_ppl < checked.quant_ppl < 1.5 * checked.float_ppl
     assert checked.top1_agreement > 0.55 and 0.05 < checked.mean_kl < 1
     assert all(0 < e.sqnr_db < 60 and 0.5 < e.cosine <= 1 for e in checked.layers)
+
+
+def test_verify_finds_qdq_layers_too(tiny_models, tiny_windows, tiny_verify, tmp_path):
+    """The same weights emitted as DequantizeLinear + MatMul (layer outputs keep their names) give the same errors."""
+    config = QuantConfig(scheme="w4a16", group_size=32, symmetric=False, format="qdq")
+    qdq = quantize(tiny_models["llama"]["onnx"], config, tmp_path / "qdq", progress=False).output_dir
+    result = verify(tiny_models["llama"]["onnx"], qdq, tiny_windows)
+    assert not result.unmatched
+    expected = {e.name: e.sqnr_db for e in tiny_verify.layers}
+    assert {e.name: pytest.approx(expected[e.name], abs=1e-3) for e in result.layers} == expected
