@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from graphq.artifacts.description import (
     FLOAT,
     KV_CACHE_TYPE,
@@ -50,7 +52,7 @@ class Artifacts:
     def bits(self, name: str) -> int:
         return bits_of(self.layer_schemes[name])
 
-    def layer_tensors(self, name: str) -> dict[str, "object"]:
+    def layer_tensors(self, name: str) -> dict[str, np.ndarray]:
         suffixes = [*suffixes_for(self.layer_schemes[name]), "bias"]
         return {s: self.store.get(f"{name}.{s}") for s in suffixes if f"{name}.{s}" in self.store.specs}
 
