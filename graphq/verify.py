@@ -72,13 +72,12 @@ def _quantized_output_name(layer: LinearLayer, quant: ir.Model, values: dict[str
             if len(uses) == 1:
                 return uses[0].outputs[0].name
         return value.name
-    # Other emitters keep the layer's node-name prefix: the last node under it computes the output.
-    prefix = (layer.node.name or "").rsplit("/", 1)[0] + "/"
-    if prefix == "/":
-        return None
+    # Other emitters name their nodes "<layer>.*" (graphq's W8A8 dynamic) or keep the exporter's node-name prefix
+    # ("/model/layers.0/self_attn/q_proj/..."): the last such node in graph order computes the layer's output.
+    prefixes = tuple(p for p in (f"{layer.name}.", (layer.node.name or "").rsplit("/", 1)[0] + "/") if p != "/")
     last = None
     for node in quant.graph:
-        if (node.name or "").startswith(prefix) and node.op_type not in ("QuantizeLinear", "DynamicQuantizeLinear"):
+        if (node.name or "").startswith(prefixes) and node.op_type not in ("QuantizeLinear", "DynamicQuantizeLinear"):
             last = node
     return last.outputs[0].name if last is not None else None
 

@@ -415,3 +415,29 @@ def test_awq_round_trip_carries_the_rewritten_norms(tiny_models, tmp_path, kind)
     assert not np.allclose(tensors[norm], inits[norm])  # rewritten by AWQ
     assert run_cli_quiet(["load-artifacts", out, "-o", tmp_path / "rebuilt"]) == 0
     assert np.array_equal(logits(out), logits(tmp_path / "rebuilt"))
+
+
+def test_w8a8_dynamic_quantize_round_trip_and_verify(tiny_models, tiny_text, tmp_path):
+    """With issue 3's per-token W8A8: W8A8_DYNAMIC artifacts (int8 weights, per-channel scales, zero offsets)
+    rebuild to the same logits, and verify and inspect find every layer of its MatMulInteger graph."""
+    pytest.importorskip("graphq.passes.w8a8_dynamic")
+    from graphq.artifacts.inspect import inspect_path
+    from graphq.evaluate import read_text, token_windows
+    from graphq.tokenizer import load_tokenizer
+    from graphq.verify import verify
+
+    source = tiny_models["qwen2"]["onnx"]
+    out = quantize(source, QuantConfig(scheme="w8a8-dynamic"), tmp_path / "q", progress=False).output_dir
+    description = json.loads((out / "quant_model_description_w8a8_dynamic.json").read_text())
+    assert description["model_quant_type"] == "W8A8_DYNAMIC"
+    tensors, _ = read_all(out, "quant_model_weight_w8a8_dynamic")
+    name = "model.layers.0.mlp.down_proj"
+    assert tensors[f"{name}.weight"].dtype == np.int8 and tensors[f"{name}.weight"].shape == (64, 96)
+    assert tensors[f"{name}.weight_scale"].shape == (64, 1) and not tensors[f"{name}.weight_offset"].any()
+    assert description[f"{name}.weight"] == "W8A8_DYNAMIC"
+    assert run_cli_quiet(["load-artifacts", out, "-o", tmp_path / "rebuilt"]) == 0
+    assert np.array_equal(logits(out), logits(tmp_path / "rebuilt"))
+    assert [r.schemes["w8a8-dynamic"].layers for r in inspect_path(out)] == [14, 14]
+    windows = token_windows(load_tokenizer(source), read_text(tiny_text), 64, 128)
+    result = verify(source, out, windows)
+    assert len(result.layers) == 14 and not result.unmatched

@@ -55,13 +55,13 @@ class Inspection:
         lines = [f"{self.path} ({'ONNX model' if self.kind == 'onnx' else 'artifact folder'})"]
         for scheme, s in sorted(self.schemes.items()):
             lines.append(
-                f"  {scheme.upper():6s} {s.layers:4d} layers  {s.weights / 1e6:10.3f} M weights  "
+                f"  {scheme.upper():12s} {s.layers:4d} layers  {s.weights / 1e6:10.3f} M weights  "
                 f"{s.bits_per_weight:6.3f} bits/weight  {s.stored_bits / 8 / 2**20:9.2f} MiB"
             )
         if self.kind == "onnx":
-            lines.append(f"  float  {self.float_linear_layers:4d} linear layers left float")
+            lines.append(f"  {'float':12s} {self.float_linear_layers:4d} linear layers left float")
         else:
-            lines.append(f"  FLOAT  {self.float_tensors:4d} tensors  {self.float_bytes / 2**20:9.2f} MiB")
+            lines.append(f"  {'FLOAT':12s} {self.float_tensors:4d} tensors  {self.float_bytes / 2**20:9.2f} MiB")
         lines.extend(f"  {note}" for note in self.notes)
         lines.append(f"  total {self.total_bytes / 2**20:.2f} MiB in {', '.join(self.files)}")
         return "\n".join(lines)
@@ -137,6 +137,16 @@ def inspect_onnx(path: Path) -> Inspection:
             stored = sum(_nbytes(v) for v in node.inputs[:3]) * 8
             name = (node.name or "").removesuffix(".weight_dequantize") or module_path_from_node_name(matmul.name) or matmul.name
             result.add(name, scheme, k * n, stored)
+        elif node.op_type == "MatMulInteger":
+            weight = node.inputs[1]
+            if weight is None or weight.const_value is None or len(weight.const_value.shape) != 2:
+                continue
+            k, n = (int(d) for d in weight.const_value.shape)
+            name = (node.name or "").removesuffix(".dynamic_matmul_integer") or module_path_from_node_name(node.name) or ""
+            # The weight's scale is a separate Mul constant: graphq names it "<layer>.weight_scale".
+            scale = model.graph.initializers.get(f"{name}.weight_scale")
+            stored = (_nbytes(weight) + _nbytes(node.inputs[3] if len(node.inputs) > 3 else None) + _nbytes(scale)) * 8
+            result.add(name or node.name, "w8a8-dynamic", k * n, stored)
     result.float_linear_layers = len(find_linear_layers(model))
     result.total_bytes = model_size_bytes(model_file)
     result.files = sorted(p.name for p in model_file.parent.iterdir() if p.name.startswith(model_file.name))
