@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import resource
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -176,7 +177,8 @@ def quantize(
         if not chosen:
             raise GraphqError("every linear layer was excluded: loosen --exclude or pass --quantize-lm-head")
         entries = {layer.name: entry for layer, entry in chosen}
-        collector = ArtifactCollector(config.scheme, config.group_size, config.is_symmetric, config.pack)
+        spill_dir = staging / ".artifact-layers"
+        collector = ArtifactCollector(config.scheme, config.group_size, config.is_symmetric, config.pack, spill_dir)
 
         def finish(layer: LinearLayer, qw: QuantizedWeight, details: dict) -> None:
             entries[layer.name].update(
@@ -226,6 +228,7 @@ def quantize(
             model, layers, staging, config.save_format, config.part_file_size, __version__, report.get("kv_cache")
         )
         report["artifacts"] = {path.name: path.stat().st_size for path in artifact_files}
+        shutil.rmtree(spill_dir, ignore_errors=True)
         (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     final_file = output_dir / MODEL_FILENAME
     print(

@@ -103,6 +103,7 @@ def test_weight_only_layout_and_round_trip(sources, tmp_path, kind, dtype, confi
     result = quantize(source, config, tmp_path / "q", progress=False)
     out = result.output_dir
     assert json.loads((out / "config.json").read_text())["quantize"] == scheme
+    assert not (out / ".artifact-layers").exists()  # the per-layer spill files are gone
     description = json.loads((out / f"quant_model_description_{scheme}.json").read_text())
     tensors, metadata = read_all(out, f"quant_model_weight_{scheme}")
     assert description.pop("model_quant_type") == scheme.upper()
@@ -261,6 +262,7 @@ def test_numpy_format_needs_asking_and_warns(tiny_models, w4_artifacts, tmp_path
     files = sorted(p.name for p in w4_artifacts.glob("*.npy"))
     assert "quant_model_weight_w4a16.weight.npy" in files and "quant_model_weight_w4a16.float.npy" in files
     weights = np.load(w4_artifacts / "quant_model_weight_w4a16.weight.npy", allow_pickle=True).item()
+    assert type(weights["model.layers.0.self_attn.q_proj"]) is np.ndarray
     single, _ = read_all(w4_artifacts, "quant_model_weight_w4a16")
     assert np.array_equal(weights["model.layers.0.self_attn.q_proj"], single["model.layers.0.self_attn.q_proj.weight"])
     floats = np.load(w4_artifacts / "quant_model_weight_w4a16.float.npy", allow_pickle=True).item()

@@ -37,7 +37,7 @@ def write_numpy(
     groups: dict[str, dict] = {"meta": dict(metadata)}
     for name, array in tensors:
         kind, key = kind_of(name, types)
-        groups.setdefault(kind, {})[key] = array
+        groups.setdefault(kind, {})[key] = np.array(array)  # a plain array, not a memory map, goes into the pickle
     paths = []
     for kind, data in groups.items():
         path = out_dir / f"{stem}.{kind}.npy"

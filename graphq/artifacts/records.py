@@ -1,9 +1,10 @@
 """Collect each quantized layer's deployment tensors as quantize finishes it, then write the artifact files.
 
 Memory: a layer's tensors are encoded at once into their stored integer form (int8 weights, 4-bit weights packed
-two per byte unless --no-pack, float32 scales) and kept until the end, about the size of the output safetensors'
-quantized part; no float copy is kept. Float tensors (embeddings, norms, float linears) are read from the graph only
-while writing, one shard at a time.
+two per byte unless --no-pack, float32 scales); no float copy is kept. With a ``spill_dir`` (quantize uses one in
+its staging folder) they go straight to plain .npy files there (no pickle) and are read back memory-mapped while
+writing, so memory holds at most one shard; without one they stay in memory until the end. Float tensors
+(embeddings, norms, float linears) are read from the graph only while writing.
 """
 
 from __future__ import annotations
@@ -43,12 +44,13 @@ class ArtifactCollector:
     ``scheme`` is the model's (it names the files and model_quant_type); a layer may carry another scheme
     (scheme overrides), which its tensors' types in the description then say."""
 
-    def __init__(self, scheme: str, group_size: int, symmetric: bool, pack: bool = True):
+    def __init__(self, scheme: str, group_size: int, symmetric: bool, pack: bool = True, spill_dir: Path | None = None):
         self.scheme = scheme
         self.group_size = group_size
         self.symmetric = symmetric
         self.pack = pack
-        self.layers: dict[str, dict[str, np.ndarray]] = {}
+        self.spill_dir = spill_dir
+        self.layers: dict[str, dict[str, np.ndarray | Path]] = {}
         self.layer_schemes: dict[str, str] = {}
 
     def add(self, layer: LinearLayer, qw: QuantizedWeight, details: dict, scheme: str | None = None) -> None:
@@ -65,6 +67,14 @@ class ArtifactCollector:
         else:
             pack = self.pack and scheme == "w4a16"
             tensors = encode_weight_only(qw, bias, bias.dtype if bias is not None else float_dtype, pack)
+        if self.spill_dir is not None:
+            self.spill_dir.mkdir(parents=True, exist_ok=True)
+            spilled = {}
+            for suffix, array in tensors.items():
+                path = self.spill_dir / f"{len(self.layers):06d}.{suffix}.npy"
+                np.save(path, array, allow_pickle=False)
+                spilled[suffix] = path
+            tensors = spilled
         self.layers[layer.name] = tensors
         self.layer_schemes[layer.name] = scheme
 
@@ -103,7 +113,7 @@ class ArtifactCollector:
                 yield name, source.array()
             for name, layer_tensors in self.layers.items():
                 for suffix, array in layer_tensors.items():
-                    yield f"{name}.{suffix}", array
+                    yield f"{name}.{suffix}", np.load(array, mmap_mode="r") if isinstance(array, Path) else array
             yield from kv.items()
 
         written = []
