@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
         from graphq.quantize import quantize
 
         result = quantize(args.model, _quant_config(args), args.output, overwrite=args.overwrite, progress=not args.quiet)
-        print(result.model_file)
+        print(result.model_file if result.model_file.is_file() else result.output_dir)  # --save-format without onnx
         return 0
     if args.command == "load-artifacts":
         from graphq.artifacts.rebuild import load_artifacts
