@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import resource
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ import onnx_ir as ir
 from tqdm import tqdm
 
 from graphq.algorithms.rtn import QuantizedWeight, quantize_rtn
+from graphq.artifacts.records import ArtifactCollector
 from graphq.config import QuantConfig
 from graphq.errors import GraphqError
 from graphq.calibration_data import calibration_samples
@@ -121,6 +123,15 @@ def calibrated_quantize(
         raise GraphqError(f"calibration never reached {missing[0]}: its decoder layer could not be run on its own")
 
 
+def mark_config(output_dir: Path, scheme: str) -> None:
+    """Add ``"quantize": "<scheme>"`` to the output's config.json (deployment runtimes read it)."""
+    config_file = output_dir / "config.json"
+    if config_file.is_file():
+        data = json.loads(config_file.read_text())
+        data["quantize"] = scheme
+        config_file.write_text(json.dumps(data, indent=2) + "\n")
+
+
 def model_context_length(model_dir: Path) -> int | None:
     config_file = model_dir / "config.json"
     if not config_file.is_file():
@@ -166,6 +177,8 @@ def quantize(
         if not chosen:
             raise GraphqError("every linear layer was excluded: loosen --exclude or pass --quantize-lm-head")
         entries = {layer.name: entry for layer, entry in chosen}
+        spill_dir = staging / ".artifact-layers"
+        collector = ArtifactCollector(config.scheme, config.group_size, config.is_symmetric, config.pack, spill_dir)
 
         def finish(layer: LinearLayer, qw: QuantizedWeight, details: dict) -> None:
             entries[layer.name].update(
@@ -178,6 +191,8 @@ def quantize(
                 weight_bytes_after=quantized_weight_bytes(qw),
                 **details,
             )
+            if set(config.save_format) & {"safetensors", "numpy"}:
+                collector.add(layer, qw, details)
             emit(model, layer, qw)
 
         chosen_layers = [layer for layer, _ in chosen]
@@ -186,10 +201,12 @@ def quantize(
         else:
             rtn_quantize(chosen_layers, config, progress, finish)
         out_model_file = staging / MODEL_FILENAME
-        save_model(model, out_model_file)
+        if "onnx" in config.save_format:
+            save_model(model, out_model_file)
         copy_side_files(model_file.parent, staging)
+        mark_config(staging, config.scheme)
         size_before = model_size_bytes(model_file)
-        size_after = model_size_bytes(out_model_file)
+        size_after = model_size_bytes(out_model_file) if out_model_file.is_file() else 0
         elapsed = time.perf_counter() - started
         peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         quantized = [e for e in layer_reports if "skipped" not in e]
@@ -207,6 +224,11 @@ def quantize(
             "peak_rss_bytes": peak_rss,
             "layers": layer_reports,
         }
+        artifact_files = collector.write(
+            model, layers, staging, config.save_format, config.part_file_size, __version__, report.get("kv_cache")
+        )
+        report["artifacts"] = {path.name: path.stat().st_size for path in artifact_files}
+        shutil.rmtree(spill_dir, ignore_errors=True)
         (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     final_file = output_dir / MODEL_FILENAME
     print(
