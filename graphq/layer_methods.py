@@ -31,7 +31,7 @@ def relative_output_error(x: np.ndarray, weight: np.ndarray, approximation: np.n
     return float(np.sum(np.square(x @ (weight - approximation), dtype=np.float64)) / max(np.sum(np.square(reference, dtype=np.float64)), 1e-30))
 
 
-def _upstream_linear(consumer: LinearLayer, region_layers: list[LinearLayer]) -> LinearLayer | None:
+def upstream_linear(consumer: LinearLayer, region_layers: list[LinearLayer]) -> LinearLayer | None:
     """The linear whose output channels are this layer's input channels: up_proj for down_proj, v_proj for o_proj."""
     if consumer.producer_kind == "gated_activation" and consumer.producer_node is not None:
         feeding = {v.name for v in consumer.producer_node.inputs if v is not None}
@@ -59,7 +59,7 @@ def fold_awq_scales(
         for layer in group[1:]:
             layer.norm_weight = first.norm_weight
     else:
-        upstream = _upstream_linear(first, region_layers)
+        upstream = upstream_linear(first, region_layers)
         if upstream is None or len(group) != 1:
             return False
         weight, bias = scale_weight_columns(upstream.weight_kn(), scales, upstream.bias_array())

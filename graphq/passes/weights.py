@@ -76,3 +76,18 @@ def set_norm_weight(model: ir.Model, layer: LinearLayer, weight: np.ndarray) -> 
         value = _writable_initializer(model.graph, layer.norm_weight, norm, index)
         _store(value, weight)
     layer.norm_weight = value
+
+
+def set_node_constant_input(model: ir.Model, node: ir.Node, index: int, array: np.ndarray, name: str) -> ir.Value:
+    """Give ``node`` input ``index`` the constant ``array``: written in place when only this node reads that
+    initializer, else (shared, reached through Identity, absent or not constant) a new initializer named ``name``
+    (e.g. a LayerNorm bias, which may be missing or deduplicated with another norm's)."""
+    current = node.inputs[index] if index < len(node.inputs) else None
+    if current is not None and current.is_initializer() and current.const_value is not None and len(current.uses()) <= 1:
+        _store(current, array)
+        return current
+    value = add_initializer(model.graph, name, np.ascontiguousarray(array))
+    if index >= len(node.inputs):
+        node.resize_inputs(index + 1)
+    node.replace_input_with(index, value)
+    return value
