@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import DATA, Evaluator, bench_arguments, float_export
+from graphq.model_io import model_size_bytes
 
 GROUP = 128
 
@@ -37,6 +38,7 @@ class Variant:
     tool: str  # "graphq" or "ort"
     symmetric: bool
     method: str  # graphq: rtn|awq|gptq|awq+gptq; ort: default|rtn|gptq|hqq|kquant
+    ort_samples: bool = False  # graphq calibrated on onnxruntime GPTQ's (smaller) samples, to compare speed
 
 
 @dataclass
@@ -55,6 +57,7 @@ def variants() -> list[Variant]:
         scheme = "sym" if symmetric else "asym"
         for method, name in (("rtn", "RTN"), ("awq", "AWQ"), ("gptq", "GPTQ"), ("awq+gptq", "AWQ+GPTQ")):
             out.append(Variant(f"graphq-{method.replace('+', '-')}-{scheme}", f"graphq {name} {scheme}", "graphq", symmetric, method))
+        out.append(Variant(f"graphq-gptq-{scheme}-ort-samples", f"graphq GPTQ {scheme}", "graphq", symmetric, "gptq", True))
         ort_methods = [("default", "default"), ("rtn", "RTN"), ("gptq", "GPTQ")]
         if not symmetric:  # HQQ and k-quant always store zero points: they have no symmetric form
             ort_methods += [("hqq", "HQQ"), ("kquant", "k-quant")]
@@ -186,7 +189,7 @@ def run_isolated(kind: str, kwargs: dict) -> dict:
 def ort_gptq_feeds(float_dir: Path, args: argparse.Namespace) -> list[dict[str, np.ndarray]]:
     """onnxruntime's GPTQ inputs: graphq's calibration sampler (same file, same seed) at the smaller setting."""
     from graphq.calibration_data import calibration_samples
-    from graphq.evaluate import load_tokenizer
+    from graphq.tokenizer import load_tokenizer
     from graphq.runtimes.ort import OrtCausalLM
 
     samples = calibration_samples(
@@ -238,7 +241,7 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     float_dir = float_export(args.work)
     float_file = float_dir / "model.onnx"
-    float_mib = float_file.stat().st_size / 2**20
+    float_mib = model_size_bytes(float_file) / 2**20  # model.onnx plus its external data
     print(
         f"SmolLM2-135M W4A16 g{GROUP}, lm_head float; calibration {args.calib.name}: graphq {args.num_samples} samples "
         f"x {args.seq_len} tokens (seed {args.seed}), onnxruntime GPTQ {args.ort_gptq_samples} x "
@@ -262,13 +265,14 @@ def main() -> None:
         print(f"{variant.label} ...", flush=True)
         if variant.tool == "graphq":
             kwargs = dict(float_dir=str(float_dir), out_dir=str(out_dir), method=variant.method,
-                          symmetric=variant.symmetric, calib=str(args.calib), num_samples=args.num_samples,
-                          seq_len=args.seq_len, seed=args.seed)
+                          symmetric=variant.symmetric, calib=str(args.calib), seed=args.seed,
+                          num_samples=args.ort_gptq_samples if variant.ort_samples else args.num_samples,
+                          seq_len=args.ort_gptq_seq_len if variant.ort_samples else args.seq_len)
         else:
             kwargs = dict(float_dir=str(float_dir), out_dir=str(out_dir), method=variant.method,
                           symmetric=variant.symmetric, gptq_feeds=feeds if variant.method == "gptq" else None)
         note = ""
-        if variant.tool == "ort" and variant.method == "gptq":
+        if (variant.tool == "ort" and variant.method == "gptq") or variant.ort_samples:
             note = f"{args.ort_gptq_samples} samples x {args.ort_gptq_seq_len} tokens"
         outcome = run_isolated(variant.tool, kwargs)
         if "error" in outcome:
@@ -326,22 +330,13 @@ def summary(results: dict, reference: float, float_mib: float, args: argparse.Na
             f"graphq peak RSS max {worst[1].peak_rss_mib:.0f} MiB ({worst[0].label}) = "
             f"{worst[1].peak_rss_mib / float_mib:.2f}x the float model (goal < 2x)."
         )
-    gptq_times = []
-    for key, name in (("graphq-gptq-sym", "graphq GPTQ sym"), ("graphq-gptq-asym", "graphq GPTQ asym"),
-                      ("ort-gptq-sym", "onnxruntime GPTQ sym"), ("ort-gptq-asym", "onnxruntime GPTQ asym")):
-        if key in results and results[key][1].seconds is not None:
-            gptq_times.append((key, name, results[key][1].seconds))
-    if gptq_times:
-        lines.append("GPTQ time: " + "; ".join(f"{name} {s:.1f}s" for _, name, s in gptq_times) + ".")
-        g = [s for k, _, s in gptq_times if k.startswith("graphq")]
-        o = [s for k, _, s in gptq_times if k.startswith("ort")]
-        if g and o:
-            g_tokens = args.num_samples * args.seq_len
-            o_tokens = args.ort_gptq_samples * args.ort_gptq_seq_len
-            lines[-1] += (
-                f" onnxruntime / graphq: {min(o) / min(g):.2f}x, although graphq calibrated on {g_tokens} tokens "
-                f"({args.num_samples} x {args.seq_len}) and onnxruntime on {o_tokens} ({args.ort_gptq_samples} x "
-                f"{args.ort_gptq_seq_len}): {g_tokens / min(g):.0f} vs {o_tokens / min(o):.1f} calibration tokens/s."
+    samples = f"{args.ort_gptq_samples} samples x {args.ort_gptq_seq_len} tokens"
+    for scheme in ("sym", "asym"):
+        ours, theirs = results.get(f"graphq-gptq-{scheme}-ort-samples"), results.get(f"ort-gptq-{scheme}")
+        if ours and theirs and ours[1].seconds is not None and theirs[1].seconds is not None:
+            lines.append(
+                f"GPTQ {scheme} time on the same {samples}: graphq {ours[1].seconds:.1f}s, onnxruntime "
+                f"{theirs[1].seconds:.1f}s ({theirs[1].seconds / ours[1].seconds:.1f}x faster; goal: faster)."
             )
     return "\n".join(lines)
 

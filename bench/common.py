@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from graphq.default_model import ensure_default_model
-from graphq.evaluate import load_tokenizer, perplexity, read_text, token_windows
+from graphq.evaluate import perplexity, read_text, token_windows
+from graphq.tokenizer import load_tokenizer
 from graphq.export import export
 from graphq.model_io import model_size_bytes, resolve_model_file
 from graphq.runtimes.ort import OrtCausalLM

@@ -23,7 +23,7 @@ import onnx_ir as ir
 from bench.common import DATA, Evaluator, bench_arguments, float_export
 from graphq.algorithms.smoothing import ChannelStatsAccumulator, InputChannelStats, activation_qparams, fake_quantize_weight
 from graphq.calibration_data import calibration_samples
-from graphq.evaluate import load_tokenizer
+from graphq.tokenizer import load_tokenizer
 from graphq.graph_utils import add_initializer
 from graphq.linear_layers import LinearLayer, find_linear_layers
 from graphq.model_io import load_model

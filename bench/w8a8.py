@@ -162,7 +162,7 @@ def run_isolated(kind: str, kwargs: dict) -> dict:
 def calibration_feeds(float_dir: Path, args) -> list[dict[str, np.ndarray]]:
     """graphq's calibration sequences as onnxruntime feeds (same file, count, length, seed)."""
     from graphq.calibration_data import calibration_samples
-    from graphq.evaluate import load_tokenizer
+    from graphq.tokenizer import load_tokenizer
     from graphq.runtimes.ort import OrtCausalLM
 
     samples = calibration_samples(load_tokenizer(float_dir), path=args.calib, num_samples=args.num_samples,

@@ -61,8 +61,30 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--exclude", nargs="+", metavar="PATTERN", help="keep layers matching these glob/regex patterns float")
     quantize.add_argument("--quantize-lm-head", action="store_const", const=True, help="quantize lm_head too")
     quantize.add_argument("--seed", type=int)
+    quantize.add_argument("--save-format", help="comma list of onnx, safetensors, numpy (default onnx,safetensors)")
+    quantize.add_argument("--part-file-size", type=float, metavar="GB", help="shard the safetensors into files of at most GB")
+    quantize.add_argument("--no-pack", dest="pack", action="store_const", const=False, help="W4A16 artifacts: one int4 value per int8 byte")
     quantize.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     quantize.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    rebuild = commands.add_parser("load-artifacts", help="rebuild a fake-quant ONNX model from safetensors + description")
+    rebuild.add_argument("artifacts", help="folder with quant_model_description_*.json and its safetensors")
+    rebuild.add_argument("-o", "--output", required=True, help="output folder (must not exist)")
+    rebuild.add_argument("--float", dest="float_model", help="the float export (default: report.json's source_model)")
+    rebuild.add_argument("--format", help="matmulnbits or qdq (default: the format the artifacts were quantized with)")
+    rebuild.add_argument("--scheme", help="which description to use when the folder holds several")
+    rebuild.add_argument("--numpy", action="store_true", help="read the numpy .npy dicts instead (uses pickle: trusted files only)")
+    rebuild.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+    inspect = commands.add_parser("inspect", help="what a model or artifact folder holds: layers by scheme, bits per weight, sizes")
+    inspect.add_argument("path", help="model.onnx, an export/output folder, or an artifact folder")
+
+    verify = commands.add_parser("verify", help="accuracy of a quantized model against its float model, overall and per layer")
+    verify.add_argument("float_model", help="float export (folder or model.onnx)")
+    verify.add_argument("quant_model", help="quantized model (folder or model.onnx)")
+    verify.add_argument("--html", help="also write a self-contained HTML report here")
+    verify.add_argument("--worst", type=int, default=10, help="rows in the table of worst layers (default 10)")
+    _add_eval_args(verify)
 
     evaluate = commands.add_parser("eval", help="perplexity of a model in onnxruntime")
     evaluate.add_argument("model", help="export folder or model.onnx (tokenizer beside it)")
@@ -83,7 +105,8 @@ def _quant_config(args: argparse.Namespace):
         data = QuantConfig.from_yaml(args.config).__dict__.copy()
     keys = ("scheme", "group_size", "symmetric", "format", "method", "exclude", "quantize_lm_head", "seed", "calib",
             "calib_texts", "calib_field", "num_samples", "seq_len", "damp", "act_order", "awq_clip", "act_method",
-            "percentile", "act_fallback", "kv_cache", "smooth", "smooth_alpha", "smooth_all_linears")
+            "percentile", "act_fallback", "kv_cache", "smooth", "smooth_alpha", "smooth_all_linears", "save_format",
+            "part_file_size", "pack")
     for key in keys:
         value = getattr(args, key)
         if value is not None:
@@ -101,9 +124,25 @@ def run(args: argparse.Namespace) -> int:
         from graphq.quantize import quantize
 
         result = quantize(args.model, _quant_config(args), args.output, overwrite=args.overwrite, progress=not args.quiet)
-        print(result.model_file)
+        print(result.model_file if result.model_file.is_file() else result.output_dir)  # --save-format without onnx
         return 0
-    from graphq.evaluate import load_tokenizer, logit_agreement, perplexity, read_text, token_windows
+    if args.command == "load-artifacts":
+        from graphq.artifacts.rebuild import load_artifacts
+
+        print(load_artifacts(args.artifacts, args.output, float_model=args.float_model, format=args.format,
+                             numpy=args.numpy, scheme=args.scheme, overwrite=args.overwrite))
+        return 0
+    if args.command == "inspect":
+        from graphq.artifacts.inspect import inspect_path
+
+        print("\n".join(result.render() for result in inspect_path(args.path)))
+        return 0
+    if args.command == "verify":
+        from graphq.verify import run_verify
+
+        return run_verify(args)
+    from graphq.evaluate import logit_agreement, perplexity, read_text, token_windows
+    from graphq.tokenizer import load_tokenizer
     from graphq.runtimes.ort import OrtCausalLM
 
     text = read_text(args.text)

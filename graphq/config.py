@@ -20,6 +20,7 @@ ACT_METHODS = ("minmax", "percentile", "entropy", "mse", "auto")
 KV_CACHE_TYPES = ("int8",)
 SMOOTH_METHODS = ("smoothquant", "os+")
 FORMATS = ("matmulnbits", "qdq")
+SAVE_FORMATS = ("onnx", "safetensors", "numpy")
 METHODS = ("rtn", "awq", "gptq", "awq+gptq")
 PER_CHANNEL = -1
 
@@ -68,6 +69,10 @@ class QuantConfig:
     smooth_all_linears: bool = False
     reservoir_rows: int = 512
     act_fallback: int = 0
+    # Output: which files to write (model.onnx; safetensors + description; numpy dicts), shard size, int4 packing.
+    save_format: list[str] = field(default_factory=lambda: ["onnx", "safetensors"])
+    part_file_size: float | None = None
+    pack: bool = True
 
     def group_size_for(self, in_features: int) -> int:
         """The group size for a layer with ``in_features`` inputs: a group covering all of K is per-channel (-1)."""
@@ -162,6 +167,19 @@ class QuantConfig:
                 )
         if not 0 < self.damp < 1:
             raise GraphqError(f"--damp must be between 0 and 1, got {self.damp}")
+        if isinstance(self.save_format, str):
+            self.save_format = [part.strip() for part in self.save_format.split(",") if part.strip()]
+        unknown = [f for f in self.save_format if f not in SAVE_FORMATS]
+        if unknown or not self.save_format:
+            raise GraphqError(
+                f"unknown save format '{','.join(unknown)}': --save-format takes a comma list of {', '.join(SAVE_FORMATS)}"
+            )
+        if self.part_file_size is not None and not (
+            isinstance(self.part_file_size, (int, float)) and self.part_file_size > 0
+        ):
+            raise GraphqError(f"--part-file-size must be a positive number of GB, got {self.part_file_size!r}")
+        if self.part_file_size is not None and "safetensors" not in self.save_format:
+            raise GraphqError("--part-file-size shards the safetensors: add safetensors to --save-format")
         if self.num_samples < 1 or self.seq_len < 2:
             raise GraphqError("--num-samples must be >= 1 and --seq-len >= 2")
         return self

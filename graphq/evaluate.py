@@ -33,20 +33,6 @@ def read_text(path: str | Path) -> str:
     return "\n\n".join(p for p in paragraphs if p)
 
 
-def load_tokenizer(model_dir: str | Path):
-    from transformers import AutoTokenizer
-
-    model_dir = Path(model_dir)
-    if model_dir.is_file():
-        model_dir = model_dir.parent
-    try:
-        return AutoTokenizer.from_pretrained(str(model_dir))
-    except Exception as exc:
-        raise GraphqError(
-            f"no usable tokenizer beside the model in {model_dir}: keep the export folder's tokenizer files with it"
-        ) from exc
-
-
 def bos_token_id(tokenizer) -> int:
     """The token put before each window: BOS, or the end-of-text token for tokenizers without one (Qwen2)."""
     for token_id in (tokenizer.bos_token_id, tokenizer.eos_token_id):

@@ -32,6 +32,8 @@ def remove_dead_weight_path(graph: ir.Graph, value: ir.Value) -> None:
         if producer is None:
             if value.is_initializer() and value.name in graph.initializers:
                 del graph.initializers[value.name]
+                # LinearLayer objects still point at this value; dropping the data lets a replaced weight be freed.
+                value.const_value = None
             return
         if any(out.uses() or out in graph.outputs for out in producer.outputs):
             return

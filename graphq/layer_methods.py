@@ -110,20 +110,14 @@ def quantize_region(
     for input_name, group in groups.items():
         s = input_scale[input_name]
         x = samples[input_name] / s
-        hessian = None
-        if "gptq" in method:
-            h = stats[input_name].hessian.hessian()
-            hessian = h / np.outer(s, s)
+        weights = {layer.name: layer.weight_kn() for layer in group}
+        gptq_results = _gptq_group(group, weights, stats[input_name], s, config) if "gptq" in method else {}
         for layer in group:
-            weight = layer.weight_kn()
+            weight = weights[layer.name]
             group_size = config.group_size_for(layer.in_features)
             entry = dict(notes[layer.name])
-            if hessian is not None:
-                qw, info = gptq_quantize(
-                    weight, hessian, config.bits, group_size, config.is_symmetric,
-                    damp=config.damp, act_order=config.act_order, static_groups=config.act_order,
-                    n_samples=stats[input_name].hessian.tokens,
-                )
+            if layer.name in gptq_results:
+                qw, info = gptq_results[layer.name]
                 entry["gptq_damp"] = info["damp"]
                 entry["warnings"] = list(info["warnings"])
             elif config.awq_clip:
@@ -137,4 +131,28 @@ def quantize_region(
             entry["output_error_rtn"] = relative_output_error(x_original, original, rtn)
             entry["output_error"] = relative_output_error(x, weight, qw.dequantize())
             results[layer.name] = (qw, entry)
+    return results
+
+
+def _gptq_group(
+    group: list[LinearLayer], weights: dict[str, np.ndarray], stats: InputStatistics, input_scale: np.ndarray,
+    config: QuantConfig,
+) -> dict[str, tuple[QuantizedWeight, dict]]:
+    """GPTQ for linears sharing one input, as one weight concatenated along N.
+
+    Every output column is rounded against the same H independently of the others, so the concatenation gives the
+    same codes as quantizing each linear alone while the Hessian is factored and the K-step loop runs once.
+    """
+    hessian = stats.hessian.hessian() / np.outer(input_scale, input_scale)
+    group_size = config.group_size_for(group[0].in_features)
+    joined, info = gptq_quantize(
+        np.concatenate([weights[layer.name] for layer in group], axis=1), hessian, config.bits, group_size,
+        config.is_symmetric, damp=config.damp, act_order=config.act_order, static_groups=config.act_order,
+        n_samples=stats.hessian.tokens,
+    )
+    results, start = {}, 0
+    for layer in group:
+        stop = start + layer.out_features
+        results[layer.name] = (joined.output_columns(start, stop), info)
+        start = stop
     return results

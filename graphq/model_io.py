@@ -110,4 +110,6 @@ def copy_side_files(source_dir: Path, target_dir: Path) -> None:
             continue
         if item.name in ("report.json",) or item.name.startswith("."):
             continue
+        if item.name.startswith(("quant_model_weight_", "quant_model_description_")):
+            continue  # another run's deployment artifacts: they describe that run's model, not this one
         shutil.copy2(item, target_dir / item.name)

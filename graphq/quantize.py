@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import resource
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -16,10 +17,11 @@ from tqdm import tqdm
 
 from graphq.algorithms.rtn import QuantizedWeight, quantize_rtn
 from graphq.activation_quantize import activation_quantize
+from graphq.artifacts.records import ArtifactCollector
 from graphq.config import ACTIVATION_SCHEMES, QuantConfig
 from graphq.errors import GraphqError
 from graphq.calibration_data import calibration_samples
-from graphq.evaluate import load_tokenizer
+from graphq.tokenizer import load_tokenizer
 from graphq.layer_methods import quantize_region
 from graphq.linear_layers import LinearLayer, find_linear_layers
 from graphq.runtimes.layerwise import LayerwiseCalibration
@@ -128,6 +130,15 @@ def load_calibration_samples(model_file: Path, config: QuantConfig) -> list[np.n
     )
 
 
+def mark_config(output_dir: Path, scheme: str) -> None:
+    """Add ``"quantize": "<scheme>"`` to the output's config.json (deployment runtimes read it)."""
+    config_file = output_dir / "config.json"
+    if config_file.is_file():
+        data = json.loads(config_file.read_text())
+        data["quantize"] = scheme
+        config_file.write_text(json.dumps(data, indent=2) + "\n")
+
+
 def model_context_length(model_dir: Path) -> int | None:
     config_file = model_dir / "config.json"
     if not config_file.is_file():
@@ -190,6 +201,8 @@ def quantize(
             raise GraphqError("every linear layer was excluded: loosen --exclude or pass --quantize-lm-head")
         entries = {layer.name: entry for layer, entry in chosen}
         configs = {scheme: config.for_scheme(scheme) for scheme in {e["scheme"] for _, e in chosen}}
+        spill_dir = staging / ".artifact-layers"
+        collector = ArtifactCollector(config.scheme, config.group_size, config.is_symmetric, config.pack, spill_dir)
 
         def finish(layer: LinearLayer, qw: QuantizedWeight, details: dict) -> None:
             scheme = entries[layer.name]["scheme"]
@@ -204,7 +217,10 @@ def quantize(
                 weight_bytes_after=quantized_weight_bytes(qw),
                 **details,
             )
-            if scheme == "w8a8" and "input_scale" not in details:
+            fallback = scheme == "w8a8" and "input_scale" not in details
+            if set(config.save_format) & {"safetensors", "numpy"}:
+                collector.add(layer, qw, details, scheme="w8a16" if fallback else scheme)
+            if fallback:
                 # Activation fallback: the int8 weight stays, the activations stay float (W8A16, QDQ).
                 entries[layer.name]["scheme"] = "w8a16"
                 emit_dequantize_linear(model, layer, qw)
@@ -231,10 +247,12 @@ def quantize(
             finish, lambda: load_calibration_samples(model_file, config),
         )
         out_model_file = staging / MODEL_FILENAME
-        save_model(model, out_model_file)
+        if "onnx" in config.save_format:
+            save_model(model, out_model_file)
         copy_side_files(model_file.parent, staging)
+        mark_config(staging, config.scheme)
         size_before = model_size_bytes(model_file)
-        size_after = model_size_bytes(out_model_file)
+        size_after = model_size_bytes(out_model_file) if out_model_file.is_file() else 0
         elapsed = time.perf_counter() - started
         peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         quantized = [e for e in layer_reports if "skipped" not in e]
@@ -253,6 +271,11 @@ def quantize(
             **extra_report,
             "layers": layer_reports,
         }
+        artifact_files = collector.write(
+            model, layers, staging, config.save_format, config.part_file_size, __version__, report.get("kv_cache")
+        )
+        report["artifacts"] = {path.name: path.stat().st_size for path in artifact_files}
+        shutil.rmtree(spill_dir, ignore_errors=True)
         (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     final_file = output_dir / MODEL_FILENAME
     print(

@@ -12,4 +12,10 @@ PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 "${PIP[@]}" torch==2.13.0 2> >(grep -v "^WARNING: Location" >&2)
 "${PIP[@]}" -c requirements/constraints.txt -e ".[test]" 2> >(grep -v "^WARNING: Location" >&2)
 .venv/bin/python -m graphq.default_model >/dev/null
+# A headless browser for the HTML report test (Debian chromium); skipped when present or when apt is unavailable.
+if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null; then
+  SUDO=$([ "$(id -u)" = 0 ] && echo "" || echo "sudo")
+  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null \
+    || echo "graphq: warning: could not install chromium; the HTML report browser test will fail" >&2
+fi
 echo "graphq: environment ready in .venv ($(.venv/bin/graphq --version))"

@@ -9,7 +9,7 @@ import pytest
 
 from graphq import GraphqError
 from graphq.calibration_data import DEFAULT_CALIBRATION_FILE, calibration_samples
-from graphq.evaluate import load_tokenizer
+from graphq.tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope="module")

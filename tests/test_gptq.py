@@ -259,3 +259,17 @@ def test_falls_back_to_rtn_when_no_damping_helps(layer, monkeypatch):
     result, info = gptq.gptq_quantize(weight, h, 4, 32, True)
     np.testing.assert_array_equal(result.q, quantize_rtn(weight, 4, 32, True).q)
     assert any("plain RTN" in w for w in info["warnings"]) and np.isfinite(info["damp"])
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_linears_sharing_an_input_can_be_quantized_as_one(layer, act_order):
+    # quantize_region runs q/k/v (and gate/up) through GPTQ as one [K, N1+N2] weight; that must change no code.
+    x, weight, h = layer
+    other = np.random.default_rng(7).standard_normal((weight.shape[0], 24)).astype(np.float32)
+    joined, _ = gptq_quantize(np.concatenate([weight, other], axis=1), h, 4, 32, False, act_order=act_order)
+    for part, (start, stop) in ((weight, (0, weight.shape[1])), (other, (weight.shape[1], joined.shape[1]))):
+        alone, _ = gptq_quantize(part, h, 4, 32, False, act_order=act_order)
+        split = joined.output_columns(start, stop)
+        np.testing.assert_array_equal(split.q, alone.q)
+        np.testing.assert_array_equal(split.zero_points, alone.zero_points)
+        np.testing.assert_allclose(split.scales, alone.scales, rtol=1e-6)

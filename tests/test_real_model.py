@@ -13,7 +13,8 @@ import pytest
 
 from bench.anchors import ort_matmulnbits
 from graphq import QuantConfig, quantize
-from graphq.evaluate import load_tokenizer, perplexity, read_text, token_windows
+from graphq.evaluate import perplexity, read_text, token_windows
+from graphq.tokenizer import load_tokenizer
 from graphq.runtimes.ort import OrtCausalLM
 
 pytestmark = pytest.mark.real_model

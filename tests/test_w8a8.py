@@ -361,7 +361,7 @@ _RSS_SCRIPT = textwrap.dedent(
     from pathlib import Path
     import onnx_ir as ir
     from graphq.calibration_data import calibration_samples
-    from graphq.evaluate import load_tokenizer
+    from graphq.tokenizer import load_tokenizer
     from graphq.linear_layers import find_linear_layers
     from graphq.runtimes.activation_capture import ActivationCapture, kv_cache_outputs
 

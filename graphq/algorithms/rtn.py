@@ -38,6 +38,11 @@ class QuantizedWeight:
         """Repeat a [n_groups, N] array to [K, N]."""
         return np.repeat(per_group, self.group_size, axis=0)[: self.q.shape[0]]
 
+    def output_columns(self, start: int, stop: int) -> "QuantizedWeight":
+        """The quantized weight of output channels [start, stop): groups run along K, so N splits freely."""
+        zero_points = None if self.zero_points is None else self.zero_points[:, start:stop]
+        return QuantizedWeight(self.q[:, start:stop], self.scales[:, start:stop], zero_points, self.bits, self.group_size)
+
     def dequantize(self) -> np.ndarray:
         q = self.q.astype(np.float32)
         if self.zero_points is not None:

@@ -94,6 +94,7 @@ class LayerwiseCalibration:
         prefix = SubmodelSession(self.model, {}, prefix_names, threads=self.threads)
         # Per sample: the static values and the current stream values, by name.
         values = [prefix.run(feed) for feed in feeds]
+        del prefix  # it holds the embedding table, which no later step needs
         later_needs = self._remaining_needs()
         regions = self.active_regions
         for position, region in enumerate(regions):

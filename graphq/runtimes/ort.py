@@ -41,8 +41,8 @@ def create_session(model_path: str | Path, threads: int | None = None) -> ort.In
 class OrtCausalLM:
     """A decoder exported with past key/values (optimum's text-generation-with-past), driven window by window."""
 
-    def __init__(self, model_path: str | Path, threads: int | None = None):
-        self.session = create_session(model_path, threads)
+    def __init__(self, model_path: str | Path, threads: int | None = None, session: ort.InferenceSession | None = None):
+        self.session = session if session is not None else create_session(model_path, threads)
         self.input_names = [i.name for i in self.session.get_inputs()]
         if "input_ids" not in self.input_names:
             raise GraphqError(f"{model_path} has no input_ids input: it is not a causal language model export")

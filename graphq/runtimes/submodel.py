@@ -6,9 +6,6 @@ IR model, so weight edits are seen without re-saving the whole model.
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -16,9 +13,6 @@ import onnxruntime as ort
 
 from graphq.errors import GraphqError
 from graphq.runtimes.ort import session_options
-
-# Above this, protobuf's 2 GB limit is near: slices are written with external data instead of passed as bytes.
-_IN_MEMORY_LIMIT_BYTES = 1 << 30
 
 
 def _closure(graph: ir.Graph, outputs: list[str], stop: set[str]) -> tuple[list[ir.Node], list[ir.Value], list[ir.Value]]:
@@ -62,6 +56,33 @@ def _closure(graph: ir.Graph, outputs: list[str], stop: set[str]) -> tuple[list[
     return nodes, list(initializers.values()), list(graph_inputs.values())
 
 
+# Initializers at least this large reach onnxruntime as user buffers over the model's own arrays (for external data,
+# the memory map of the weights file) instead of being serialized into the slice and copied two or three times.
+_USER_BUFFER_MIN_BYTES = 1 << 16
+_USER_BUFFER_DTYPES = {np.dtype(t) for t in (np.float32, np.float16, np.float64, np.int8, np.uint8, np.int32, np.int64)}
+
+
+def _user_buffer(value: ir.Value) -> np.ndarray | None:
+    """The initializer's data as a numpy array onnxruntime can use in place, or None to serialize it."""
+    tensor = value.const_value
+    if tensor.nbytes < _USER_BUFFER_MIN_BYTES or tensor.dtype.numpy() not in _USER_BUFFER_DTYPES:
+        return None
+    return np.ascontiguousarray(tensor.numpy())
+
+
+def _buffer_reference(value: ir.Value, array: np.ndarray) -> onnx.TensorProto:
+    """A data-less initializer entry; SessionOptions.add_external_initializers supplies the data."""
+    proto = onnx.TensorProto()
+    proto.name = value.name
+    proto.dims.extend(array.shape)
+    proto.data_type = onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
+    proto.data_location = onnx.TensorProto.EXTERNAL
+    for key, entry in (("location", "graphq-user-buffer"), ("offset", "0"), ("length", str(array.nbytes))):
+        item = proto.external_data.add()
+        item.key, item.value = key, entry
+    return proto
+
+
 def _embedded_tensor(value: ir.Value) -> onnx.TensorProto:
     """The initializer with its data inline: weights mapped from an external file are read in."""
     tensor = value.const_value
@@ -97,26 +118,33 @@ class SubmodelSession:
             info = onnx.ValueInfoProto()
             info.name = name
             output_infos.append(info)
+        options = session_options(threads)
+        # The OrtValues must outlive the session, which reads their memory directly.
+        self._buffers: list[ort.OrtValue] = []
+        initializer_protos = []
+        for value in initializers:
+            array = _user_buffer(value)
+            if array is None:
+                initializer_protos.append(_embedded_tensor(value))
+                continue
+            initializer_protos.append(_buffer_reference(value, array))
+            self._buffers.append(ort.OrtValue.ortvalue_from_numpy(array))
+        if self._buffers:
+            options.add_external_initializers(
+                [p.name for p in initializer_protos if p.data_location == onnx.TensorProto.EXTERNAL], self._buffers
+            )
         graph_proto = onnx.helper.make_graph(
             [ir.serde.serialize_node(node) for node in nodes],
             "graphq_slice",
             inputs,
             output_infos,
-            initializer=[_embedded_tensor(value) for value in initializers],
+            initializer=initializer_protos,
         )
         opsets = [onnx.helper.make_opsetid(domain, version) for domain, version in model.opset_imports.items()]
         proto = onnx.helper.make_model(graph_proto, opset_imports=opsets, ir_version=model.ir_version)
         self.input_names = [i.name for i in proto.graph.input]
         self.output_names = list(outputs)
-        options = session_options(threads)
-        size = sum(value.const_value.nbytes for value in initializers)
-        if size < _IN_MEMORY_LIMIT_BYTES:
-            self.session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        else:
-            with tempfile.TemporaryDirectory(prefix="graphq-slice-") as scratch:
-                path = Path(scratch) / "slice.onnx"
-                onnx.save_model(proto, str(path), save_as_external_data=True, location="slice.onnx.data")
-                self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
     def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
         names = outputs or self.output_names

@@ -1,0 +1,153 @@
+"""graphq inspect: what an ONNX model or an artifact folder holds, without running or loading tensor data.
+
+Bits per weight count everything stored for a quantized layer's weight: the integers (as stored: padding and
+unpacked int4 count), scales and zero points / offsets; biases are left out (a float model has them too).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx_ir as ir
+
+from graphq.artifacts.description import find_descriptions
+from graphq.artifacts.reader import open_artifacts
+from graphq.errors import GraphqError
+from graphq.linear_layers import find_linear_layers, module_path_from_node_name
+from graphq.model_io import load_model, model_size_bytes, resolve_model_file
+
+_INT_BITS = {ir.DataType.INT4: 4, ir.DataType.UINT4: 4, ir.DataType.INT8: 8, ir.DataType.UINT8: 8}
+
+
+@dataclass
+class SchemeSummary:
+    layers: int = 0
+    weights: int = 0  # k * n summed
+    stored_bits: int = 0
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.stored_bits / self.weights if self.weights else 0.0
+
+
+@dataclass
+class Inspection:
+    path: Path
+    kind: str  # "onnx" or "artifacts"
+    schemes: dict[str, SchemeSummary] = field(default_factory=dict)
+    float_linear_layers: int = 0
+    float_tensors: int = 0
+    float_bytes: int = 0
+    total_bytes: int = 0
+    files: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    layers: dict[str, str] = field(default_factory=dict)  # layer name -> scheme
+
+    def add(self, name: str, scheme: str, weights: int, stored_bits: int) -> None:
+        summary = self.schemes.setdefault(scheme, SchemeSummary())
+        summary.layers += 1
+        summary.weights += weights
+        summary.stored_bits += stored_bits
+        self.layers[name] = scheme
+
+    def render(self) -> str:
+        lines = [f"{self.path} ({'ONNX model' if self.kind == 'onnx' else 'artifact folder'})"]
+        for scheme, s in sorted(self.schemes.items()):
+            lines.append(
+                f"  {scheme.upper():12s} {s.layers:4d} layers  {s.weights / 1e6:10.3f} M weights  "
+                f"{s.bits_per_weight:6.3f} bits/weight  {s.stored_bits / 8 / 2**20:9.2f} MiB"
+            )
+        if self.kind == "onnx":
+            lines.append(f"  {'float':12s} {self.float_linear_layers:4d} linear layers left float")
+        else:
+            lines.append(f"  {'FLOAT':12s} {self.float_tensors:4d} tensors  {self.float_bytes / 2**20:9.2f} MiB")
+        lines.extend(f"  {note}" for note in self.notes)
+        lines.append(f"  total {self.total_bytes / 2**20:.2f} MiB in {', '.join(self.files)}")
+        return "\n".join(lines)
+
+
+def inspect_path(path: str | Path) -> list[Inspection]:
+    """The ONNX model and/or the artifacts found at ``path`` (an output folder holds both)."""
+    path = Path(path)
+    if not path.exists():
+        raise GraphqError(f"{path} does not exist: pass a model.onnx, an export folder or an artifact folder")
+    results = []
+    if path.is_file() or any(path.glob("*.onnx")):
+        results.append(inspect_onnx(path))
+    if path.is_dir() and find_descriptions(path):
+        results.append(inspect_artifacts(path))
+    if not results:
+        raise GraphqError(f"{path} holds neither an ONNX model nor quant_model_description_*.json")
+    return results
+
+
+def inspect_artifacts(directory: Path) -> Inspection:
+    artifacts = open_artifacts(directory)
+    store = artifacts.store
+    result = Inspection(path=directory, kind="artifacts", files=[artifacts.description.name] + [f.name for f in store.files])
+    for name, (n, k) in artifacts.layers.items():
+        names = [f"{name}.{s}" for s in ("weight", "weight_scale", "weight_offset", "deq_scale", "input_scale", "input_offset")]
+        stored = sum(store.nbytes(t) for t in names if t in store.specs) * 8
+        result.add(name, artifacts.layer_schemes[name], n * k, stored)
+    result.float_tensors = len(artifacts.float_names)
+    result.float_bytes = sum(store.nbytes(t) for t in artifacts.float_names)
+    result.total_bytes = sum(f.stat().st_size for f in store.files) + artifacts.description.stat().st_size
+    if "w4a16" in artifacts.layer_schemes.values():
+        result.notes.append("int4 weights " + ("packed two per byte" if artifacts.packed else "unpacked, one per int8"))
+    if artifacts.kv_cache_type:
+        result.notes.append(f"KV cache {artifacts.kv_cache_type}: {len(artifacts.kv_names)} scale/offset tensors")
+    return result
+
+
+def _nbytes(value: ir.Value | None) -> int:
+    if value is None or value.const_value is None:
+        return 0
+    tensor = value.const_value
+    count = 1
+    for dim in tensor.shape:
+        count *= int(dim)
+    return (count * tensor.dtype.bitwidth + 7) // 8
+
+
+def inspect_onnx(path: Path) -> Inspection:
+    model_file = resolve_model_file(path)
+    model = load_model(model_file)
+    result = Inspection(path=model_file, kind="onnx")
+    for node in model.graph:
+        if node.op_type == "MatMulNBits":
+            k, n = node.attributes["K"].as_int(), node.attributes["N"].as_int()
+            bits = node.attributes["bits"].as_int()
+            stored = sum(_nbytes(v) for v in node.inputs[1:4]) * 8
+            name = (node.outputs[0].name or "").removesuffix(".quantized_output") or module_path_from_node_name(node.name) or node.name
+            result.add(name, f"w{bits}a16", k * n, stored)
+        elif node.op_type == "DequantizeLinear":
+            weight = node.inputs[0]
+            if weight is None or weight.const_value is None or weight.dtype not in _INT_BITS:
+                continue
+            consumers = [use for use in node.outputs[0].uses() if use.node.op_type in ("MatMul", "Gemm") and use.idx == 1]
+            if not consumers or len(weight.const_value.shape) != 2:
+                continue
+            matmul = consumers[0].node
+            activation = matmul.inputs[0].producer() if matmul.inputs[0] is not None else None
+            a8 = activation is not None and activation.op_type == "DequantizeLinear"
+            bits = _INT_BITS[weight.dtype]
+            scheme = f"w{bits}a8" if a8 else f"w{bits}a16"
+            k, n = (int(d) for d in weight.const_value.shape)
+            stored = sum(_nbytes(v) for v in node.inputs[:3]) * 8
+            name = (node.name or "").removesuffix(".weight_dequantize") or module_path_from_node_name(matmul.name) or matmul.name
+            result.add(name, scheme, k * n, stored)
+        elif node.op_type == "MatMulInteger":
+            weight = node.inputs[1]
+            if weight is None or weight.const_value is None or len(weight.const_value.shape) != 2:
+                continue
+            k, n = (int(d) for d in weight.const_value.shape)
+            name = (node.name or "").removesuffix(".dynamic_matmul_integer") or module_path_from_node_name(node.name) or ""
+            # The weight's scale is a separate Mul constant: graphq names it "<layer>.weight_scale".
+            scale = model.graph.initializers.get(f"{name}.weight_scale")
+            stored = (_nbytes(weight) + _nbytes(node.inputs[3] if len(node.inputs) > 3 else None) + _nbytes(scale)) * 8
+            result.add(name or node.name, "w8a8-dynamic", k * n, stored)
+    result.float_linear_layers = len(find_linear_layers(model))
+    result.total_bytes = model_size_bytes(model_file)
+    result.files = sorted(p.name for p in model_file.parent.iterdir() if p.name.startswith(model_file.name))
+    return result

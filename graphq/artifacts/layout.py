@@ -1,0 +1,194 @@
+"""The deployment tensor layout of one quantized linear layer (numpy only, no graph, no files).
+
+Weights are stored [n, k] = [out, in] (the transpose of graphq's [K, N] QuantizedWeight) under the layer's Hugging
+Face name, e.g. ``model.layers.0.self_attn.q_proj.weight``. Per scheme:
+
+W8A16 / W4A16 (weight-only), and W8A8_DYNAMIC (int8 per-channel symmetric weights, per-token activation scales
+computed at run time: the same tensors as W8A16, weight_offset zeros)
+    ``weight``         int8 [n, k]; for 4 bits packed two per byte into int8 [n, k/2] unless --no-pack: byte j of
+                       row n holds k-index 2j in its low nibble and 2j+1 in its high nibble, each a two's-complement
+                       4-bit value in [-8, 7].
+    ``weight_scale``   float32 [n, 1] per channel, [n, ceil(k/group)] per group.
+    ``weight_offset``  float32, same shape, in the signed domain: w = (weight - weight_offset) * weight_scale
+                       (zeros for symmetric weights). graphq's unsigned asymmetric integers q in [0, 2^b) with zero
+                       point z are stored as q - 2^(b-1) and z - 2^(b-1).
+    ``bias``           the float bias [n] in the model's float type, when the layer has one.
+
+W8A8 (per-channel symmetric int8 weights, per-tensor int8 activations x_q = round(x / input_scale) + input_offset)
+    ``weight``         int8 [n, k].
+    ``input_scale``    [1] float16 for fp16 models, float32 otherwise.
+    ``input_offset``   [1] same type, an integer value.
+    ``deq_scale``      [n] = input_scale * weight_scale; float32, or for fp16 models int64 holding the float32's bits.
+    ``quant_bias``     int32 [n] = round(bias / deq_scale) - input_offset * sum_k weight[n, k]   (MindIE convention),
+                       so that y = deq_scale * (sum_k x_q[k] * weight[n, k] + quant_bias) ~= x @ W + bias.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from graphq.algorithms.rtn import QuantizedWeight
+from graphq.errors import GraphqError
+
+# graphq scheme -> the tensor type the description gives its tensors (MindIE's names).
+TYPES = {"w4a16": "W4A16", "w8a16": "W8A16", "w8a8": "W8A8", "w8a8-dynamic": "W8A8_DYNAMIC"}
+SCHEME_OF_TYPE = {kind: scheme for scheme, kind in TYPES.items()}
+SCHEMES = tuple(TYPES)
+WEIGHT_ONLY_SUFFIXES = ("weight", "weight_scale", "weight_offset")
+W8A8_SUFFIXES = ("weight", "input_scale", "input_offset", "deq_scale", "quant_bias")
+PACKING = "int4_pairs_low_nibble_first"
+
+
+def suffixes_for(scheme: str) -> tuple[str, ...]:
+    """The tensors a layer of ``scheme`` must have (a float bias may come with all but W8A8)."""
+    return W8A8_SUFFIXES if scheme == "w8a8" else WEIGHT_ONLY_SUFFIXES
+
+
+def bits_of(scheme: str) -> int:
+    return 4 if scheme == "w4a16" else 8
+
+
+def pack_int4(weight: np.ndarray) -> np.ndarray:
+    """int8 [n, k] values in [-8, 7] -> int8 [n, k/2]: even k in the low nibble, odd k in the high nibble."""
+    if weight.shape[1] % 2:
+        raise GraphqError(f"cannot pack int4 pairs of a layer with odd input size {weight.shape[1]}: use --no-pack")
+    u = weight.astype(np.uint8) & 0x0F
+    return (u[:, 0::2] | (u[:, 1::2] << 4)).astype(np.uint8).view(np.int8)
+
+
+def unpack_int4(packed: np.ndarray) -> np.ndarray:
+    """Inverse of pack_int4: int8 [n, k/2] -> int8 [n, k] in [-8, 7]."""
+    u = packed.view(np.uint8)
+    nibbles = np.empty((u.shape[0], u.shape[1] * 2), dtype=np.int16)
+    nibbles[:, 0::2] = u & 0x0F
+    nibbles[:, 1::2] = u >> 4
+    return np.where(nibbles >= 8, nibbles - 16, nibbles).astype(np.int8)
+
+
+def encode_weight_only(qw: QuantizedWeight, bias: np.ndarray | None, float_dtype: np.dtype, pack: bool) -> dict[str, np.ndarray]:
+    """A weight-only QuantizedWeight -> {suffix: array} in the deployment layout."""
+    half = 1 << (qw.bits - 1)
+    if qw.symmetric:
+        signed = qw.q.astype(np.int8)
+        offset = np.zeros(qw.scales.shape, dtype=np.float32)
+    else:
+        signed = (qw.q.astype(np.int16) - half).astype(np.int8)
+        offset = qw.zero_points.astype(np.float32) - half
+    weight = np.ascontiguousarray(signed.T)
+    if qw.bits == 4 and pack:
+        weight = pack_int4(weight)
+    tensors = {
+        "weight": weight,
+        "weight_scale": np.ascontiguousarray(qw.scales.T.astype(np.float32)),
+        "weight_offset": np.ascontiguousarray(offset.T),
+    }
+    if bias is not None:
+        tensors["bias"] = np.asarray(bias).astype(float_dtype)
+    return tensors
+
+
+def decode_weight_only(
+    tensors: dict[str, np.ndarray], bits: int, k: int, group_size: int, packed: bool
+) -> QuantizedWeight:
+    """Inverse of encode_weight_only: the QuantizedWeight quantize emitted (integers, scales, zero points).
+
+    All-zero offsets decode as symmetric: an asymmetric weight whose zero points all sit at 2^(b-1) dequantizes to
+    the same values either way."""
+    symmetric = not tensors["weight_offset"].any()
+    weight = tensors["weight"]
+    signed = unpack_int4(weight)[:, :k] if bits == 4 and packed else weight
+    n_groups = tensors["weight_scale"].shape[1]
+    half = 1 << (bits - 1)
+    scales = np.ascontiguousarray(tensors["weight_scale"].T.astype(np.float32))
+    if symmetric:
+        q, zero_points = np.ascontiguousarray(signed.T.astype(np.int8)), None
+    else:
+        q = np.ascontiguousarray((signed.T.astype(np.int16) + half).astype(np.uint8))
+        zero_points = np.ascontiguousarray((tensors["weight_offset"].T + half).round().astype(np.uint8))
+    return QuantizedWeight(q=q, scales=scales, zero_points=zero_points, bits=bits, group_size=k if n_groups == 1 else group_size)
+
+
+def encode_w8a8(
+    qw: QuantizedWeight, bias: np.ndarray | None, input_scale: float, input_offset: int, float_dtype: np.dtype
+) -> dict[str, np.ndarray]:
+    """A per-channel symmetric int8 weight and per-tensor activation parameters -> the W8A8 layout."""
+    if qw.bits != 8 or not qw.symmetric or qw.n_groups != 1:
+        raise GraphqError("W8A8 artifacts need per-channel symmetric 8-bit weights")
+    weight = np.ascontiguousarray(qw.q.astype(np.int8).T)
+    act_dtype = np.float16 if np.dtype(float_dtype) == np.float16 else np.float32
+    # deq_scale uses input_scale as stored (float16 for fp16 models), the value the runtime quantizes with.
+    input_scale = float(act_dtype(input_scale))
+    deq_scale = (np.float64(input_scale) * qw.scales[0].astype(np.float64)).astype(np.float32)
+    float_bias = np.zeros(weight.shape[0]) if bias is None else np.asarray(bias, dtype=np.float64)
+    quant_bias = np.round(float_bias / deq_scale.astype(np.float64)) - int(input_offset) * weight.astype(np.int64).sum(1)
+    if np.abs(quant_bias).max(initial=0) >= 2**31:
+        raise GraphqError("quant_bias overflows int32: the bias is too large for its deq_scale")
+    return {
+        "weight": weight,
+        "input_scale": np.array([input_scale], dtype=act_dtype),
+        "input_offset": np.array([input_offset], dtype=act_dtype),
+        "deq_scale": deq_scale.view(np.uint32).astype(np.int64) if act_dtype == np.float16 else deq_scale,
+        "quant_bias": quant_bias.astype(np.int32),
+    }
+
+
+def decode_w8a8(tensors: dict[str, np.ndarray]) -> tuple[QuantizedWeight, float, int, np.ndarray]:
+    """-> (weight, input_scale, input_offset, the float bias recovered from quant_bias)."""
+    weight = tensors["weight"]
+    deq_scale = tensors["deq_scale"]
+    if deq_scale.dtype == np.int64:
+        deq_scale = deq_scale.astype(np.uint32).view(np.float32)
+    input_scale = float(tensors["input_scale"][0])
+    input_offset = int(round(float(tensors["input_offset"][0])))
+    scales = (deq_scale.astype(np.float64) / input_scale).astype(np.float32)[None, :]
+    qw = QuantizedWeight(q=np.ascontiguousarray(weight.T), scales=scales, zero_points=None, bits=8, group_size=weight.shape[1])
+    bias = (tensors["quant_bias"].astype(np.float64) + input_offset * weight.astype(np.int64).sum(1)) * deq_scale
+    return qw, input_scale, input_offset, bias.astype(np.float32)
+
+
+def check_layer(prefix: str, scheme: str, specs: dict[str, tuple[str, tuple[int, ...]]], packed: bool) -> tuple[int, int]:
+    """Check one layer's tensors (name -> (safetensors dtype, shape)) against the table; returns (n, k).
+
+    Raises GraphqError naming the first tensor whose dtype or shape is off the table.
+    """
+
+    def spec(suffix: str) -> tuple[str, tuple[int, ...]]:
+        name = f"{prefix}.{suffix}"
+        if name not in specs:
+            raise GraphqError(f"{name} is missing: a {TYPES[scheme]} layer needs {', '.join(suffixes_for(scheme))}")
+        return specs[name]
+
+    def fail(suffix: str, what: str, expected: str) -> GraphqError:
+        return GraphqError(f"{prefix}.{suffix} has {what}, but {TYPES[scheme]} needs {expected}: the artifact is not graphq's layout")
+
+    dtype, shape = spec("weight")
+    if dtype != "I8" or len(shape) != 2:
+        raise fail("weight", f"dtype {dtype} shape {list(shape)}", "int8 [n, k]")
+    n, k = shape
+    if scheme == "w4a16" and packed:
+        k *= 2
+    if scheme == "w8a8":
+        act_dtype, act_shape = spec("input_scale")
+        if act_dtype not in ("F16", "F32") or act_shape != (1,):
+            raise fail("input_scale", f"dtype {act_dtype} shape {list(act_shape)}", "float16/float32 [1]")
+        for suffix, expected_dtype, expected_shape in (
+            ("input_offset", act_dtype, (1,)),
+            ("deq_scale", "I64" if act_dtype == "F16" else "F32", (n,)),
+            ("quant_bias", "I32", (n,)),
+        ):
+            d, s = spec(suffix)
+            if d != expected_dtype or s != expected_shape:
+                raise fail(suffix, f"dtype {d} shape {list(s)}", f"{expected_dtype} {list(expected_shape)}")
+        return n, k
+    d, s = spec("weight_scale")
+    if d != "F32" or len(s) != 2 or s[0] != n or not 1 <= s[1] <= k:
+        raise fail("weight_scale", f"dtype {d} shape {list(s)}", f"F32 [{n}, groups]")
+    d2, s2 = spec("weight_offset")
+    if d2 != "F32" or s2 != s:
+        raise fail("weight_offset", f"dtype {d2} shape {list(s2)}", f"F32 {list(s)}")
+    bias_name = f"{prefix}.bias"
+    if bias_name in specs:
+        d3, s3 = specs[bias_name]
+        if d3 not in ("F16", "F32", "BF16") or s3 != (n,):
+            raise fail("bias", f"dtype {d3} shape {list(s3)}", f"a float [{n}]")
+    return n, k

@@ -1,0 +1,170 @@
+"""load-artifacts: rebuild a fake-quant ONNX model from the float export plus the safetensors + description.
+
+The artifacts' integers and parameters are turned back into the QuantizedWeight objects quantize produced and fed
+to the same emitters (MatMulNBits, DequantizeLinear, W8A8 QDQ), and the float tensors (norms possibly rewritten by
+AWQ, embeddings, float linears) replace the export's; so the rebuilt model computes what the quantized ONNX computes,
+and equal logits show that the two artifacts say the same thing.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from graphq.artifacts.layout import decode_w8a8, decode_weight_only
+from graphq.artifacts.naming import float_tensor_sources
+from graphq.artifacts.reader import Artifacts, open_artifacts
+from graphq.errors import GraphqError
+from graphq.linear_layers import find_linear_layers
+from graphq.model_io import MODEL_FILENAME, atomic_output_dir, copy_side_files, load_model, resolve_model_file, save_model
+from graphq.passes.matmulnbits import emit_matmulnbits
+from graphq.passes.qdq import emit_dequantize_linear
+from graphq.passes.weights import set_layer_bias
+
+EMITTERS = {"matmulnbits": emit_matmulnbits, "qdq": emit_dequantize_linear}
+_SAFETENSORS_DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64}
+
+
+def _source_model_of(directory: Path) -> Path:
+    report = directory / "report.json"
+    if report.is_file():
+        source = json.loads(report.read_text()).get("source_model")
+        if source and Path(source).is_file():
+            return Path(source)
+    raise GraphqError(f"cannot tell which float export {directory} came from: pass it with --float")
+
+
+def _format_of(directory: Path) -> str:
+    report = directory / "report.json"
+    if report.is_file():
+        return json.loads(report.read_text()).get("config", {}).get("format", "qdq")
+    return "qdq"
+
+
+def _activation_emitter(scheme: str):
+    """emit_w8a8 / emit_w8a8_dynamic from the W8A8 passes (imported only when the artifacts need them)."""
+    module, function = ("graphq.passes.w8a8", "emit_w8a8") if scheme == "w8a8" else ("graphq.passes.w8a8_dynamic", "emit_w8a8_dynamic")
+    try:
+        return getattr(__import__(module, fromlist=[function]), function)
+    except (ImportError, AttributeError) as exc:
+        raise GraphqError(f"rebuilding {scheme.upper()} artifacts needs {module}, which this graphq build lacks") from exc
+
+
+def load_artifacts(
+    artifact_dir: str | Path,
+    output_dir: str | Path,
+    float_model: str | Path | None = None,
+    format: str | None = None,
+    numpy: bool = False,
+    scheme: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``output_dir/model.onnx``: the float export with the artifacts' quantized layers and float tensors."""
+    artifact_dir = Path(artifact_dir)
+    artifacts = open_artifacts(artifact_dir, scheme=scheme, numpy=numpy)
+    model_file = resolve_model_file(float_model) if float_model is not None else _source_model_of(artifact_dir)
+    format = format or _format_of(artifact_dir)
+    if format not in EMITTERS:
+        raise GraphqError(f"unknown format '{format}': choose matmulnbits or qdq")
+    with atomic_output_dir(output_dir, overwrite=overwrite, inputs=[model_file.parent, artifact_dir]) as staging:
+        model = load_model(model_file)
+        apply_artifacts(model, artifacts, format)
+        save_model(model, staging / MODEL_FILENAME)
+        copy_side_files(model_file.parent, staging)
+        config_file = staging / "config.json"
+        if config_file.is_file():
+            data = json.loads(config_file.read_text())
+            data["quantize"] = artifacts.scheme
+            config_file.write_text(json.dumps(data, indent=2) + "\n")
+    print(
+        f"graphq: rebuilt {len(artifacts.layers)} quantized layers ({artifacts.scheme}, {format}) from {artifact_dir} "
+        f"onto {model_file}; wrote {output_dir}",
+        file=sys.stderr,
+    )
+    return Path(output_dir) / MODEL_FILENAME
+
+
+def apply_artifacts(model, artifacts: Artifacts, format: str) -> None:
+    """Rewrite a float model in place from checked artifacts (shapes are checked against the model here)."""
+    layers = find_linear_layers(model)
+    by_name = {layer.name: layer for layer in layers}
+    missing = next((name for name in artifacts.layers if name not in by_name), None)
+    if missing is not None:
+        raise GraphqError(f"the artifacts quantize {missing}, which the float model has no linear layer for: wrong --float model?")
+    sources = float_tensor_sources(model, layers, set(artifacts.layers))
+    for name in artifacts.float_names:
+        source = sources.get(name)
+        if source is None:
+            raise GraphqError(f"the artifacts hold float tensor {name}, which the float model does not have: wrong --float model?")
+        dtype, shape = artifacts.store.specs[name]
+        if tuple(shape) != tuple(source.shape) or _SAFETENSORS_DTYPES.get(dtype) != source.dtype:
+            raise GraphqError(
+                f"{name} is {dtype} {list(shape)} in the artifacts but {source.dtype} {list(source.shape)} in the float model"
+            )
+    unsaved = next((name for name in sources if name not in artifacts.types), None)
+    if unsaved is not None:
+        raise GraphqError(f"the float model has {unsaved}, which the artifacts do not hold: wrong --float model?")
+    for name in artifacts.float_names:
+        sources[name].store(model, artifacts.store.get(name))
+    emitters = {scheme: _activation_emitter(scheme) if scheme.startswith("w8a8") else EMITTERS[format]
+                for scheme in set(artifacts.layer_schemes.values())}
+    for name, (n, k) in artifacts.layers.items():
+        layer = by_name[name]
+        scheme = artifacts.layer_schemes[name]
+        emit = emitters[scheme]
+        if (n, k) != (layer.out_features, layer.in_features):
+            raise GraphqError(
+                f"{name}.weight is for a [{n}, {k}] layer but the float model's {name} is "
+                f"[{layer.out_features}, {layer.in_features}]: wrong --float model?"
+            )
+        tensors = artifacts.layer_tensors(name)
+        if scheme == "w8a8":
+            qw, input_scale, input_offset, bias = decode_w8a8(tensors)
+            _check_w8a8_bias(name, layer, bias, tensors)
+            emit(model, layer, qw, input_scale, input_offset)
+            continue
+        if (layer.bias is None) != ("bias" not in tensors):
+            raise GraphqError(f"{name}: the float model's layer {'has' if layer.bias is not None else 'has no'} bias "
+                              f"but the artifacts {'do not hold' if 'bias' not in tensors else 'hold'} {name}.bias")
+        if "bias" in tensors:
+            set_layer_bias(model, layer, tensors["bias"].astype(layer.bias.const_value.dtype.numpy()))
+        bits = artifacts.bits(name)
+        packed = artifacts.packed and scheme == "w4a16"
+        weight = tensors["weight"]
+        if bits == 4 and not packed and (weight.min() < -8 or weight.max() > 7):
+            raise GraphqError(f"{name}.weight holds values outside the int4 range [-8, 7]: not W4A16 data")
+        qw = decode_weight_only(tensors, bits, k, artifacts.group_size, packed)
+        emit(model, layer, qw)
+    if artifacts.kv_names:
+        apply_kv_cache(model, artifacts)
+
+
+def apply_kv_cache(model, artifacts: Artifacts) -> None:
+    """Per-head QDQ on every present.<i>.key|value from the kv_cache_scale / kv_cache_offset tensors."""
+    try:
+        from graphq.passes.kv_cache import emit_kv_qdq
+    except ImportError as exc:
+        raise GraphqError("rebuilding an int8 KV cache needs graphq.passes.kv_cache, which this graphq build lacks") from exc
+    outputs = {value.name for value in model.graph.outputs}
+    for name in artifacts.kv_names:
+        if not name.endswith(".kv_cache_scale"):
+            continue
+        prefix = name[: -len(".kv_cache_scale")]  # model.layers.<i>.self_attn.k_proj
+        index = prefix.split(".")[2]
+        output = f"present.{index}.{'key' if prefix.endswith('k_proj') else 'value'}"
+        if output not in outputs:
+            raise GraphqError(f"{name} is for {output}, which the float model does not output")
+        offsets = artifacts.store.get(f"{prefix}.kv_cache_offset").round().astype(np.int64)
+        emit_kv_qdq(model, output, artifacts.store.get(name).astype(np.float32), offsets)
+
+
+def _check_w8a8_bias(name, layer, bias: np.ndarray, tensors: dict) -> None:
+    """quant_bias must fold the float model's bias (within half a deq_scale step): else the artifact is inconsistent."""
+    float_bias = layer.bias_array() if layer.bias is not None else np.zeros_like(bias)
+    deq = tensors["deq_scale"]
+    deq = deq.astype(np.uint32).view(np.float32) if deq.dtype == np.int64 else deq
+    if np.any(np.abs(bias - float_bias) > 0.5 * np.abs(deq) * (1 + 1e-3) + 1e-6 * np.abs(float_bias)):
+        raise GraphqError(f"{name}.quant_bias does not match the float model's bias: wrong --float model or input_offset")

@@ -1,0 +1,159 @@
+"""safetensors files: a writer that shards like Hugging Face (files + .index.json), a reader that validates.
+
+The reader parses headers itself (8-byte little-endian length, then JSON), so listing and checking a folder's
+tensors reads no tensor data; arrays are read one at a time with safetensors' own ``safe_open``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from graphq.errors import GraphqError
+
+DTYPE_NAMES = {
+    np.dtype(np.int8): "I8", np.dtype(np.uint8): "U8", np.dtype(np.int16): "I16", np.dtype(np.int32): "I32",
+    np.dtype(np.int64): "I64", np.dtype(np.float16): "F16", np.dtype(np.float32): "F32", np.dtype(np.float64): "F64",
+}
+BYTES_PER_ELEMENT = {"I8": 1, "U8": 1, "I16": 2, "I32": 4, "I64": 8, "F16": 2, "BF16": 2, "F32": 4, "F64": 8, "BOOL": 1}
+GB = 10**9  # --part-file-size counts decimal gigabytes, as Hugging Face's max_shard_size does
+
+
+def _normal_permissions(path: Path) -> None:
+    """safetensors creates files private (0600); give them the permissions of any other output file."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)
+
+
+def shard_name(stem: str, index: int, total: int) -> str:
+    return f"{stem}-{index:05d}-of-{total:05d}.safetensors"
+
+
+def index_name(stem: str) -> str:
+    return f"{stem}.safetensors.index.json"
+
+
+def write_safetensors(
+    tensors: Iterable[tuple[str, np.ndarray]], out_dir: Path, stem: str, part_bytes: int | None = None,
+    metadata: dict[str, str] | None = None,
+) -> list[Path]:
+    """Write ``stem.safetensors``, or with ``part_bytes`` shards of at most that size (a larger tensor gets a shard
+    of its own) plus ``stem.safetensors.index.json`` mapping each tensor to its shard. Returns the files written.
+
+    Each shard is written as soon as it is full, so at most one shard's tensors are held at a time (``tensors`` may
+    be a generator reading them lazily); shards get their final ``-0000i-of-0000n`` names once n is known.
+    """
+    metadata = dict(metadata or {})
+    if part_bytes is None:
+        path = out_dir / f"{stem}.safetensors"
+        save_file({name: np.ascontiguousarray(a) for name, a in tensors}, str(path), metadata=metadata)
+        _normal_permissions(path)
+        return [path]
+    pending: list[tuple[Path, list[str]]] = []
+    shard: dict[str, np.ndarray] = {}
+    size = total = 0
+
+    def flush() -> None:
+        path = out_dir / f".{stem}-part{len(pending) + 1:05d}.safetensors"
+        save_file(shard, str(path), metadata=metadata)
+        pending.append((path, list(shard)))
+
+    for name, array in tensors:
+        array = np.ascontiguousarray(array)
+        if shard and size + array.nbytes > part_bytes:
+            flush()
+            shard, size = {}, 0
+        shard[name] = array
+        size += array.nbytes
+        total += array.nbytes
+    if shard or not pending:
+        flush()
+    files: list[Path] = []
+    weight_map: dict[str, str] = {}
+    for i, (path, names) in enumerate(pending, start=1):
+        final = out_dir / shard_name(stem, i, len(pending))
+        path.rename(final)
+        _normal_permissions(final)
+        files.append(final)
+        weight_map.update({name: final.name for name in names})
+    index = {"metadata": {"total_size": total, **metadata}, "weight_map": weight_map}
+    (out_dir / index_name(stem)).write_text(json.dumps(index, indent=2) + "\n")
+    files.append(out_dir / index_name(stem))
+    return files
+
+
+def read_header(path: Path) -> tuple[dict[str, tuple[str, tuple[int, ...]]], dict[str, str]]:
+    """(name -> (dtype, shape), metadata) from a safetensors file's header."""
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > 100 * 2**20:
+                raise ValueError("header too large")
+            header = json.loads(f.read(length))
+    except (OSError, ValueError, struct.error) as exc:
+        raise GraphqError(f"{path} is not a readable safetensors file ({exc}): write the artifacts again") from exc
+    metadata = header.pop("__metadata__", None) or {}
+    specs = {name: (entry["dtype"], tuple(entry["shape"])) for name, entry in header.items()}
+    return specs, metadata
+
+
+class SafetensorsStore:
+    """The tensors of one artifact (a single file, or shards with their index), checked on opening."""
+
+    def __init__(self, directory: Path, stem: str):
+        self.directory = directory
+        self.specs: dict[str, tuple[str, tuple[int, ...]]] = {}
+        self.file_of: dict[str, Path] = {}
+        self.metadata: dict[str, str] = {}
+        single = directory / f"{stem}.safetensors"
+        index = directory / index_name(stem)
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError, TypeError) as exc:
+                raise GraphqError(f"{index} is not a safetensors index (no weight_map): write the artifacts again") from exc
+            files: dict[str, list[str]] = {}
+            for tensor, file in weight_map.items():
+                files.setdefault(file, []).append(tensor)
+            for file, names in files.items():
+                path = directory / file
+                if not path.is_file():
+                    raise GraphqError(f"{index.name} maps {names[0]} to {file}, which does not exist: copy every shard")
+                specs, self.metadata = read_header(path)
+                for name in names:
+                    if name not in specs:
+                        raise GraphqError(f"{index.name} maps {name} to {file}, but that shard has no such tensor")
+                for name in specs:
+                    if weight_map.get(name) != file:
+                        raise GraphqError(f"{file} holds {name}, which {index.name} does not map to it")
+                    self.specs[name] = specs[name]
+                    self.file_of[name] = path
+        elif single.is_file():
+            self.specs, self.metadata = read_header(single)
+            self.file_of = {name: single for name in self.specs}
+        else:
+            raise GraphqError(f"{directory} has neither {single.name} nor {index.name}: write the artifacts again")
+
+    @property
+    def files(self) -> list[Path]:
+        return sorted(set(self.file_of.values()))
+
+    def nbytes(self, name: str) -> int:
+        dtype, shape = self.specs[name]
+        return int(np.prod(shape, dtype=np.int64)) * BYTES_PER_ELEMENT.get(dtype, 1)
+
+    def get(self, name: str) -> np.ndarray:
+        with safe_open(str(self.file_of[name]), framework="numpy") as f:
+            return f.get_tensor(name)
+
+    def items(self, names: Iterable[str]) -> Iterator[tuple[str, np.ndarray]]:
+        for name in names:
+            yield name, self.get(name)

@@ -1,0 +1,226 @@
+"""graphq verify: a quantized model against its float model, end to end and layer by layer, in onnxruntime.
+
+Both models run on the same token windows. End to end: perplexity of each, mean KL(float || quant) of the
+next-token distributions and top-1 agreement (the same formulas as graphq.evaluate). Per layer: every quantized
+linear's output is added as a graph output of both models, and its SQNR = 10 log10(sum f^2 / sum (q - f)^2) and the
+mean per-token cosine of q against f are accumulated over all windows. Each model runs on its own hidden states, so a
+layer's error includes what the quantized layers before it passed on: the error a deployment would see.
+Only running sums are kept (one window's outputs at a time).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+from tqdm import tqdm
+
+from graphq.errors import GraphqError
+from graphq.evaluate import log_softmax
+from graphq.linear_layers import LinearLayer, find_linear_layers
+from graphq.model_io import load_model, model_size_bytes, resolve_model_file
+from graphq.runtimes.ort import OrtCausalLM, session_options
+
+
+@dataclass
+class LayerError:
+    name: str
+    role: str
+    layer_index: int | None
+    sqnr_db: float
+    cosine: float
+
+
+@dataclass
+class VerifyResult:
+    float_ppl: float
+    quant_ppl: float
+    mean_kl: float
+    top1_agreement: float
+    tokens: int
+    windows: int
+    layers: list[LayerError]
+    unmatched: list[str] = field(default_factory=list)
+    float_model: str = ""
+    quant_model: str = ""
+    float_bytes: int = 0
+    quant_bytes: int = 0
+    config: dict | None = None
+    artifacts: dict | None = None
+
+    def worst(self, count: int) -> list[LayerError]:
+        return sorted(self.layers, key=lambda e: e.sqnr_db)[:count]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _quantized_output_name(layer: LinearLayer, quant: ir.Model, values: dict[str, ir.Value]) -> str | None:
+    """The value in the quantized graph that corresponds to the float layer's output (after its bias)."""
+    if layer.output.name in values:  # QDQ keeps the MatMul; MatMulNBits keeps a separate bias Add
+        return layer.output.name
+    value = values.get(f"{layer.name}.quantized_output")  # graphq's MatMulNBits output
+    if value is not None:
+        if layer.bias is not None and layer.bias_node is None:  # a Gemm's bias became an Add after it
+            uses = [u.node for u in value.uses() if u.node.op_type == "Add"]
+            if len(uses) == 1:
+                return uses[0].outputs[0].name
+        return value.name
+    # Other emitters name their nodes "<layer>.*" (graphq's W8A8 dynamic) or keep the exporter's node-name prefix
+    # ("/model/layers.0/self_attn/q_proj/..."): the last such node in graph order computes the layer's output.
+    prefixes = tuple(p for p in (f"{layer.name}.", (layer.node.name or "").rsplit("/", 1)[0] + "/") if p != "/")
+    last = None
+    for node in quant.graph:
+        if (node.name or "").startswith(prefixes) and node.op_type not in ("QuantizeLinear", "DynamicQuantizeLinear"):
+            last = node
+    return last.outputs[0].name if last is not None else None
+
+
+class _CaptureLM(OrtCausalLM):
+    """An OrtCausalLM whose session also returns some intermediate values.
+
+    The graph is read without its weights, given the extra outputs and handed to onnxruntime as bytes, with the
+    model's folder named as the place of its external data: nothing is copied and nothing is written."""
+
+    def __init__(self, model_path: Path, extra_outputs: list[str], threads: int | None = None):
+        model_file = resolve_model_file(model_path)
+        proto = onnx.load(str(model_file), load_external_data=False)
+        existing = {o.name for o in proto.graph.output}
+        for name in extra_outputs:
+            if name not in existing:
+                proto.graph.output.append(onnx.ValueInfoProto(name=name))
+        options = session_options(threads)
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(model_file.parent.resolve()))
+        try:
+            session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise GraphqError(f"onnxruntime cannot load {model_file}: {first_line}") from exc
+        super().__init__(model_file, session=session)
+        self.extra_outputs = list(extra_outputs)
+
+    def run(self, ids: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
+        logits, *extras = self.session.run(["logits", *self.extra_outputs], self._feeds(ids, None, 0))
+        return logits[0].astype(np.float32), extras
+
+
+def verify(
+    float_model: str | Path, quant_model: str | Path, windows: list[np.ndarray], threads: int | None = None,
+    progress: bool = False,
+) -> VerifyResult:
+    float_file, quant_file = resolve_model_file(float_model), resolve_model_file(quant_model)
+    float_layers = find_linear_layers(load_model(float_file))
+    quant_ir = load_model(quant_file)
+    still_float = {layer.name for layer in find_linear_layers(quant_ir)}
+    values = {out.name: out for node in quant_ir.graph for out in node.outputs}
+    pairs, unmatched = [], []
+    for layer in float_layers:
+        if layer.name in still_float:
+            continue
+        name = _quantized_output_name(layer, quant_ir, values)
+        if name is None:
+            unmatched.append(layer.name)
+        else:
+            pairs.append((layer, layer.output.name, name))
+    if not pairs and len(still_float) == len(float_layers):
+        raise GraphqError(f"{quant_file} has the same float linear layers as {float_file}: it is not quantized")
+    del quant_ir
+    reference = _CaptureLM(float_file, [p[1] for p in pairs], threads)
+    candidate = _CaptureLM(quant_file, [p[2] for p in pairs], threads)
+    signal = np.zeros(len(pairs))
+    noise = np.zeros(len(pairs))
+    cosine = np.zeros(len(pairs))
+    rows = 0
+    nll_f = nll_q = kl = agree = 0.0
+    count = positions = 0
+    try:
+        for window in tqdm(windows, desc="verify", unit="window", disable=not progress, file=sys.stderr):
+            f_logits, f_outs = reference.run(window)
+            q_logits, q_outs = candidate.run(window)
+            targets = window[1:]
+            f_lp, q_lp = log_softmax(f_logits), log_softmax(q_logits)
+            nll_f -= float(f_lp[:-1][np.arange(len(targets)), targets].sum())
+            nll_q -= float(q_lp[:-1][np.arange(len(targets)), targets].sum())
+            count += len(targets)
+            kl += float((np.exp(f_lp) * (f_lp - q_lp)).sum())
+            agree += float((f_logits.argmax(-1) == q_logits.argmax(-1)).sum())
+            positions += len(window)
+            for i, (f, q) in enumerate(zip(f_outs, q_outs)):
+                f = f.astype(np.float64).reshape(-1, f.shape[-1])
+                q = q.astype(np.float64).reshape(-1, q.shape[-1])
+                signal[i] += float((f * f).sum())
+                noise[i] += float(((q - f) ** 2).sum())
+                norms = np.linalg.norm(f, axis=-1) * np.linalg.norm(q, axis=-1)
+                cosine[i] += float(((f * q).sum(-1) / np.maximum(norms, 1e-30)).sum())
+            rows += f_outs[0].reshape(-1, f_outs[0].shape[-1]).shape[0] if f_outs else 0
+    finally:
+        del reference, candidate
+    layers = [
+        LayerError(
+            name=layer.name,
+            role=layer.role,
+            layer_index=layer.layer_index,
+            sqnr_db=float(10 * np.log10(signal[i] / noise[i])) if noise[i] > 0 else float("inf"),
+            cosine=float(cosine[i] / max(rows, 1)),
+        )
+        for i, (layer, _, _) in enumerate(pairs)
+    ]
+    report_file = quant_file.parent / "report.json"
+    report = json.loads(report_file.read_text()) if report_file.is_file() else {}
+    return VerifyResult(
+        float_ppl=float(np.exp(nll_f / count)),
+        quant_ppl=float(np.exp(nll_q / count)),
+        mean_kl=kl / positions,
+        top1_agreement=agree / positions,
+        tokens=count,
+        windows=len(windows),
+        layers=layers,
+        unmatched=unmatched,
+        float_model=str(float_file),
+        quant_model=str(quant_file),
+        float_bytes=model_size_bytes(float_file),
+        quant_bytes=model_size_bytes(quant_file),
+        config=report.get("config"),
+        artifacts=report.get("artifacts"),
+    )
+
+
+def format_table(result: VerifyResult, worst: int) -> str:
+    lines = [
+        f"perplexity float {result.float_ppl:.4f}  quantized {result.quant_ppl:.4f}  "
+        f"({100 * (result.quant_ppl / result.float_ppl - 1):+.2f}%) over {result.tokens} tokens, {result.windows} windows",
+        f"mean KL {result.mean_kl:.5f}  top-1 agreement {result.top1_agreement:.4f}",
+        f"{len(result.layers)} quantized layers; the {min(worst, len(result.layers))} with the lowest SQNR:",
+        f"  {'layer':45s} {'role':8s} {'SQNR dB':>8s} {'cosine':>8s}",
+    ]
+    for e in result.worst(worst):
+        lines.append(f"  {e.name:45s} {e.role:8s} {e.sqnr_db:8.2f} {e.cosine:8.5f}")
+    if result.unmatched:
+        lines.append(f"  ({len(result.unmatched)} quantized layers not found in the quantized graph, e.g. {result.unmatched[0]})")
+    return "\n".join(lines)
+
+
+def run_verify(args) -> int:
+    """The CLI command: print the summary and the worst layers; --html writes the page; --json the numbers."""
+    from graphq.evaluate import read_text, token_windows
+    from graphq.tokenizer import load_tokenizer
+
+    text = read_text(args.text)
+    windows = token_windows(load_tokenizer(resolve_model_file(args.float_model)), text, args.ctx, args.max_tokens)
+    result = verify(args.float_model, args.quant_model, windows, threads=args.threads, progress=True)
+    print(format_table(result, args.worst))
+    if args.html:
+        from graphq.report_html import write_html
+
+        write_html(result, args.html)
+        print(f"wrote {args.html}")
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    return 0
