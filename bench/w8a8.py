@@ -40,13 +40,19 @@ def variants() -> list[Variant]:
     """Most telling rows first (a long run can be cut short and still compare the tools)."""
     smooth_options = {None: "", "smoothquant": " + SmoothQuant 0.5", "os+": " + OS+ 0.5"}
 
-    def static(method: str, smooth: str | None, fallback: int = 0) -> Variant:
+    def static(method: str, smooth: str | None, fallback: int = 0, alpha: float | str = 0.5) -> Variant:
         key = f"graphq-static-{method}" + (f"-{smooth.replace('+', 'plus')}" if smooth else "")
         label = f"graphq W8A8 static {method}{smooth_options[smooth]}"
+        if alpha == "auto":
+            key += "-auto-alpha"
+            label = label.replace(" 0.5", " alpha auto")
         if fallback:
             key += f"-fallback{fallback}"
             label += f", {fallback} worst input groups W8A16"
-        return Variant(key, label, "graphq", dict(scheme="w8a8", act_method=method, smooth=smooth, act_fallback=fallback))
+        options = dict(scheme="w8a8", act_method=method, smooth=smooth, act_fallback=fallback)
+        if smooth:
+            options["smooth_alpha"] = alpha
+        return Variant(key, label, "graphq", options)
 
     def ort(kind: str, method: str = "", reduce_range: bool = False) -> Variant:
         if kind == "dynamic":
@@ -77,6 +83,8 @@ def variants() -> list[Variant]:
                 dict(scheme="w8a8-dynamic", smooth="smoothquant")),
         static("minmax", "smoothquant", FALLBACK),
         static("auto", "os+", FALLBACK),
+        static("minmax", "smoothquant", alpha="auto"),
+        static("minmax", "os+", alpha="auto"),
     ]
 
 

@@ -85,6 +85,7 @@ def calibrated_quantize(
     calibration = LayerwiseCalibration(model, layers, samples, want_hessian="gptq" in config.method, seed=config.seed)
     done: set[str] = set()
     warned: list[str] = []
+    unscaled: list[str] = []
     bar = tqdm(
         calibration,
         total=len(calibration.active_regions),
@@ -100,6 +101,8 @@ def calibrated_quantize(
             finish(layer, qw, entry)
             done.add(layer.name)
             warned.extend(f"{layer.name}: {w}" for w in entry.get("warnings", []))
+            if "awq_skipped" in entry:
+                unscaled.append(f"{layer.name} ({entry['awq_skipped']})")
         entries = [entry for _, entry in region_results.values()]
         bar.set_postfix(
             error=f"{np.mean([e['output_error'] for e in entries]):.2e}",
@@ -109,6 +112,12 @@ def calibrated_quantize(
         print(
             f"graphq: warning: {len(warned)} calibration warning(s) (first: {warned[0]}); "
             "see 'warnings' in report.json, and consider more --num-samples",
+            file=sys.stderr,
+        )
+    if unscaled:
+        print(
+            f"graphq: warning: AWQ scales could not be folded for {len(unscaled)} linear layer(s), e.g. {unscaled[0]}; "
+            "they got the clip search (or GPTQ) without scaling: see 'awq_skipped' in report.json",
             file=sys.stderr,
         )
     missing = [layer.name for layer in layers if layer.name not in done]
