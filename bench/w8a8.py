@@ -23,6 +23,7 @@ import numpy as np
 
 from bench.awq_gptq import Row, _child_result, _ListReader, delta_percent
 from bench.common import DATA, Evaluator, bench_arguments, float_export
+from graphq.model_io import model_size_bytes
 
 
 @dataclass
@@ -211,7 +212,7 @@ def main() -> None:
     args.calib = args.calib.resolve()
     args.work.mkdir(parents=True, exist_ok=True)
     float_dir = float_export(args.work)
-    float_mib = (float_dir / "model.onnx").stat().st_size / 2**20
+    float_mib = model_size_bytes(float_dir / "model.onnx") / 2**20  # with its external data
     print(f"SmolLM2-135M W8A8, lm_head float; calibration {args.calib.name} {args.num_samples} x {args.seq_len} tokens "
           f"(seed {args.seed}) for both tools; eval {args.eval_text.name}, first {args.max_tokens} tokens, windows of "
           f"{args.ctx}; float model {float_mib:.1f} MiB", flush=True)
