@@ -186,15 +186,14 @@ def run_isolated(kind: str, kwargs: dict) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def ort_gptq_feeds(float_dir: Path, args: argparse.Namespace) -> list[dict[str, np.ndarray]]:
-    """onnxruntime's GPTQ inputs: graphq's calibration sampler (same file, same seed) at the smaller setting."""
+def calibration_feeds(float_dir: Path, calib: Path, num_samples: int, seq_len: int, seed: int) -> list[dict[str, np.ndarray]]:
+    """graphq's calibration sequences (same sampler, file and seed) as onnxruntime feeds for its quantizers."""
     from graphq.calibration_data import calibration_samples
     from graphq.tokenizer import load_tokenizer
     from graphq.runtimes.ort import OrtCausalLM
 
     samples = calibration_samples(
-        load_tokenizer(float_dir), path=args.calib, num_samples=args.ort_gptq_samples,
-        seq_len=args.ort_gptq_seq_len, seed=args.seed,
+        load_tokenizer(float_dir), path=calib, num_samples=num_samples, seq_len=seq_len, seed=seed
     )
     model = OrtCausalLM(float_dir, threads=1)
     # input_ids / attention_mask / position_ids int64 [1, T]; every past_key_values.*.key/value float32 [1, 3, 0, 64]
@@ -219,9 +218,8 @@ def markdown_table(rows: list[Row], reference_ppl: float) -> str:
             continue
         seconds = "-" if row.seconds is None else f"{row.seconds:.1f}"
         rss = "-" if row.peak_rss_mib is None else f"{row.peak_rss_mib:.0f}"
-        lines.append(
-            f"| {label} | {row.ppl:.3f} | {delta_percent(row.ppl, reference_ppl):+.2f}% | {seconds} | {rss} |"
-        )
+        ppl = f"{row.ppl:.3f}" if row.ppl < 1e5 else f"{row.ppl:.3g}"  # collapsed int8 models reach millions
+        lines.append(f"| {label} | {ppl} | {delta_percent(row.ppl, reference_ppl):+.2f}% | {seconds} | {rss} |")
     return "\n".join(lines)
 
 
@@ -258,7 +256,9 @@ def main() -> None:
     runs.mkdir(parents=True)
 
     chosen = [v for v in variants() if not args.only or any(s in v.key for s in args.only)]
-    feeds = ort_gptq_feeds(float_dir, args) if any(v.tool == "ort" and v.method == "gptq" for v in chosen) else None
+    feeds = None
+    if any(v.tool == "ort" and v.method == "gptq" for v in chosen):
+        feeds = calibration_feeds(float_dir, args.calib, args.ort_gptq_samples, args.ort_gptq_seq_len, args.seed)
     results: dict[str, tuple[Variant, Row, dict]] = {}
     for variant in chosen:
         out_dir = runs / variant.key

@@ -19,9 +19,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 
-from bench.awq_gptq import Row, _child_result, _ListReader, delta_percent
+from bench.awq_gptq import Row, _child_result, _ListReader, calibration_feeds, delta_percent, markdown_table
 from bench.common import DATA, Evaluator, bench_arguments, float_export
 from graphq.model_io import model_size_bytes
 
@@ -168,37 +167,6 @@ def run_isolated(kind: str, kwargs: dict) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def calibration_feeds(float_dir: Path, args) -> list[dict[str, np.ndarray]]:
-    """graphq's calibration sequences as onnxruntime feeds (same file, count, length, seed)."""
-    from graphq.calibration_data import calibration_samples
-    from graphq.tokenizer import load_tokenizer
-    from graphq.runtimes.ort import OrtCausalLM
-
-    samples = calibration_samples(load_tokenizer(float_dir), path=args.calib, num_samples=args.num_samples,
-                                  seq_len=args.seq_len, seed=args.seed)
-    model = OrtCausalLM(float_dir, threads=1)
-    feeds = [model._feeds(np.asarray(ids, dtype=np.int64).reshape(1, -1), None, 0) for ids in samples]
-    del model
-    return feeds
-
-
-def markdown_table(rows: list[Row], reference_ppl: float) -> str:
-    lines = [
-        "| model | perplexity | delta vs fp32 | quantization time s | peak RSS MiB |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for row in rows:
-        label = row.label + (f" ({row.note})" if row.note else "")
-        if row.failure is not None:
-            lines.append(f"| {label} | failed: {row.failure} | - | - | - |")
-            continue
-        seconds = "-" if row.seconds is None else f"{row.seconds:.1f}"
-        rss = "-" if row.peak_rss_mib is None else f"{row.peak_rss_mib:.0f}"
-        ppl = f"{row.ppl:.3f}" if row.ppl < 1e5 else f"{row.ppl:.3g}"
-        lines.append(f"| {label} | {ppl} | {delta_percent(row.ppl, reference_ppl):+.2f}% | {seconds} | {rss} |")
-    return "\n".join(lines)
-
-
 def main() -> None:
     parser = bench_arguments(__doc__.splitlines()[0])
     parser.set_defaults(decode_tokens=0)
@@ -223,7 +191,7 @@ def main() -> None:
     shutil.rmtree(runs, ignore_errors=True)
     runs.mkdir(parents=True)
     chosen = [v for v in variants() if not args.only or any(s in v.key for s in args.only)]
-    feeds = calibration_feeds(float_dir, args) if any(v.tool == "ort" for v in chosen) else None
+    feeds = calibration_feeds(float_dir, args.calib, args.num_samples, args.seq_len, args.seed) if any(v.tool == "ort" for v in chosen) else None
     records = []
     for variant in chosen:
         out_dir = runs / variant.key

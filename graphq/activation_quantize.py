@@ -116,6 +116,7 @@ def activation_quantize(
                   f"group(s) smoothed, {len(smoothed['skipped'])} skipped, {smoothed['ops_added']} op(s) added",
                   file=sys.stderr)
         del first
+        finish = _noting_rescaled_outputs(finish, smoothed)
     else:
         known = {}
     for layer in tqdm(dynamic_layers, desc="w8a8-dynamic", unit="layer", disable=not progress, file=sys.stderr):
@@ -145,6 +146,18 @@ def activation_quantize(
     calibration["peak_rss_bytes_after"] = _peak_rss_bytes()
     report["activation_calibration"] = calibration
     return report
+
+
+def _noting_rescaled_outputs(finish: FinishLayer, smoothing_report: dict) -> FinishLayer:
+    """``finish`` that marks the linears whose output channels smoothing rescaled (graphq verify reads the mark)."""
+    rescaled = {g["rescaled_output_of"]: g["layers"] for g in smoothing_report["groups"] if g.get("rescaled_output_of")}
+
+    def marking(layer: LinearLayer, qw: QuantizedWeight, details: dict) -> None:
+        if layer.name in rescaled:
+            details = {**details, "output_rescaled": f"smoothing scales of {', '.join(rescaled[layer.name])}"}
+        finish(layer, qw, details)
+
+    return marking
 
 
 def _emit_static(

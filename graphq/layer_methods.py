@@ -47,28 +47,34 @@ def upstream_linear(consumer: LinearLayer, region_layers: list[LinearLayer]) -> 
 
 def fold_awq_scales(
     model: ir.Model, group: list[LinearLayer], region_layers: list[LinearLayer], scales: np.ndarray
-) -> bool:
-    """Fold x -> x / s into the producer and W -> diag(s) W into the group; False if nothing can absorb s."""
+) -> LinearLayer | str | None:
+    """Fold x -> x / s into the producer and W -> diag(s) W into the group.
+
+    Returns what absorbed 1/s: "norm", or the upstream linear (whose outputs are now rescaled on purpose, which
+    `graphq verify` must know), or None when nothing can.
+    """
     first = group[0]
     producer = first.producer_node
     if producer is not None and producer.op_type in ("LayerNormalization", "SkipLayerNormalization"):
-        return False  # its bias would need scaling too; leave such groups unscaled rather than wrong
+        return None  # its bias would need scaling too; leave such groups unscaled rather than wrong
     if first.producer_kind == "norm" and first.norm_weight is not None:
         norm = first.norm_weight.const_value.numpy().astype(np.float32)
         set_norm_weight(model, first, fold_scales_into_norm(norm, scales))
         for layer in group[1:]:
             layer.norm_weight = first.norm_weight
+        absorber: LinearLayer | str = "norm"
     else:
         upstream = upstream_linear(first, region_layers)
         if upstream is None or len(group) != 1:
-            return False
+            return None
         weight, bias = scale_weight_columns(upstream.weight_kn(), scales, upstream.bias_array())
         set_layer_weight(model, upstream, weight)
         if bias is not None:
             set_layer_bias(model, upstream, bias)
+        absorber = upstream
     for layer in group:
         set_layer_weight(model, layer, scale_weight_rows(layer.weight_kn(), scales))
-    return True
+    return absorber
 
 
 def quantize_region(
@@ -98,7 +104,10 @@ def quantize_region(
                 samples[input_name], weights, config.bits, group_size, config.is_symmetric,
                 x_magnitude=stats[input_name].magnitude.mean(),
             )
-            folded = info["ratio"] not in (0.0, None) and fold_awq_scales(model, group, region_layers, scales)
+            absorber = fold_awq_scales(model, group, region_layers, scales) if info["ratio"] not in (0.0, None) else None
+            folded = absorber is not None
+            if isinstance(absorber, LinearLayer) and absorber.name in notes:
+                notes[absorber.name]["output_rescaled"] = f"AWQ scales of {group[0].name}"
             for layer in group:
                 notes[layer.name]["awq_ratio"] = info["ratio"] if folded else 0.0
                 if info["ratio"] not in (0.0, None) and not folded:

@@ -6,6 +6,11 @@ linear's output is added as a graph output of both models, and its SQNR = 10 log
 mean per-token cosine of q against f are accumulated over all windows. Each model runs on its own hidden states, so a
 layer's error includes what the quantized layers before it passed on: the error a deployment would see.
 Only running sums are kept (one window's outputs at a time).
+
+AWQ and SmoothQuant/OS+ fold scales into the output channels of up_proj (and v_proj): such a layer's output is meant
+to differ from the float one by a per-channel factor, and quantize marks it ``output_rescaled`` in report.json. Those
+layers are compared up to the best per-channel factor: noise = sum_c (ff_c - fq_c^2 / qq_c), cosine =
+sqrt(sum_c fq_c^2 / qq_c / sum_c ff_c), and flagged ``rescaled``; every other layer is compared as is.
 """
 
 from __future__ import annotations
@@ -35,6 +40,45 @@ class LayerError:
     layer_index: int | None
     sqnr_db: float
     cosine: float
+    rescaled: bool = False  # compared up to a per-output-channel factor (AWQ / smoothing fold)
+
+
+class _ChannelSums:
+    """Running per-output-channel sums of f^2, q^2 and f*q, and the per-token cosine sum, for one layer."""
+
+    def __init__(self) -> None:
+        self.ff = self.qq = self.fq = None
+        self.cosine = 0.0
+
+    def add(self, f: np.ndarray, q: np.ndarray) -> None:
+        f = f.astype(np.float64).reshape(-1, f.shape[-1])
+        q = q.astype(np.float64).reshape(-1, q.shape[-1])
+        sums = ((f * f).sum(0), (q * q).sum(0), (f * q).sum(0))
+        if self.ff is None:
+            self.ff, self.qq, self.fq = sums
+        else:
+            self.ff, self.qq, self.fq = self.ff + sums[0], self.qq + sums[1], self.fq + sums[2]
+        norms = np.linalg.norm(f, axis=-1) * np.linalg.norm(q, axis=-1)
+        self.cosine += float(((f * q).sum(-1) / np.maximum(norms, 1e-30)).sum())
+
+    def error(self, layer: LinearLayer, rows: int, rescaled: bool = False) -> LayerError:
+        live = self.qq > 0
+        signal = float(self.ff.sum())
+        if rescaled:
+            explained = float(np.where(live, self.fq**2 / np.where(live, self.qq, 1.0), 0.0).sum())
+            noise = max(signal - explained, 0.0)
+            cosine = float(np.sqrt(explained / signal)) if signal > 0 else 0.0
+        else:
+            noise = float((self.ff - 2 * self.fq + self.qq).sum())
+            cosine = self.cosine / max(rows, 1)
+        return LayerError(
+            name=layer.name,
+            role=layer.role,
+            layer_index=layer.layer_index,
+            sqnr_db=float(10 * np.log10(signal / noise)) if noise > 0 else float("inf"),
+            cosine=cosine,
+            rescaled=rescaled,
+        )
 
 
 @dataclass
@@ -134,9 +178,7 @@ def verify(
     del quant_ir
     reference = _CaptureLM(float_file, [p[1] for p in pairs], threads)
     candidate = _CaptureLM(quant_file, [p[2] for p in pairs], threads)
-    signal = np.zeros(len(pairs))
-    noise = np.zeros(len(pairs))
-    cosine = np.zeros(len(pairs))
+    sums = [_ChannelSums() for _ in pairs]
     rows = 0
     nll_f = nll_q = kl = agree = 0.0
     count = positions = 0
@@ -152,28 +194,15 @@ def verify(
             kl += float((np.exp(f_lp) * (f_lp - q_lp)).sum())
             agree += float((f_logits.argmax(-1) == q_logits.argmax(-1)).sum())
             positions += len(window)
-            for i, (f, q) in enumerate(zip(f_outs, q_outs)):
-                f = f.astype(np.float64).reshape(-1, f.shape[-1])
-                q = q.astype(np.float64).reshape(-1, q.shape[-1])
-                signal[i] += float((f * f).sum())
-                noise[i] += float(((q - f) ** 2).sum())
-                norms = np.linalg.norm(f, axis=-1) * np.linalg.norm(q, axis=-1)
-                cosine[i] += float(((f * q).sum(-1) / np.maximum(norms, 1e-30)).sum())
+            for entry, f, q in zip(sums, f_outs, q_outs):
+                entry.add(f, q)
             rows += f_outs[0].reshape(-1, f_outs[0].shape[-1]).shape[0] if f_outs else 0
     finally:
         del reference, candidate
-    layers = [
-        LayerError(
-            name=layer.name,
-            role=layer.role,
-            layer_index=layer.layer_index,
-            sqnr_db=float(10 * np.log10(signal[i] / noise[i])) if noise[i] > 0 else float("inf"),
-            cosine=float(cosine[i] / max(rows, 1)),
-        )
-        for i, (layer, _, _) in enumerate(pairs)
-    ]
     report_file = quant_file.parent / "report.json"
     report = json.loads(report_file.read_text()) if report_file.is_file() else {}
+    rescaled = {entry["name"] for entry in report.get("layers", []) if entry.get("output_rescaled")}
+    layers = [entry.error(layer, rows, layer.name in rescaled) for entry, (layer, _, _) in zip(sums, pairs)]
     return VerifyResult(
         float_ppl=float(np.exp(nll_f / count)),
         quant_ppl=float(np.exp(nll_q / count)),
@@ -201,7 +230,13 @@ def format_table(result: VerifyResult, worst: int) -> str:
         f"  {'layer':45s} {'role':8s} {'SQNR dB':>8s} {'cosine':>8s}",
     ]
     for e in result.worst(worst):
-        lines.append(f"  {e.name:45s} {e.role:8s} {e.sqnr_db:8.2f} {e.cosine:8.5f}")
+        lines.append(f"  {e.name:45s} {e.role:8s} {e.sqnr_db:8.2f} {e.cosine:8.5f}" + ("  *" if e.rescaled else ""))
+    rescaled = sum(e.rescaled for e in result.layers)
+    if rescaled:
+        lines.append(
+            f"  * and {rescaled} layer(s) in all: output channels rescaled by an AWQ/smoothing fold, "
+            "compared up to that per-channel factor"
+        )
     if result.unmatched:
         lines.append(f"  ({len(result.unmatched)} quantized layers not found in the quantized graph, e.g. {result.unmatched[0]})")
     return "\n".join(lines)

@@ -141,6 +141,11 @@ def test_calibrated_quantization_is_deterministic(tiny_models, tmp_path, capsys)
     assert unscaled and all(name.endswith("o_proj") for name in unscaled)
     warning = [line for line in capsys.readouterr().err.splitlines() if "AWQ scales could not be folded" in line]
     assert len(warning) == 1 and f"for {len(unscaled)} linear layer(s), e.g. {unscaled[0]}" in warning[0]
+    # down_proj's scales fold into up_proj's output columns: up_proj is marked so that verify compares it fairly.
+    entries = {e["name"]: e for e in first.report["layers"]}
+    rescaled = {name for name, e in entries.items() if e.get("output_rescaled")}
+    folded_down = {name for name, e in entries.items() if name.endswith("down_proj") and e.get("awq_ratio")}
+    assert rescaled and rescaled == {name.replace("down_proj", "up_proj") for name in folded_down}
     second = quantize(source, config, tmp_path / "b", progress=False)
     a, b = ir.load(first.model_file), ir.load(second.model_file)
     for name, value in a.graph.initializers.items():

@@ -406,7 +406,8 @@ def test_bad_arguments_are_one_line_errors(tiny_models):
 def test_smollm2_os_plus_keeps_logits_and_lowers_w8a8_error(smollm2, austen):
     """The real model: every q/k/v, gate/up and down group smoothed (o_proj skipped: GQA), logits unchanged."""
     from graphq.calibration_data import calibration_samples
-    from graphq.evaluate import load_tokenizer, read_text, token_windows
+    from graphq.evaluate import read_text, token_windows
+    from graphq.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(smollm2["onnx"])
     samples = calibration_samples(tokenizer, austen["calib"], num_samples=4, seq_len=96)

@@ -205,3 +205,33 @@ def test_verify_finds_qdq_layers_too(tiny_models, tiny_windows, tiny_verify, tmp
     assert not result.unmatched
     expected = {e.name: e.sqnr_db for e in tiny_verify.layers}
     assert {e.name: pytest.approx(expected[e.name], abs=1e-3) for e in result.layers} == expected
+
+
+def test_layers_rescaled_by_a_fold_are_compared_up_to_the_channel_factor():
+    # AWQ / smoothing fold 1/s into up_proj's output columns on purpose (quantize marks it output_rescaled).
+    from graphq.verify import _ChannelSums
+
+    rng = np.random.default_rng(0)
+    layer = type("Layer", (), {"name": "model.layers.0.mlp.up_proj", "role": "up", "layer_index": 0})()
+    f = rng.standard_normal((2, 64, 32))
+    noise = 0.01 * rng.standard_normal(f.shape)
+    expected_db = 10 * np.log10((f**2).sum() / (noise**2).sum())
+
+    plain = _ChannelSums()
+    plain.add(f[0], f[0] + noise[0])
+    plain.add(f[1], f[1] + noise[1])
+    as_is = plain.error(layer, rows=128)
+    assert plain.error(layer, rows=128, rescaled=True).sqnr_db == pytest.approx(expected_db, abs=0.1)
+    assert not as_is.rescaled and as_is.sqnr_db == pytest.approx(expected_db, abs=0.01)
+
+    scales = rng.uniform(0.3, 3.0, size=32)  # the fold: q = (f + noise) / s, channel by channel
+    folded = _ChannelSums()
+    folded.add(f[0], (f[0] + noise[0]) / scales)
+    folded.add(f[1], (f[1] + noise[1]) / scales)
+    result = folded.error(layer, rows=128, rescaled=True)
+    assert result.rescaled
+    assert result.sqnr_db == pytest.approx(expected_db, abs=0.1)  # the factor is undone, the noise is not
+    assert result.cosine == pytest.approx(as_is.cosine, abs=1e-3)
+    raw_db = 10 * np.log10((f**2).sum() / ((f - (f + noise) / scales) ** 2).sum())
+    assert folded.error(layer, rows=128).sqnr_db == pytest.approx(raw_db, abs=0.01)  # unmarked: compared as is
+    assert raw_db < expected_db - 20

@@ -169,6 +169,8 @@ def smooth_linear_groups(
             "alpha": chosen,
             "method": group_method,
             "fold": target["describe"] if target["kind"] != "none" else "explicit ops on the input",
+            # The upstream linear's outputs now differ from the float model's by 1/s per channel, on purpose.
+            "rescaled_output_of": target["upstream"].name if target["kind"] == "linear" else None,
             "scale_min": float(scale.min()),
             "scale_max": float(scale.max()),
             "shift_absmax": float(np.abs(shift).max()),
