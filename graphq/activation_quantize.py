@@ -86,6 +86,8 @@ def activation_quantize(
     """Quantize the W8A8 layers and the KV cache; returns the report's extra top-level entries."""
     report: dict = {}
     w8a8_layers = static_layers + dynamic_layers
+    if not w8a8_layers and not config.kv_cache:
+        return report
     if w8a8_layers:
         report["integer_format"] = INTEGER_FORMAT
     smoothing = bool(config.smooth and w8a8_layers)
