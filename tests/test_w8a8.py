@@ -454,3 +454,30 @@ def test_smoothing_and_fallback_in_the_w8a8_pipeline(tiny_models, tiny_text, tmp
     logits = OrtCausalLM(result.output_dir).logits(IDS)
     assert 0 < np.abs(logits - float_logits).max() < 0.1
     assert np.mean(logits.argmax(-1) == float_logits.argmax(-1)) > 0.9
+
+
+def test_kv_cache_int8_is_per_head_fake_quant_of_the_float_cache(tiny_models, tiny_text, tmp_path):
+    """Reference check: layer 0's cache with --kv-cache int8 is exactly the per-head uint8 fake quantization (reported
+    scale / offset) of the cache the same weights give without it; later layers then see the quantized cache."""
+    from graphq.runtimes.ort import OrtCausalLM
+
+    source = tiny_models["llama"]["onnx"]
+    common = dict(scheme="w8a16", calib=str(tiny_text), num_samples=4, seq_len=48)
+    plain = graphq.quantize(source, QuantConfig(**common), tmp_path / "plain", progress=False)
+    with_kv = graphq.quantize(source, QuantConfig(kv_cache="int8", **common), tmp_path / "kv", progress=False)
+    kv = with_kv.report["kv_cache"]["layers"]
+
+    def present(path):
+        model = OrtCausalLM(path)
+        names = [o.name for o in model.session.get_outputs() if o.name.startswith("present.")]
+        return dict(zip(names, model.session.run(names, model._feeds(IDS.reshape(1, -1), None, 0))))
+
+    before, after = present(plain.output_dir), present(with_kv.output_dir)
+    for part in ("key", "value"):
+        scale = np.asarray(kv["0"][f"{part}_scale"], dtype=np.float32)[None, :, None, None]
+        zero_point = np.asarray(kv["0"][f"{part}_offset"])[None, :, None, None] + 128
+        x = before[f"present.0.{part}"]
+        expected = (np.clip(np.round(x / scale) + zero_point, 0, 255) - zero_point) * scale
+        np.testing.assert_allclose(after[f"present.0.{part}"], expected, rtol=1e-5, atol=1e-6)
+        assert not np.allclose(expected, x)  # the cache really is quantized
+    assert not np.allclose(after["present.1.key"], before["present.1.key"], atol=1e-6)

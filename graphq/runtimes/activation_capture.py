@@ -23,7 +23,7 @@ from graphq.algorithms.activation_ranges import ActivationStats
 from graphq.linear_layers import LinearLayer
 from graphq.runtimes.layerwise import graph_input_feeds
 from graphq.runtimes.ort import session_options
-from graphq.runtimes.submodel import _closure
+from graphq.runtimes.submodel import slice_closure
 
 
 def kv_cache_outputs(model: ir.Model) -> list[str]:
@@ -100,7 +100,7 @@ class ActivationCapture:
         self.kv_outputs = list(kv_outputs or [])
         outputs = list(self.inputs) + [name for name in self.kv_outputs if name not in self.inputs]
         detach_from_file_proto(model)
-        nodes, initializers, graph_inputs = _closure(model.graph, outputs, set())
+        nodes, initializers, graph_inputs = slice_closure(model.graph, outputs, set())
         self.weights = {value.name: value.const_value.numpy() for value in initializers}
         inputs = [ir.serde.serialize_value(value) for value in graph_inputs]
         inputs += [

@@ -15,7 +15,7 @@ from graphq.errors import GraphqError
 from graphq.runtimes.ort import session_options
 
 
-def _closure(graph: ir.Graph, outputs: list[str], stop: set[str]) -> tuple[list[ir.Node], list[ir.Value], list[ir.Value]]:
+def slice_closure(graph: ir.Graph, outputs: list[str], stop: set[str]) -> tuple[list[ir.Node], list[ir.Value], list[ir.Value]]:
     """Nodes (in graph order), initializers and graph inputs needed to compute ``outputs`` given the ``stop`` values."""
     values = {}
     for node in graph:
@@ -110,7 +110,7 @@ class SubmodelSession:
         threads: int | None = None,
     ):
         graph = model.graph
-        nodes, initializers, reached_inputs = _closure(graph, outputs, set(input_specs))
+        nodes, initializers, reached_inputs = slice_closure(graph, outputs, set(input_specs))
         inputs = [_value_info(name, dtype, rank) for name, (dtype, rank) in input_specs.items()]
         inputs += [ir.serde.serialize_value(value) for value in reached_inputs]
         output_infos = []
