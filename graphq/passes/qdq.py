@@ -33,29 +33,50 @@ def integer_array(values: np.ndarray, bits: int, signed: bool) -> np.ndarray:
 
 def emit_dequantize_linear(model: ir.Model, layer: LinearLayer, qw: QuantizedWeight) -> ir.Node:
     """Feed the layer's MatMul/Gemm from DequantizeLinear(integer weight) instead of the float weight."""
-    graph = model.graph
     signed = qw.symmetric
-    float_type = layer.dtype.numpy()
-    k = layer.in_features
-    inputs = [add_initializer(graph, f"{layer.name}.weight_quantized", integer_array(qw.q, qw.bits, signed))]
-    per_channel = qw.n_groups == 1 and qw.group_size >= k
-    scales = qw.scales[0] if per_channel else qw.scales
-    inputs.append(add_initializer(graph, f"{layer.name}.weight_scale", scales.astype(float_type)))
+    per_channel = qw.n_groups == 1 and qw.group_size >= layer.in_features
+    zero_points = None
     if not signed:
-        zero_points = qw.zero_points[0] if per_channel else qw.zero_points
-        inputs.append(add_initializer(graph, f"{layer.name}.weight_zero_point", integer_array(zero_points, qw.bits, False)))
-    attributes = {"axis": 1} if per_channel else {"axis": 0, "block_size": qw.group_size}
+        zero_points = integer_array(qw.zero_points[0] if per_channel else qw.zero_points, qw.bits, False)
+    dequantize = insert_weight_dequantize(
+        model,
+        layer,
+        integer_array(qw.q, qw.bits, signed),
+        qw.scales[0] if per_channel else qw.scales,
+        zero_points,
+        {"axis": 1} if per_channel else {"axis": 0, "block_size": qw.group_size},
+    )
+    feed_weight(model, layer, dequantize.outputs[0])
+    return dequantize
+
+
+def insert_weight_dequantize(
+    model: ir.Model, layer: LinearLayer, q: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None,
+    attributes: dict,
+) -> ir.Node:
+    """A DequantizeLinear of the integer weight [K, N] (named after the layer), inserted before the layer's node."""
+    graph = model.graph
+    inputs = [
+        add_initializer(graph, f"{layer.name}.weight_quantized", q),
+        add_initializer(graph, f"{layer.name}.weight_scale", scales.astype(layer.dtype.numpy())),
+    ]
+    if zero_points is not None:
+        inputs.append(add_initializer(graph, f"{layer.name}.weight_zero_point", zero_points))
     dequantize = ir.node("DequantizeLinear", inputs=inputs, attributes=attributes, name=f"{layer.name}.weight_dequantize")
     dequantize.outputs[0].name = f"{layer.name}.weight_dequantized"
-    dequantize.outputs[0].shape = ir.Shape([k, layer.out_features])
+    dequantize.outputs[0].shape = ir.Shape([layer.in_features, layer.out_features])
     dequantize.outputs[0].type = ir.TensorType(layer.dtype)
+    graph.insert_before(layer.node, dequantize)
+    return dequantize
+
+
+def feed_weight(model: ir.Model, layer: LinearLayer, weight_kn: ir.Value) -> None:
+    """Make ``weight_kn`` ([K, N]) the layer's weight input, drop the old weight path, declare the QDQ opset."""
     node = layer.node
-    graph.insert_before(node, dequantize)
     old_weight_input = node.inputs[1]
-    node.replace_input_with(1, dequantize.outputs[0])
+    node.replace_input_with(1, weight_kn)
     if node.op_type == "Gemm":
         node.attributes["transB"] = ir.AttrInt64("transB", 0)
-    remove_dead_weight_path(graph, old_weight_input)
+    remove_dead_weight_path(model.graph, old_weight_input)
     set_opset(model, "", QDQ_OPSET)
     model.ir_version = max(model.ir_version or 0, QDQ_IR_VERSION)
-    return dequantize

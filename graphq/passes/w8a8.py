@@ -20,9 +20,9 @@ import onnx_ir as ir
 
 from graphq.algorithms.activation_ranges import QMIN
 from graphq.algorithms.rtn import QuantizedWeight
-from graphq.graph_utils import add_initializer, remove_dead_weight_path, set_opset
+from graphq.graph_utils import add_initializer
 from graphq.linear_layers import LinearLayer
-from graphq.passes.qdq import QDQ_IR_VERSION, QDQ_OPSET
+from graphq.passes.qdq import feed_weight, insert_weight_dequantize
 
 INTEGER_FORMAT = {
     "activations": "uint8, per-tensor asymmetric; zero point = input_offset + 128",
@@ -45,33 +45,6 @@ def weight_as_u8(qw: QuantizedWeight) -> tuple[np.ndarray, np.ndarray, np.ndarra
     return q, qw.scales[0].astype(np.float32), zero_point
 
 
-def dequantized_weight(model: ir.Model, layer: LinearLayer, qw: QuantizedWeight) -> ir.Value:
-    """DequantizeLinear(uint8 weight, per-channel scale, axis=1) inserted before the layer's node."""
-    graph = model.graph
-    q, scale, zero_point = weight_as_u8(qw)
-    float_type = layer.dtype.numpy()
-    inputs = [
-        add_initializer(graph, f"{layer.name}.weight_quantized", q),
-        add_initializer(graph, f"{layer.name}.weight_scale", scale.astype(float_type)),
-        add_initializer(graph, f"{layer.name}.weight_zero_point", zero_point),
-    ]
-    node = ir.node("DequantizeLinear", inputs=inputs, attributes={"axis": 1}, name=f"{layer.name}.weight_dequantize")
-    node.outputs[0].name = f"{layer.name}.weight_dequantized"
-    node.outputs[0].shape = ir.Shape([layer.in_features, layer.out_features])
-    node.outputs[0].type = ir.TensorType(layer.dtype)
-    graph.insert_before(layer.node, node)
-    return node.outputs[0]
-
-
-def replace_weight_input(model: ir.Model, layer: LinearLayer, value: ir.Value) -> None:
-    node = layer.node
-    old = node.inputs[1]
-    node.replace_input_with(1, value)
-    if node.op_type == "Gemm":
-        node.attributes["transB"] = ir.AttrInt64("transB", 0)
-    remove_dead_weight_path(model.graph, old)
-
-
 def emit_w8a8(model: ir.Model, layer: LinearLayer, qw: QuantizedWeight, input_scale: float, input_offset: int) -> None:
     """Rewrite one linear layer to W8A8 static: QDQ on its input (scalar scale, offset in the int8 convention
     x_q = clip(round(x / scale) + offset, -128, 127)) and DQ on its per-channel 8-bit weight."""
@@ -92,6 +65,6 @@ def emit_w8a8(model: ir.Model, layer: LinearLayer, qw: QuantizedWeight, input_sc
     graph.insert_before(layer.node, quantize)
     graph.insert_before(layer.node, dequantize)
     layer.node.replace_input_with(0, dequantize.outputs[0])
-    replace_weight_input(model, layer, dequantized_weight(model, layer, qw))
-    set_opset(model, "", QDQ_OPSET)
-    model.ir_version = max(model.ir_version or 0, QDQ_IR_VERSION)
+    q, weight_scale, weight_zero_point = weight_as_u8(qw)
+    weight = insert_weight_dequantize(model, layer, q, weight_scale, weight_zero_point, {"axis": 1})
+    feed_weight(model, layer, weight.outputs[0])
