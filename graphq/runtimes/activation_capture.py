@@ -23,7 +23,7 @@ from graphq.algorithms.activation_ranges import ActivationStats
 from graphq.linear_layers import LinearLayer
 from graphq.runtimes.layerwise import graph_input_feeds
 from graphq.runtimes.ort import session_options
-from graphq.runtimes.submodel import slice_closure
+from graphq.runtimes.submodel import slice_closure, slice_model_proto
 
 
 def kv_cache_outputs(model: ir.Model) -> list[str]:
@@ -107,15 +107,7 @@ class ActivationCapture:
             onnx.helper.make_tensor_value_info(name, onnx.helper.np_dtype_to_tensor_dtype(array.dtype), array.shape)
             for name, array in self.weights.items()
         ]
-        output_infos = []
-        for name in outputs:
-            info = onnx.ValueInfoProto()
-            info.name = name
-            output_infos.append(info)
-        graph = onnx.helper.make_graph([ir.serde.serialize_node(node) for node in nodes], "graphq_capture", inputs,
-                                       output_infos)
-        opsets = [onnx.helper.make_opsetid(domain, version) for domain, version in model.opset_imports.items()]
-        proto = onnx.helper.make_model(graph, opset_imports=opsets, ir_version=model.ir_version)
+        proto = slice_model_proto(model, nodes, inputs, outputs, [], "graphq_capture")
         self.session = ort.InferenceSession(proto.SerializeToString(), session_options(threads),
                                             providers=["CPUExecutionProvider"])
         self.graph_input_names = [value.name for value in graph_inputs]

@@ -91,6 +91,20 @@ def _embedded_tensor(value: ir.Value) -> onnx.TensorProto:
     return ir.serde.serialize_tensor(tensor)
 
 
+def slice_model_proto(
+    model: ir.Model, nodes: list[ir.Node], inputs: list[onnx.ValueInfoProto], outputs: list[str],
+    initializers: list[onnx.TensorProto], name: str,
+) -> onnx.ModelProto:
+    """A model of ``nodes`` (from ``slice_closure``) with the given inputs, initializers and outputs (types left to
+    onnxruntime's inference), under the source model's opsets and IR version."""
+    output_infos = [onnx.ValueInfoProto(name=output) for output in outputs]
+    graph = onnx.helper.make_graph(
+        [ir.serde.serialize_node(node) for node in nodes], name, inputs, output_infos, initializer=initializers
+    )
+    opsets = [onnx.helper.make_opsetid(domain, version) for domain, version in model.opset_imports.items()]
+    return onnx.helper.make_model(graph, opset_imports=opsets, ir_version=model.ir_version)
+
+
 def _value_info(name: str, dtype: np.dtype, rank: int) -> onnx.ValueInfoProto:
     elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
     return onnx.helper.make_tensor_value_info(name, elem, [None] * rank)
@@ -113,11 +127,6 @@ class SubmodelSession:
         nodes, initializers, reached_inputs = slice_closure(graph, outputs, set(input_specs))
         inputs = [_value_info(name, dtype, rank) for name, (dtype, rank) in input_specs.items()]
         inputs += [ir.serde.serialize_value(value) for value in reached_inputs]
-        output_infos = []
-        for name in outputs:
-            info = onnx.ValueInfoProto()
-            info.name = name
-            output_infos.append(info)
         options = session_options(threads)
         # The OrtValues must outlive the session, which reads their memory directly.
         self._buffers: list[ort.OrtValue] = []
@@ -133,15 +142,7 @@ class SubmodelSession:
             options.add_external_initializers(
                 [p.name for p in initializer_protos if p.data_location == onnx.TensorProto.EXTERNAL], self._buffers
             )
-        graph_proto = onnx.helper.make_graph(
-            [ir.serde.serialize_node(node) for node in nodes],
-            "graphq_slice",
-            inputs,
-            output_infos,
-            initializer=initializer_protos,
-        )
-        opsets = [onnx.helper.make_opsetid(domain, version) for domain, version in model.opset_imports.items()]
-        proto = onnx.helper.make_model(graph_proto, opset_imports=opsets, ir_version=model.ir_version)
+        proto = slice_model_proto(model, nodes, inputs, outputs, initializer_protos, "graphq_slice")
         self.input_names = [i.name for i in proto.graph.input]
         self.output_names = list(outputs)
         self.session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
