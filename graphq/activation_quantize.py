@@ -18,7 +18,7 @@ import onnx_ir as ir
 from tqdm import tqdm
 
 from graphq.algorithms.activation_ranges import HISTOGRAM_METHODS, ActivationStats, choose_range, token_output_errors
-from graphq.algorithms.rtn import QuantizedWeight, quantize_rtn
+from graphq.algorithms.rtn import QuantizedWeight, quantize_rtn, weight_relative_mse
 from graphq.config import QuantConfig
 from graphq.errors import GraphqError
 from graphq.linear_layers import LinearLayer, input_groups
@@ -32,7 +32,7 @@ FinishLayer = Callable[[LinearLayer, QuantizedWeight, dict], None]
 def int8_weight(layer: LinearLayer) -> tuple[np.ndarray, QuantizedWeight, float]:
     weight = layer.weight_kn()
     qw = quantize_rtn(weight, bits=8, group_size=-1, symmetric=True)
-    error = float(np.mean((qw.dequantize() - weight) ** 2) / max(np.mean(weight**2), 1e-30))
+    error = weight_relative_mse(weight, qw)
     return weight, qw, error
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import onnx_ir as ir
 from tqdm import tqdm
 
-from graphq.algorithms.rtn import QuantizedWeight, quantize_rtn
+from graphq.algorithms.rtn import QuantizedWeight, quantize_rtn, weight_relative_mse
 from graphq.activation_quantize import activation_quantize
 from graphq.artifacts.records import ArtifactCollector
 from graphq.config import ACTIVATION_SCHEMES, QuantConfig
@@ -68,7 +68,7 @@ def rtn_quantize(layers: list[LinearLayer], config: QuantConfig, progress: bool,
     for layer in tqdm(layers, desc=f"rtn {config.scheme}", unit="layer", disable=not progress, file=sys.stderr):
         weight = layer.weight_kn()
         qw = quantize_rtn(weight, config.bits, config.group_size_for(layer.in_features), config.is_symmetric)
-        error = float(np.mean((qw.dequantize() - weight) ** 2) / max(np.mean(weight**2), 1e-30))
+        error = weight_relative_mse(weight, qw)
         finish(layer, qw, {"weight_relative_mse": error})
 
 

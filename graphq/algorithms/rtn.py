@@ -50,6 +50,11 @@ class QuantizedWeight:
         return (q * self.expand(self.scales)).astype(np.float32)
 
 
+def weight_relative_mse(weight: np.ndarray, qw: QuantizedWeight) -> float:
+    """Mean squared quantization error of the weight, relative to the weight's mean square (report field)."""
+    return float(np.mean((qw.dequantize() - weight) ** 2) / max(np.mean(weight**2), 1e-30))
+
+
 def integer_range(bits: int, symmetric: bool) -> tuple[int, int]:
     if symmetric:
         return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
