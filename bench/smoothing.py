@@ -21,7 +21,8 @@ import numpy as np
 import onnx_ir as ir
 
 from bench.common import DATA, Evaluator, bench_arguments, float_export
-from graphq.algorithms.smoothing import ChannelStatsAccumulator, InputChannelStats, activation_qparams, fake_quantize_weight
+from graphq.algorithms.grid import fake_quantize_weight, range_to_qparams
+from graphq.algorithms.smoothing import ChannelStatsAccumulator, InputChannelStats
 from graphq.calibration_data import calibration_samples
 from graphq.tokenizer import load_tokenizer
 from graphq.graph_utils import add_initializer
@@ -50,7 +51,8 @@ def fake_quantize_w8a8(model: ir.Model, layers: list[LinearLayer], stats: dict[s
         set_layer_weight(model, layer, fake_quantize_weight(layer.weight_kn()))
     for name, group in groups.items():
         entry = stats[name]
-        scale, zero_point = activation_qparams(entry.channel_min.min(), entry.channel_max.max())
+        qp = range_to_qparams(entry.channel_min.min(), entry.channel_max.max())
+        scale, zero_point = qp.scale, qp.zero_point_u8
         x = group[0].input
         s = add_initializer(model.graph, f"{group[0].name}.input_scale", np.array(scale, dtype=np.float32))
         z = add_initializer(model.graph, f"{group[0].name}.input_zero_point", np.array(zero_point, dtype=np.uint8))

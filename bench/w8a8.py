@@ -85,6 +85,8 @@ def variants() -> list[Variant]:
         static("auto", "os+", FALLBACK),
         static("minmax", "smoothquant", alpha="auto"),
         static("minmax", "os+", alpha="auto"),
+        Variant("graphq-dynamic-smoothquant-auto-alpha", "graphq W8A8 dynamic per-token + SmoothQuant alpha auto",
+                "graphq", dict(scheme="w8a8-dynamic", smooth="smoothquant", smooth_alpha="auto")),
     ]
 
 

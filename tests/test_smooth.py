@@ -10,10 +10,6 @@ import pytest
 from graphq.algorithms.smoothing import (
     DEFAULT_ALPHA_GRID,
     InputChannelStats,
-    activation_qparams,
-    fake_quantize_activation,
-    fake_quantize_activation_per_token,
-    fake_quantize_weight,
     os_plus_scales,
     os_plus_shift,
     search_alpha,
@@ -22,6 +18,8 @@ from graphq.algorithms.smoothing import (
     w8a8_output_error,
     weight_absmax,
 )
+from graphq.algorithms.grid import fake_quantize_per_token, fake_quantize_range, fake_quantize_weight, range_to_qparams
+from graphq.algorithms.rtn import quantize_rtn
 from graphq.errors import GraphqError
 from graphq.linear_layers import find_linear_layers
 from graphq.model_io import load_model
@@ -102,20 +100,33 @@ def test_scale_formulas_match_direct_numpy():
         smoothing_factors(stats, weights, "awq", 0.5)
 
 
-def test_fake_quantization_conventions():
+def test_alpha_search_scores_the_emitted_grids():
+    """The search's fake quantizers are the emitters': RTN int8 weights (extreme on -128), range_to_qparams'
+    per-tensor activations (tiny scale for an empty range), the graph's symmetric per-token activations."""
     rng = np.random.default_rng(1)
     w = rng.standard_normal((K, 8)).astype(np.float32)
-    deq = fake_quantize_weight(w)
-    step = np.abs(w).max(axis=0) / 127
-    assert np.all(np.abs(deq - w) <= step / 2 + 1e-7)
-    np.testing.assert_allclose(np.abs(deq).max(axis=0), np.abs(w).max(axis=0), rtol=1e-6)
-    scale, zp = activation_qparams(-1.0, 3.0)
-    assert scale == pytest.approx(4.0 / 255) and zp == round(1.0 / scale)
-    assert activation_qparams(0.0, 0.0) == (1.0, 0)  # a constant-zero input keeps a usable scale
-    assert activation_qparams(2.0, 5.0)[1] == 0  # range widened to include 0
+    w[3, 2] = -5.0  # a negative extreme: +-127 levels would put it on -127, the emitted grid puts it on -128
+    np.testing.assert_array_equal(fake_quantize_weight(w), quantize_rtn(w, 8, -1, True).dequantize())
+    assert fake_quantize_weight(w)[3, 2] == -5.0
+    qp = range_to_qparams(-1.0, 3.0)
+    assert qp.scale == pytest.approx(4.0 / 255) and qp.zero_point_u8 == round(1.0 / qp.scale)
+    assert range_to_qparams(0.0, 0.0).scale == pytest.approx(1e-8)  # as emitted, not 1.0
     x = np.array([-1.0, 0.0, 3.0, 10.0], dtype=np.float32)
-    xq = fake_quantize_activation(x, -1.0, 3.0)
-    assert xq[1] == 0.0 and xq[3] == pytest.approx(3.0, abs=scale)  # 0 exact, saturation at the range end
+    xq = fake_quantize_range(x, -1.0, 3.0)
+    assert xq[1] == 0.0 and xq[3] == pytest.approx(3.0, abs=qp.scale)  # 0 exact, saturation at the range end
+    # Smoothing's unsmoothed error equals the error of the emitters' own references.
+    x, weights = outlier_case(seed=3, t=64)
+    stats = InputChannelStats.from_rows(x)
+    ones = np.ones(K, dtype=np.float32)
+    for per_token in (False, True):
+        if per_token:
+            xq = fake_quantize_per_token(x)
+        else:
+            xq = fake_quantize_range(x, x.min(), x.max())
+        error = sum(np.sum((x @ w - xq @ quantize_rtn(w, 8, -1, True).dequantize()) ** 2, dtype=np.float64) for w in weights)
+        norm = sum(np.sum((x @ w) ** 2, dtype=np.float64) for w in weights)
+        got = w8a8_output_error(stats, weights, 0 * ones, ones, per_token=per_token)
+        assert got == pytest.approx(error / norm, rel=1e-4)
 
 
 @pytest.mark.parametrize("method", ["smoothquant", "os+"])
@@ -144,7 +155,7 @@ def test_output_error_matches_direct_fake_quant():
     stats = InputChannelStats.from_rows(x)
     shift, scale = smoothing_factors(stats, weights, "os+", 0.5)
     xs = (x - shift) / scale
-    xq = fake_quantize_activation(xs, xs.min(), xs.max())
+    xq = fake_quantize_range(xs, xs.min(), xs.max())
     error = reference = 0.0
     for w in weights:
         ref = x.astype(np.float64) @ w
@@ -157,14 +168,15 @@ def test_output_error_matches_direct_fake_quant():
 def test_per_token_error_matches_direct_fake_quant_and_search_still_helps():
     x, weights = outlier_case(seed=6, t=128)
     x[7] = 0.0  # an all-zero token keeps a usable scale
-    xq = fake_quantize_activation_per_token(x)
+    xq = fake_quantize_per_token(x)
     assert not xq[7].any()
-    for row, row_q in zip(x[:5], xq[:5]):
-        np.testing.assert_allclose(row_q, fake_quantize_activation(row, row.min(), row.max()), rtol=1e-6, atol=1e-6)
+    for row, row_q in zip(x[:5], xq[:5]):  # symmetric per row: absmax / 127, as the graph computes it
+        step = np.abs(row).max() / 127
+        np.testing.assert_allclose(row_q, np.clip(np.round(row / step), -127, 127) * step, rtol=1e-6, atol=1e-6)
     stats = InputChannelStats.from_rows(x)
     shift, scale = smoothing_factors(stats, weights, "smoothquant", 0.5)
     xs = (x - shift) / scale
-    xsq = fake_quantize_activation_per_token(xs)
+    xsq = fake_quantize_per_token(xs)
     error = reference = 0.0
     for w in weights:
         ref = x.astype(np.float64) @ w

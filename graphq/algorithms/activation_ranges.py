@@ -16,47 +16,20 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+# The per-tensor activation grid lives in grid.py; re-exported here for the range methods' callers.
+from graphq.algorithms.grid import (  # noqa: F401
+    ACT_LEVELS as LEVELS,
+    ACT_QMAX as QMAX,
+    ACT_QMIN as QMIN,
+    TINY_SCALE,
+    ActivationRange,
+    fake_quantize,
+    range_to_qparams,
+)
+
 METHODS = ("minmax", "percentile", "entropy", "mse", "auto")
 HISTOGRAM_METHODS = ("percentile", "entropy", "mse", "auto")
-LEVELS = 256
-QMIN, QMAX = -128, 127
-# A constant-zero activation has an empty range; this scale keeps QuantizeLinear defined (never divide by zero).
-TINY_SCALE = 1e-8
 DEFAULT_BINS = 4096  # signed histogram over [-A, A]; folds into 2048 bins of |x| for the entropy method
-
-
-@dataclass
-class ActivationRange:
-    """A clip range and the quantization parameters it implies."""
-
-    lo: float
-    hi: float
-    scale: float
-    offset: int  # signed int8 convention
-    note: str | None = None
-
-    @property
-    def zero_point_u8(self) -> int:
-        return self.offset - QMIN
-
-
-def range_to_qparams(lo: float, hi: float) -> ActivationRange:
-    """Asymmetric 8-bit parameters for [lo, hi] (widened to include 0); guards an empty range."""
-    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
-    note = None
-    scale = np.float32((hi - lo) / (LEVELS - 1))
-    if not scale > 0 or not np.isfinite(scale):
-        scale = np.float32(TINY_SCALE)
-        note = f"constant activations (range [{lo:g}, {hi:g}]): scale set to {TINY_SCALE:g} instead of 0"
-    zero_point = int(np.clip(np.round(-lo / float(scale)), 0, LEVELS - 1))
-    return ActivationRange(lo=lo, hi=hi, scale=float(scale), offset=zero_point + QMIN, note=note)
-
-
-def fake_quantize(x: np.ndarray, scale: float, offset: int) -> np.ndarray:
-    """What QuantizeLinear + DequantizeLinear compute (round half to even, saturate), in float32."""
-    scale = np.float32(scale)
-    q = np.clip(np.round(np.asarray(x, dtype=np.float32) / scale) + offset, QMIN, QMAX)
-    return ((q - offset) * scale).astype(np.float32)
 
 
 @dataclass

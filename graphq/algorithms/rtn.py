@@ -1,10 +1,12 @@
-"""Round-to-nearest integer quantization of a weight matrix, per group of input channels."""
+"""Round-to-nearest integer quantization of a weight matrix, per group of input channels (the grid: ``grid.py``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
+
+from graphq.algorithms.grid import compute_scales, grouped, integer_range, round_to_grid  # noqa: F401 (re-exported)
 
 
 @dataclass
@@ -55,48 +57,6 @@ def weight_relative_mse(weight: np.ndarray, qw: QuantizedWeight) -> float:
     return float(np.mean((qw.dequantize() - weight) ** 2) / max(np.mean(weight**2), 1e-30))
 
 
-def integer_range(bits: int, symmetric: bool) -> tuple[int, int]:
-    if symmetric:
-        return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-    return 0, (1 << bits) - 1
-
-
-def grouped(weight: np.ndarray, group_size: int) -> np.ndarray:
-    """View a [K, N] matrix as [n_groups, group_size, N], padding the last group with zeros."""
-    k, n = weight.shape
-    n_groups = -(-k // group_size)
-    padded = np.zeros((n_groups * group_size, n), dtype=np.float32)
-    padded[:k] = weight
-    return padded.reshape(n_groups, group_size, n)
-
-
-def compute_scales(
-    weight: np.ndarray, bits: int, group_size: int, symmetric: bool
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """Scales (and zero points) that map each group's range onto the integer grid.
-
-    Symmetric: the value of largest magnitude maps to the most negative integer (-2^(b-1)), as llama.cpp's Q4_0 and
-    onnxruntime's quantizer do, so all 2^b levels are used; the scale takes that value's sign. Only values of the
-    opposite sign within 1/16 of the extreme (4 bits) round past the top level and clip by one step.
-    Asymmetric: the range is widened to include zero so that zero is exactly representable, and the zero point is an
-    integer in the unsigned range. Padding rows of a partial last group are zeros, which change neither rule.
-    """
-    groups = grouped(weight, group_size)
-    qmin, qmax = integer_range(bits, symmetric)
-    if symmetric:
-        rows = np.abs(groups).argmax(axis=1)
-        extreme = np.take_along_axis(groups, rows[:, None, :], axis=1)[:, 0, :]
-        scales = extreme / qmin
-        scales[scales == 0] = 1.0
-        return scales.astype(np.float32), None
-    wmin = np.minimum(groups.min(axis=1), 0.0)
-    wmax = np.maximum(groups.max(axis=1), 0.0)
-    scales = (wmax - wmin) / (qmax - qmin)
-    scales[scales == 0] = 1.0
-    zero_points = np.clip(np.round(-wmin / scales), qmin, qmax)
-    return scales.astype(np.float32), zero_points.astype(np.uint8)
-
-
 def quantize_with_scales(
     weight: np.ndarray,
     scales: np.ndarray,
@@ -105,14 +65,7 @@ def quantize_with_scales(
     group_size: int,
 ) -> QuantizedWeight:
     """Round a [K, N] weight onto the grid given by per-group scales and zero points."""
-    symmetric = zero_points is None
-    qmin, qmax = integer_range(bits, symmetric)
-    k = weight.shape[0]
-    expanded_scales = np.repeat(scales, group_size, axis=0)[:k]
-    q = np.round(weight / expanded_scales)
-    if zero_points is not None:
-        q = q + np.repeat(zero_points, group_size, axis=0)[:k]
-    q = np.clip(q, qmin, qmax).astype(np.int8 if symmetric else np.uint8)
+    q = round_to_grid(weight, scales, zero_points, bits, group_size)
     return QuantizedWeight(q=q, scales=scales, zero_points=zero_points, bits=bits, group_size=group_size)
 
 

@@ -18,8 +18,9 @@ activations into the weights (quantized per output channel, where it hurts less)
   outlier channels' excess into the weights; the formula shares the search and the tests with SmoothQuant, and with
   alpha searched per group it covers the paper's intent (one knob per group chosen by output error).
 - ``search_alpha`` tries alpha on a grid and keeps the one with the lowest output error of the whole group after
-  W8A8 fake quantization: weights int8 per output channel, symmetric (levels -127..127); activations int8
-  per-tensor, asymmetric (uint8 0..255, zero point), range = min/max over all calibration data (the statistics'
+  W8A8 fake quantization on exactly the grids the emitters use (``graphq.algorithms.grid``): weights int8 per
+  output channel, symmetric (the extreme on -128); activations per-tensor asymmetric (256 levels, zero point),
+  or per token symmetric (absmax / 127) for W8A8 dynamic; per-tensor range = min/max over all calibration data (the statistics'
   channel min/max, transformed) widened to include 0, as onnxruntime's QuantizeLinear needs.
 
 Example (no graph needed)::
@@ -44,6 +45,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from graphq.algorithms.grid import fake_quantize_per_token, fake_quantize_range, fake_quantize_weight
 
 METHODS = ("smoothquant", "os+")
 DEFAULT_ALPHA_GRID = tuple(round(0.05 * i, 2) for i in range(21))  # 0.0, 0.05, ..., 1.0
@@ -206,56 +209,12 @@ def smoothing_factors(
     raise ValueError(f"unknown smoothing method {method!r}; expected one of {', '.join(METHODS)}")
 
 
-def fake_quantize_weight(weight_kn: np.ndarray, bits: int = 8) -> np.ndarray:
-    """Per-output-channel symmetric fake quantization of a [K, N] weight, levels -(2^(b-1)-1)..2^(b-1)-1."""
-    weight = np.asarray(weight_kn, dtype=np.float32)
-    qmax = (1 << (bits - 1)) - 1
-    scale = np.abs(weight).max(axis=0) / qmax
-    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
-    return (np.clip(np.round(weight / scale), -qmax, qmax) * scale).astype(np.float32)
-
-
-def activation_qparams(low: float, high: float, bits: int = 8) -> tuple[float, int]:
-    """Per-tensor asymmetric (scale, zero point) for the range [low, high] widened to include 0, as
-    QuantizeLinear to uint8 needs; a constant-zero range gets scale 1 rather than 0."""
-    low, high = min(float(low), 0.0), max(float(high), 0.0)
-    qmax = (1 << bits) - 1
-    scale = (high - low) / qmax
-    if not scale > 0:
-        return 1.0, 0
-    zero_point = int(np.clip(np.round(-low / scale), 0, qmax))
-    return scale, zero_point
-
-
-def fake_quantize_activation(x: np.ndarray, low: float, high: float, bits: int = 8) -> np.ndarray:
-    """Per-tensor asymmetric fake quantization of activations with the calibrated range [low, high]."""
-    scale, zero_point = activation_qparams(low, high, bits)
-    qmax = (1 << bits) - 1
-    q = np.clip(np.round(np.asarray(x, dtype=np.float32) / scale) + zero_point, 0, qmax)
-    return ((q - zero_point) * scale).astype(np.float32)
-
-
-def fake_quantize_activation_per_token(x: np.ndarray, bits: int = 8) -> np.ndarray:
-    """Per-token (per-row) asymmetric fake quantization, each row with its own min/max range (incl. 0): what a
-    dynamic per-token W8A8 scheme computes at run time."""
-    x = np.asarray(x, dtype=np.float32)
-    qmax = (1 << bits) - 1
-    low = np.minimum(x.min(axis=-1, keepdims=True), 0.0)
-    high = np.maximum(x.max(axis=-1, keepdims=True), 0.0)
-    scale = (high - low) / qmax
-    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
-    zero_point = np.clip(np.round(-low / scale), 0, qmax)
-    q = np.clip(np.round(x / scale) + zero_point, 0, qmax)
-    return ((q - zero_point) * scale).astype(np.float32)
-
-
 def w8a8_output_error(
     stats: InputChannelStats,
     weights_kn: Sequence[np.ndarray],
     shift: np.ndarray,
     scale: np.ndarray,
     weight_bits: int = 8,
-    act_bits: int = 8,
     per_token: bool = False,
 ) -> float:
     """Relative output error of the group after smoothing by (shift, scale) and W8A8 fake quantization:
@@ -266,7 +225,7 @@ def w8a8_output_error(
     activation range is the per-tensor min/max of x' over all calibration data (from the channel min/max), or with
     ``per_token`` each token's own min/max (dynamic per-token activations)."""
     products = GroupProducts(stats, weights_kn)
-    return products.error(shift, scale, weight_bits, act_bits, per_token)
+    return products.error(shift, scale, weight_bits, per_token)
 
 
 class GroupProducts:
@@ -281,14 +240,14 @@ class GroupProducts:
         self.norm = sum(float(np.sum(np.square(y, dtype=np.float64))) for y in self.outputs)
 
     def error(
-        self, shift: np.ndarray, scale: np.ndarray, weight_bits: int = 8, act_bits: int = 8, per_token: bool = False
+        self, shift: np.ndarray, scale: np.ndarray, weight_bits: int = 8, per_token: bool = False
     ) -> float:
         smoothed = self.stats.transformed(shift, scale)
         if per_token:
-            xq = fake_quantize_activation_per_token(smoothed.tokens, act_bits)
+            xq = fake_quantize_per_token(smoothed.tokens)
         else:
             low, high = float(smoothed.channel_min.min()), float(smoothed.channel_max.max())
-            xq = fake_quantize_activation(smoothed.tokens, low, high, act_bits)
+            xq = fake_quantize_range(smoothed.tokens, low, high)
         z = np.asarray(shift, dtype=np.float32)
         s = np.asarray(scale, dtype=np.float32)[:, None]
         error = 0.0
@@ -305,7 +264,6 @@ def search_alpha(
     method: str = "smoothquant",
     grid: Sequence[float] | None = None,
     weight_bits: int = 8,
-    act_bits: int = 8,
     per_token: bool = False,
 ) -> tuple[float, dict]:
     """The alpha with the lowest ``w8a8_output_error`` of the group (ties keep the smaller alpha).
@@ -327,7 +285,7 @@ def search_alpha(
             alpha = round(float(alpha), 6)
             if alpha not in tried:
                 shift, scale = smoothing_factors(stats, products.weights, method, alpha)
-                tried[alpha] = products.error(shift, scale, weight_bits, act_bits, per_token)
+                tried[alpha] = products.error(shift, scale, weight_bits, per_token)
 
     if grid is not None:
         if len(grid) == 0:
@@ -341,7 +299,7 @@ def search_alpha(
     errors = [tried[a] for a in alphas]
     best = int(np.argmin(errors))  # first minimum: the smaller alpha on ties
     ones = np.ones(stats.channels, dtype=np.float32)
-    unsmoothed = products.error(np.zeros_like(ones), ones, weight_bits, act_bits, per_token)
+    unsmoothed = products.error(np.zeros_like(ones), ones, weight_bits, per_token)
     info = {
         "alpha": alphas[best],
         "error": errors[best],

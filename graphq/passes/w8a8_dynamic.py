@@ -6,7 +6,7 @@
 
 Standard ONNX ops only. Formats as in the static scheme (``graphq.passes.w8a8``): uint8 activations and uint8
 weights (int8 + 128) so onnxruntime runs its exact U8U8 kernel rather than the U8S8 one that saturates without VNNI.
-The reference is ``fake_quantize_per_token`` below.
+The numpy reference is ``graphq.algorithms.grid.fake_quantize_per_token``.
 """
 
 from __future__ import annotations
@@ -14,25 +14,13 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from graphq.algorithms.grid import MIN_TOKEN_ABSMAX, PER_TOKEN_QMAX, fake_quantize_per_token  # noqa: F401 (the reference)
 from graphq.algorithms.rtn import QuantizedWeight
 from graphq.graph_utils import add_initializer, set_opset
 from graphq.linear_layers import LinearLayer
 from graphq.passes.qdq import QDQ_IR_VERSION, QDQ_OPSET
 from graphq.passes.w8a8 import weight_as_u8
 from graphq.passes.matmulnbits import replace_node_output
-
-PER_TOKEN_QMAX = 127
-# Rows of zeros (padding) would divide by zero: their scale is clamped to this (they quantize to 0 anyway).
-MIN_TOKEN_SCALE_NUMERATOR = 1e-12
-
-
-def fake_quantize_per_token(x: np.ndarray) -> np.ndarray:
-    """Numpy reference of the in-graph activation quantization (float32, round half to even)."""
-    x = np.asarray(x, dtype=np.float32)
-    scale = np.maximum(np.abs(x).max(axis=-1, keepdims=True), np.float32(MIN_TOKEN_SCALE_NUMERATOR)) / np.float32(PER_TOKEN_QMAX)
-    q = np.clip(np.round(x / scale), -PER_TOKEN_QMAX, PER_TOKEN_QMAX)
-    return (q * scale).astype(np.float32)
-
 
 def emit_w8a8_dynamic(model: ir.Model, layer: LinearLayer, qw: QuantizedWeight) -> None:
     graph = model.graph
@@ -54,7 +42,7 @@ def emit_w8a8_dynamic(model: ir.Model, layer: LinearLayer, qw: QuantizedWeight) 
     x = layer.input
     amax = op("ReduceMax", [op("Abs", [x], "abs"), const("reduce_axes", np.array([-1], dtype=np.int64))],
               "amax", keepdims=1)
-    amax = op("Max", [amax, const("min_amax", np.array(MIN_TOKEN_SCALE_NUMERATOR, dtype=float_type))], "amax_clamped")
+    amax = op("Max", [amax, const("min_amax", np.array(MIN_TOKEN_ABSMAX, dtype=float_type))], "amax_clamped")
     token_scale = op("Div", [amax, const("qmax", np.array(PER_TOKEN_QMAX, dtype=float_type))], "token_scale")
     rounded = op("Round", [op("Div", [x, token_scale], "scaled")], "rounded")
     clipped = op("Clip", [rounded, const("clip_min", np.array(-PER_TOKEN_QMAX, dtype=float_type)),
