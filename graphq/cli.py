@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -41,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     sym.add_argument("--sym", dest="symmetric", action="store_const", const=True, help="symmetric (no zero point)")
     sym.add_argument("--asym", dest="symmetric", action="store_const", const=False, help="asymmetric (zero point)")
     quantize.add_argument("--format", help="matmulnbits (default, onnxruntime) or qdq (DequantizeLinear, NPUs)")
-    quantize.add_argument("--method", help="rtn (default, no data), awq, gptq, or awq+gptq (calibrated layer by layer)")
+    quantize.add_argument("--method", help="rtn (default, no data), awq, gptq, or a sequence such as awq+gptq "
+                          "(calibrated layer by layer)")
     quantize.add_argument("--calib", help="calibration data: text, JSON or JSONL (field 'text', or 'src'/'tgt'); default: samples/")
     quantize.add_argument("--calib-texts", nargs="+", metavar="TEXT", help="calibration prompts given inline")
     quantize.add_argument("--calib-field", help="JSON/JSONL field holding the text (default 'text')")
@@ -103,14 +105,11 @@ def _quant_config(args: argparse.Namespace):
     data = {}
     if args.config:
         data = QuantConfig.from_yaml(args.config).__dict__.copy()
-    keys = ("scheme", "group_size", "symmetric", "format", "method", "exclude", "quantize_lm_head", "seed", "calib",
-            "calib_texts", "calib_field", "num_samples", "seq_len", "damp", "act_order", "awq_clip", "act_method",
-            "percentile", "act_fallback", "kv_cache", "smooth", "smooth_alpha", "smooth_all_linears", "save_format",
-            "part_file_size", "pack")
-    for key in keys:
-        value = getattr(args, key)
+    # Every config field the parser has a flag for; flags left unset (None) keep the YAML's or the default value.
+    for field in dataclasses.fields(QuantConfig):
+        value = getattr(args, field.name, None)
         if value is not None:
-            data[key] = value
+            data[field.name] = value
     return QuantConfig.from_dict(data)
 
 

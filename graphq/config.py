@@ -21,7 +21,7 @@ KV_CACHE_TYPES = ("int8",)
 SMOOTH_METHODS = ("smoothquant", "os+")
 FORMATS = ("matmulnbits", "qdq")
 SAVE_FORMATS = ("onnx", "safetensors", "numpy")
-METHODS = ("rtn", "awq", "gptq", "awq+gptq")
+# Weight methods are registered objects (graphq.weight_methods): any registered name, or a sequence joined with +.
 PER_CHANNEL = -1
 
 
@@ -80,8 +80,10 @@ class QuantConfig:
 
     @property
     def needs_calibration(self) -> bool:
-        """Weight-only layer-by-layer calibration (AWQ / GPTQ)."""
-        return self.method != "rtn"
+        """Weight-only layer-by-layer calibration: some method of the sequence needs data (AWQ / GPTQ)."""
+        from graphq.weight_methods import resolve_methods
+
+        return any(method.calibrated for method in resolve_methods(self.method))
 
     @property
     def bits(self) -> int:
@@ -155,8 +157,9 @@ class QuantConfig:
             raise GraphqError(f"reservoir_rows must be at least 16, got {self.reservoir_rows}")
         if self.format not in FORMATS:
             raise GraphqError(f"unknown format '{self.format}': choose one of {', '.join(FORMATS)}")
-        if self.method not in METHODS:
-            raise GraphqError(f"unknown method '{self.method}': choose one of {', '.join(METHODS)}")
+        from graphq.weight_methods import resolve_methods
+
+        resolve_methods(self.method)
         if not isinstance(self.group_size, int) or isinstance(self.group_size, bool):
             raise GraphqError(f"group size must be an integer, got {self.group_size!r}")
         if self.group_size != PER_CHANNEL:

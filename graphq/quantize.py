@@ -15,14 +15,13 @@ import numpy as np
 import onnx_ir as ir
 from tqdm import tqdm
 
-from graphq.algorithms.rtn import QuantizedWeight, quantize_rtn, weight_relative_mse
+from graphq.algorithms.rtn import QuantizedWeight
 from graphq.activation_quantize import activation_quantize
 from graphq.artifacts.records import ArtifactCollector
 from graphq.config import ACTIVATION_SCHEMES, QuantConfig
 from graphq.errors import GraphqError
 from graphq.calibration_data import calibration_samples
 from graphq.tokenizer import load_tokenizer
-from graphq.layer_methods import quantize_region
 from graphq.linear_layers import LinearLayer, find_linear_layers
 from graphq.runtimes.layerwise import LayerwiseCalibration
 from graphq.model_io import (
@@ -34,14 +33,10 @@ from graphq.model_io import (
     resolve_model_file,
     save_model,
 )
-from graphq.passes.matmulnbits import emit_matmulnbits
-from graphq.passes.qdq import emit_dequantize_linear
-from graphq.passes.w8a8 import emit_w8a8
-from graphq.passes.w8a8_dynamic import emit_w8a8_dynamic
+from graphq.passes.emitters import emitter_for
 from graphq.selection import skip_reason
 from graphq.version import __version__
-
-EMITTERS = {"matmulnbits": emit_matmulnbits, "qdq": emit_dequantize_linear}
+from graphq.weight_methods import quantize_region, resolve_methods, rounding_method, statistics_needed
 
 
 @dataclass
@@ -64,25 +59,28 @@ def quantized_weight_bytes(qw: QuantizedWeight) -> int:
 FinishLayer = Callable[[LinearLayer, QuantizedWeight, dict], None]
 
 
-def rtn_quantize(layers: list[LinearLayer], config: QuantConfig, progress: bool, finish: FinishLayer) -> None:
-    for layer in tqdm(layers, desc=f"rtn {config.scheme}", unit="layer", disable=not progress, file=sys.stderr):
-        weight = layer.weight_kn()
-        qw = quantize_rtn(weight, config.bits, config.group_size_for(layer.in_features), config.is_symmetric)
-        error = weight_relative_mse(weight, qw)
-        finish(layer, qw, {"weight_relative_mse": error})
+def data_free_quantize(layers: list[LinearLayer], config: QuantConfig, progress: bool, finish: FinishLayer) -> None:
+    """Methods that need no data (rtn): each linear alone, from its float weight."""
+    rounder = rounding_method(resolve_methods(config.method))
+    for layer in tqdm(layers, desc=f"{config.method} {config.scheme}", unit="layer", disable=not progress, file=sys.stderr):
+        result = rounder.round_data_free(layer, layer.weight_kn(), config)
+        finish(layer, result.weight, result.entry)
 
 
 def calibrated_quantize(
     model: ir.Model, model_file: Path, layers: list[LinearLayer], config: QuantConfig, progress: bool,
-    finish: FinishLayer,
+    finish: FinishLayer, known_layers: list[LinearLayer], rescaled: dict[str, str],
 ) -> None:
-    """AWQ / GPTQ, decoder layer by decoder layer, on activations captured in onnxruntime.
+    """The method sequence (awq, gptq, awq+gptq, ...), decoder layer by decoder layer, on activations captured in
+    onnxruntime.
 
     Each decoder layer is rewritten to its quantized form before the next is calibrated, so the next layer sees
-    the real quantized outputs and only one layer's float weights are ever replaced in memory.
+    the real quantized outputs and only one layer's float weights are ever replaced in memory. ``rescaled``
+    receives the linears whose output channels a fold rescaled on purpose (for verify).
     """
+    methods = resolve_methods(config.method)
     samples = load_calibration_samples(model_file, config)
-    calibration = LayerwiseCalibration(model, layers, samples, want_hessian="gptq" in config.method, seed=config.seed)
+    calibration = LayerwiseCalibration(model, layers, samples, statistics_needed(methods), seed=config.seed)
     done: set[str] = set()
     warned: list[str] = []
     unscaled: list[str] = []
@@ -95,15 +93,16 @@ def calibrated_quantize(
         file=sys.stderr,
     )
     for _, region_layers, stats in bar:
-        region_results = quantize_region(model, region_layers, stats, config)
+        region = quantize_region(model, region_layers, stats, config, methods, known_layers)
+        rescaled.update(region.rescaled)
         for layer in region_layers:
-            qw, entry = region_results[layer.name]
-            finish(layer, qw, entry)
+            result = region.layers[layer.name]
+            finish(layer, result.weight, result.entry)
             done.add(layer.name)
-            warned.extend(f"{layer.name}: {w}" for w in entry.get("warnings", []))
-            if "awq_skipped" in entry:
-                unscaled.append(f"{layer.name} ({entry['awq_skipped']})")
-        entries = [entry for _, entry in region_results.values()]
+            warned.extend(f"{layer.name}: {w}" for w in result.warnings)
+            if "awq_skipped" in result.entry:
+                unscaled.append(f"{layer.name} ({result.entry['awq_skipped']})")
+        entries = [result.entry for result in region.layers.values()]
         bar.set_postfix(
             error=f"{np.mean([e['output_error'] for e in entries]):.2e}",
             rtn=f"{np.mean([e['output_error_rtn'] for e in entries]):.2e}",
@@ -226,20 +225,16 @@ def quantize(
                 weight_bytes_after=quantized_weight_bytes(qw),
                 **details,
             )
-            fallback = scheme == "w8a8" and "input_scale" not in details
+            output_format = layer_config.format
+            if "activation_fallback" in details:
+                # The int8 weight stays, the activations stay float: W8A16, QDQ.
+                scheme, output_format = "w8a16", "qdq"
+                entries[layer.name]["scheme"] = scheme
             if set(config.save_format) & {"safetensors", "numpy"}:
-                collector.add(layer, qw, details, scheme="w8a16" if fallback else scheme)
-            if fallback:
-                # Activation fallback: the int8 weight stays, the activations stay float (W8A16, QDQ).
-                entries[layer.name]["scheme"] = "w8a16"
-                emit_dequantize_linear(model, layer, qw)
-            elif scheme == "w8a8":
-                emit_w8a8(model, layer, qw, details["input_scale"], details["input_offset"])
-            elif scheme == "w8a8-dynamic":
-                emit_w8a8_dynamic(model, layer, qw)
-            else:
-                EMITTERS[layer_config.format](model, layer, qw)
+                collector.add(layer, qw, details, scheme=scheme)
+            entries[layer.name]["quantized_output"] = emitter_for(scheme, output_format).emit(model, layer, qw, details)
 
+        rescaled: dict[str, str] = {}  # linear -> why a fold rescaled its output channels (verify reads it)
         by_scheme: dict[str, list[LinearLayer]] = {}
         for layer, entry in chosen:
             by_scheme.setdefault(entry["scheme"], []).append(layer)
@@ -248,13 +243,16 @@ def quantize(
             if scheme in ACTIVATION_SCHEMES:
                 continue
             if configs[scheme].needs_calibration:
-                calibrated_quantize(model, model_file, scheme_layers, configs[scheme], progress, finish)
+                calibrated_quantize(model, model_file, scheme_layers, configs[scheme], progress, finish, layers, rescaled)
             else:
-                rtn_quantize(scheme_layers, configs[scheme], progress, finish)
+                data_free_quantize(scheme_layers, configs[scheme], progress, finish)
         extra_report = activation_quantize(
             model, model_file, by_scheme.get("w8a8", []), by_scheme.get("w8a8-dynamic", []), config, progress,
             finish, lambda: load_calibration_samples(model_file, config),
         )
+        for entry in layer_reports:
+            if entry["name"] in rescaled and "skipped" not in entry:
+                entry.setdefault("output_rescaled", rescaled[entry["name"]])
         out_model_file = staging / MODEL_FILENAME
         if "onnx" in config.save_format:
             save_model(model, out_model_file)

@@ -105,6 +105,14 @@ class VerifyResult:
         return asdict(self)
 
 
+def _quant_report(quant_file: Path) -> dict:
+    report_file = quant_file.parent / "report.json"
+    try:
+        return json.loads(report_file.read_text()) if report_file.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+
+
 def _quantized_output_name(layer: LinearLayer, quant: ir.Model, values: dict[str, ir.Value]) -> str | None:
     """The value in the quantized graph that corresponds to the float layer's output (after its bias)."""
     if layer.output.name in values:  # QDQ keeps the MatMul; MatMulNBits keeps a separate bias Add
@@ -164,11 +172,16 @@ def verify(
     quant_ir = load_model(quant_file)
     still_float = {layer.name for layer in find_linear_layers(quant_ir)}
     values = {out.name: out for node in quant_ir.graph for out in node.outputs}
+    # The emitters record the value carrying each layer's output; older outputs without the record are matched by name.
+    declared = {entry["name"]: entry["quantized_output"] for entry in _quant_report(quant_file).get("layers", [])
+                if entry.get("quantized_output")}
     pairs, unmatched = [], []
     for layer in float_layers:
         if layer.name in still_float:
             continue
-        name = _quantized_output_name(layer, quant_ir, values)
+        name = declared.get(layer.name)
+        if name not in values:
+            name = _quantized_output_name(layer, quant_ir, values)
         if name is None:
             unmatched.append(layer.name)
         else:
@@ -199,8 +212,7 @@ def verify(
             rows += f_outs[0].reshape(-1, f_outs[0].shape[-1]).shape[0] if f_outs else 0
     finally:
         del reference, candidate
-    report_file = quant_file.parent / "report.json"
-    report = json.loads(report_file.read_text()) if report_file.is_file() else {}
+    report = _quant_report(quant_file)
     rescaled = {entry["name"] for entry in report.get("layers", []) if entry.get("output_rescaled")}
     layers = [entry.error(layer, rows, layer.name in rescaled) for entry, (layer, _, _) in zip(sums, pairs)]
     return VerifyResult(

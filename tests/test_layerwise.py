@@ -14,7 +14,9 @@ from graphq import GraphqError, QuantConfig, quantize
 from graphq.cli import main
 from graphq.decoder_layers import decoder_regions
 from graphq.export import export
-from graphq.layer_methods import fold_awq_scales
+from graphq.algorithms.awq import ChannelMagnitude
+from graphq.algorithms.gptq import HessianAccumulator
+from graphq.passes.fold import apply_fold, fold_target, input_readers
 from graphq.linear_layers import find_linear_layers
 from graphq.model_io import save_model
 from graphq.runtimes.layerwise import LayerwiseCalibration, graph_input_feeds
@@ -52,7 +54,8 @@ def test_captured_inputs_equal_the_full_model_activations(tiny_models, kind, use
     model = ir.load(path)
     layers = find_linear_layers(model)  # lm_head included: the tail region is captured too
     samples = _samples(3, 24)
-    calibration = LayerwiseCalibration(model, layers, samples, want_hessian=True, tokens_per_input=10**6)
+    calibration = LayerwiseCalibration(model, layers, samples, {"hessian": HessianAccumulator, "magnitude": ChannelMagnitude},
+                                       tokens_per_input=10**6)
     captured = {}
     for region, region_layers, stats in calibration:
         assert {l.layer_index for l in region_layers} == {region.index}
@@ -95,12 +98,12 @@ def test_awq_scale_folding_leaves_float_logits_unchanged(tiny_models, mha_qwen2,
     folded_roles = set()
     for index in (0, 1):
         region = [l for l in layers if l.layer_index == index]
-        groups = {}
-        for layer in region:
-            groups.setdefault(layer.input.name, []).append(layer)
-        for group in groups.values():
+        readers, every = input_readers(model, region)
+        for _, group in readers:
             scales = rng.uniform(0.25, 4.0, size=group[0].in_features).astype(np.float32)
-            if fold_awq_scales(model, group, region, scales):
+            target = fold_target(group, every)
+            if target["kind"] != "none":
+                apply_fold(model, group, target, np.zeros_like(scales), scales)
                 folded_roles.update(l.role for l in group)
     expected = {"q", "k", "v", "gate", "up", "down"} | ({"o"} if which == "mha" else set())
     assert folded_roles == expected

@@ -88,3 +88,15 @@ def test_w8a8_dynamic_per_token_costs_little_perplexity(smollm2, windows, fp32_p
     assert 0.0 < delta < 0.04, delta  # measured +1.9% (bench/results/w8a8.md); zero would mean nothing quantized
     assert result.report["layers_quantized"] == 210
     assert result.report["integer_format"]["onnxruntime_kernel"].startswith("U8U8")
+
+
+def test_awq_w8a16_with_k_proj_left_float_keeps_the_float_function(smollm2, windows, fp32_ppl, tmp_path, austen):
+    # k_proj stays float while q/v share its input: AWQ's fold must rescale k_proj too, or the loss jumps.
+    config = QuantConfig(scheme="w8a16", group_size=-1, method="awq", exclude=["*.k_proj"], calib=str(austen["calib"]),
+                         num_samples=4, seq_len=128)
+    result = quantize(smollm2["onnx"], config, tmp_path / "awq-w8", progress=False)
+    entries = {e["name"]: e for e in result.report["layers"]}
+    assert entries["model.layers.0.self_attn.k_proj"]["scheme"] == "float"
+    assert entries["model.layers.0.self_attn.q_proj"]["awq_ratio"] > 0  # the q/k/v input was really scaled
+    ppl = perplexity(OrtCausalLM(result.output_dir), windows).ppl
+    assert (ppl - fp32_ppl) / fp32_ppl < 0.005, (ppl, fp32_ppl)

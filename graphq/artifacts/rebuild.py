@@ -20,11 +20,8 @@ from graphq.artifacts.reader import Artifacts, open_artifacts
 from graphq.errors import GraphqError
 from graphq.linear_layers import find_linear_layers
 from graphq.model_io import MODEL_FILENAME, atomic_output_dir, copy_side_files, load_model, resolve_model_file, save_model
-from graphq.passes.matmulnbits import emit_matmulnbits
-from graphq.passes.qdq import emit_dequantize_linear
+from graphq.passes.emitters import emitter_for, formats_of
 from graphq.passes.weights import set_layer_bias
-
-EMITTERS = {"matmulnbits": emit_matmulnbits, "qdq": emit_dequantize_linear}
 _SAFETENSORS_DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64}
 
 
@@ -44,15 +41,6 @@ def _format_of(directory: Path) -> str:
     return "qdq"
 
 
-def _activation_emitter(scheme: str):
-    """emit_w8a8 / emit_w8a8_dynamic from the W8A8 passes (imported only when the artifacts need them)."""
-    module, function = ("graphq.passes.w8a8", "emit_w8a8") if scheme == "w8a8" else ("graphq.passes.w8a8_dynamic", "emit_w8a8_dynamic")
-    try:
-        return getattr(__import__(module, fromlist=[function]), function)
-    except (ImportError, AttributeError) as exc:
-        raise GraphqError(f"rebuilding {scheme.upper()} artifacts needs {module}, which this graphq build lacks") from exc
-
-
 def load_artifacts(
     artifact_dir: str | Path,
     output_dir: str | Path,
@@ -67,8 +55,8 @@ def load_artifacts(
     artifacts = open_artifacts(artifact_dir, scheme=scheme, numpy=numpy)
     model_file = resolve_model_file(float_model) if float_model is not None else _source_model_of(artifact_dir)
     format = format or _format_of(artifact_dir)
-    if format not in EMITTERS:
-        raise GraphqError(f"unknown format '{format}': choose matmulnbits or qdq")
+    if format not in formats_of("w4a16"):
+        raise GraphqError(f"unknown format '{format}': choose {' or '.join(formats_of('w4a16'))}")
     with atomic_output_dir(output_dir, overwrite=overwrite, inputs=[model_file.parent, artifact_dir]) as staging:
         model = load_model(model_file)
         apply_artifacts(model, artifacts, format)
@@ -109,12 +97,13 @@ def apply_artifacts(model, artifacts: Artifacts, format: str) -> None:
         raise GraphqError(f"the float model has {unsaved}, which the artifacts do not hold: wrong --float model?")
     for name in artifacts.float_names:
         sources[name].store(model, artifacts.store.get(name))
-    emitters = {scheme: _activation_emitter(scheme) if scheme.startswith("w8a8") else EMITTERS[format]
+    # Activation schemes have one form (QDQ); weight-only layers take the requested format.
+    emitters = {scheme: emitter_for(scheme, format if format in formats_of(scheme) else "qdq")
                 for scheme in set(artifacts.layer_schemes.values())}
     for name, (n, k) in artifacts.layers.items():
         layer = by_name[name]
         scheme = artifacts.layer_schemes[name]
-        emit = emitters[scheme]
+        emitter = emitters[scheme]
         if (n, k) != (layer.out_features, layer.in_features):
             raise GraphqError(
                 f"{name}.weight is for a [{n}, {k}] layer but the float model's {name} is "
@@ -124,7 +113,7 @@ def apply_artifacts(model, artifacts: Artifacts, format: str) -> None:
         if scheme == "w8a8":
             qw, input_scale, input_offset, bias = decode_w8a8(tensors)
             _check_w8a8_bias(name, layer, bias, tensors)
-            emit(model, layer, qw, input_scale, input_offset)
+            emitter.emit(model, layer, qw, {"input_scale": input_scale, "input_offset": input_offset})
             continue
         if (layer.bias is None) != ("bias" not in tensors):
             raise GraphqError(f"{name}: the float model's layer {'has' if layer.bias is not None else 'has no'} bias "
@@ -137,7 +126,7 @@ def apply_artifacts(model, artifacts: Artifacts, format: str) -> None:
         if bits == 4 and not packed and (weight.min() < -8 or weight.max() > 7):
             raise GraphqError(f"{name}.weight holds values outside the int4 range [-8, 7]: not W4A16 data")
         qw = decode_weight_only(tensors, bits, k, artifacts.group_size, packed)
-        emit(model, layer, qw)
+        emitter.emit(model, layer, qw, {})
     if artifacts.kv_names:
         apply_kv_cache(model, artifacts)
 

@@ -22,7 +22,8 @@ from graphq.passes.qdq import QDQ_IR_VERSION, QDQ_OPSET
 from graphq.passes.w8a8 import weight_as_u8
 from graphq.passes.matmulnbits import replace_node_output
 
-def emit_w8a8_dynamic(model: ir.Model, layer: LinearLayer, qw: QuantizedWeight) -> None:
+def emit_w8a8_dynamic(model: ir.Model, layer: LinearLayer, qw: QuantizedWeight) -> ir.Value:
+    """Rewrite one linear to W8A8 dynamic; returns the value that now carries its output."""
     graph = model.graph
     name = layer.name
     float_type = layer.dtype.numpy()
@@ -63,3 +64,4 @@ def emit_w8a8_dynamic(model: ir.Model, layer: LinearLayer, qw: QuantizedWeight) 
     replace_node_output(graph, old, result)
     set_opset(model, "", QDQ_OPSET)
     model.ir_version = max(model.ir_version or 0, QDQ_IR_VERSION)
+    return result

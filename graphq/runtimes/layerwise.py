@@ -8,13 +8,11 @@ streamed into accumulators; only the hidden states entering the current layer ar
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import onnx_ir as ir
 
-from graphq.algorithms.awq import ChannelMagnitude
-from graphq.algorithms.gptq import HessianAccumulator
 from graphq.decoder_layers import Region, decoder_regions, prefix_values
 from graphq.linear_layers import LinearLayer
 from graphq.runtimes.submodel import SubmodelSession
@@ -22,11 +20,17 @@ from graphq.runtimes.submodel import SubmodelSession
 
 @dataclass
 class InputStatistics:
-    """Streaming statistics of one linear input (shared by the linears reading it)."""
+    """Streaming statistics of one linear input (shared by the linears reading it): the accumulators the weight
+    methods asked for, by name (``stats.hessian``, ``stats.magnitude``), and a bounded sample of token rows."""
 
-    hessian: HessianAccumulator | None
-    magnitude: ChannelMagnitude
+    accumulators: dict[str, Any] = field(default_factory=dict)
     sample_rows: list[np.ndarray] = field(default_factory=list)
+
+    def __getattr__(self, name: str) -> Any:
+        accumulators = self.__dict__.get("accumulators", {})
+        if name in accumulators:
+            return accumulators[name]
+        raise AttributeError(f"no '{name}' statistic was collected for this input (a weight method must declare it)")
 
     def token_sample(self) -> np.ndarray:
         return np.concatenate(self.sample_rows, axis=0)
@@ -67,7 +71,7 @@ class LayerwiseCalibration:
         model: ir.Model,
         layers: list[LinearLayer],
         samples: list[np.ndarray],
-        want_hessian: bool,
+        statistics: dict[str, Callable[[], Any]],
         tokens_per_input: int = 2048,
         seed: int = 0,
         threads: int | None = None,
@@ -75,7 +79,7 @@ class LayerwiseCalibration:
         self.model = model
         self.layers = layers
         self.samples = samples
-        self.want_hessian = want_hessian
+        self.statistics = dict(statistics)  # name -> factory of an accumulator with add(rows [T, K])
         self.tokens_per_sample = max(1, -(-tokens_per_input // len(samples)))
         self.rng = np.random.default_rng(seed)
         self.threads = threads
@@ -103,7 +107,7 @@ class LayerwiseCalibration:
             cut = region.stream_inputs + region.static_inputs
             capture = SubmodelSession(self.model, self._specs(cut, values[0]), input_names, threads=self.threads)
             stats = {
-                name: InputStatistics(HessianAccumulator() if self.want_hessian else None, ChannelMagnitude())
+                name: InputStatistics({key: factory() for key, factory in self.statistics.items()})
                 for name in input_names
             }
             for feed, sample_values in zip(feeds, values):
@@ -111,9 +115,8 @@ class LayerwiseCalibration:
                 for name, array in captured.items():
                     rows = array.reshape(-1, array.shape[-1]).astype(np.float32)
                     entry = stats[name]
-                    if entry.hessian is not None:
-                        entry.hessian.add(rows)
-                    entry.magnitude.add(rows)
+                    for accumulator in entry.accumulators.values():
+                        accumulator.add(rows)
                     take = min(self.tokens_per_sample, len(rows))
                     entry.sample_rows.append(rows[np.sort(self.rng.choice(len(rows), take, replace=False))])
             del capture

@@ -1,0 +1,69 @@
+"""awq: activation-aware channel scales folded into the producer of each input, then a clip search per group.
+
+The scales of every input group of the layer are searched on the captured float inputs and folded before anything
+is rounded, because the fold for down_proj rewrites up_proj's output columns. The fold is ``passes.fold``'s, the
+same as smoothing's: every linear reading the input is rescaled (quantized under this scheme or not), and a group
+whose input nothing can absorb keeps scale 1 (reported as ``awq_skipped``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from graphq.algorithms.awq import ChannelMagnitude, quantize_with_clip, search_awq_clip, search_awq_scales
+from graphq.algorithms.rtn import quantize_rtn
+from graphq.linear_layers import LinearLayer
+from graphq.passes.fold import apply_fold, fold_target, input_readers
+from graphq.weight_methods.base import LayerResult, RegionWork, WeightMethod
+from graphq.weight_methods.registry import register_weight_method
+
+
+class ActivationAwareScaling(WeightMethod):
+    name = "awq"
+    statistics = {"magnitude": ChannelMagnitude}
+    rounds = True
+
+    def transform(self, work: RegionWork) -> None:
+        config = work.config
+        readers, every_linear = input_readers(work.model, work.known_layers or work.layers)
+        readers_by_input = dict(readers)
+        for input_name, group in work.groups.items():
+            weights = [layer.weight_kn() for layer in group]
+            scales, info = search_awq_scales(
+                work.samples[input_name], weights, config.bits, config.group_size_for(group[0].in_features),
+                config.is_symmetric, x_magnitude=work.stats[input_name].magnitude.mean(),
+            )
+            searched = info["ratio"] not in (0.0, None)
+            skipped = None
+            if searched:
+                everyone = readers_by_input.get(input_name, group)
+                target = fold_target(everyone, every_linear)
+                if target["kind"] == "none":
+                    skipped = target["reason"]
+                else:
+                    apply_fold(work.model, everyone, target, np.zeros_like(scales), scales)
+                    work.input_scale[input_name] = work.input_scale[input_name] * scales.astype(np.float32)
+                    if target["kind"] == "linear":
+                        work.rescaled[target["upstream"].name] = f"AWQ scales of {group[0].name}"
+            for layer in group:
+                work.notes[layer.name]["awq_ratio"] = info["ratio"] if searched and skipped is None else 0.0
+                if skipped is not None:
+                    work.notes[layer.name]["awq_skipped"] = skipped
+
+    def round_group(self, work: RegionWork, input_name: str, group: list[LinearLayer]) -> dict[str, LayerResult]:
+        config = work.config
+        x = work.current_input(input_name)
+        results = {}
+        for layer in group:
+            weight = layer.weight_kn()
+            group_size = config.group_size_for(layer.in_features)
+            if config.awq_clip:
+                clip, _ = search_awq_clip(x, weight, config.bits, group_size, config.is_symmetric)
+                qw = quantize_with_clip(weight, clip, config.bits, group_size, config.is_symmetric)
+            else:
+                qw = quantize_rtn(weight, config.bits, group_size, config.is_symmetric)
+            results[layer.name] = LayerResult(qw)
+        return results
+
+
+register_weight_method(ActivationAwareScaling())

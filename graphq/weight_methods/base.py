@@ -1,0 +1,87 @@
+"""What a weight method is: an object that rewrites float weights and/or rounds them, per decoder layer.
+
+A method string such as ``awq+gptq`` is a sequence of registered methods: each one's ``transform`` runs in order
+(AWQ scales and folds), then the last method that ``rounds`` turns every linear into its quantized weight (GPTQ
+here; AWQ alone rounds with its clip search; ``rtn`` rounds to nearest). The layer-wise engine collects the union
+of the statistics the sequence declares, so a new method is one module plus ``register_weight_method``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import numpy as np
+import onnx_ir as ir
+
+from graphq.algorithms.rtn import QuantizedWeight
+from graphq.linear_layers import LinearLayer
+
+
+@dataclass
+class LayerResult:
+    """One linear's quantized weight and its report fields (errors, method notes, warnings)."""
+
+    weight: QuantizedWeight
+    entry: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def warnings(self) -> list[str]:
+        return list(self.entry.get("warnings", []))
+
+
+@dataclass
+class RegionWork:
+    """One decoder layer's linears under one weight config, with what the methods share while they run.
+
+    ``groups``: the linears being quantized, by the input they read. ``samples``: each input's token sample as
+    captured (before any fold). ``input_scale``: the per-channel factor folded into each input so far (the
+    linears now read x / s). ``notes``: per-layer report fields; ``rescaled``: linears anywhere in the model
+    whose output channels a fold rescaled on purpose (``graphq verify`` compares them up to that factor).
+    """
+
+    model: ir.Model
+    layers: list[LinearLayer]
+    stats: dict[str, Any]
+    config: Any  # QuantConfig
+    known_layers: list[LinearLayer]
+    groups: dict[str, list[LinearLayer]] = field(default_factory=dict)
+    samples: dict[str, np.ndarray] = field(default_factory=dict)
+    input_scale: dict[str, np.ndarray] = field(default_factory=dict)
+    notes: dict[str, dict] = field(default_factory=dict)
+    rescaled: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for layer in self.layers:
+            self.groups.setdefault(layer.input.name, []).append(layer)
+            self.notes.setdefault(layer.name, {})
+        self.samples = {name: entry.token_sample() for name, entry in self.stats.items()}
+        self.input_scale = {name: np.ones(sample.shape[1], dtype=np.float32) for name, sample in self.samples.items()}
+
+    def current_input(self, input_name: str) -> np.ndarray:
+        """The token sample as the linears read it now (after the folds so far)."""
+        return self.samples[input_name] / self.input_scale[input_name]
+
+
+class WeightMethod:
+    """Base of the registered weight methods; subclasses set ``name`` and override what they do.
+
+    ``statistics``: name -> factory of a streaming accumulator (``add(rows)``) the layer-wise engine keeps per
+    linear input, next to the token sample every method gets. ``calibrated``: whether it needs data at all.
+    """
+
+    name: ClassVar[str]
+    statistics: ClassVar[dict[str, Callable[[], Any]]] = {}
+    calibrated: ClassVar[bool] = True
+    rounds: ClassVar[bool] = False
+
+    def transform(self, work: RegionWork) -> None:
+        """Rewrite the float weights of the region (and fold what that needs); the float function must not change."""
+
+    def round_group(self, work: RegionWork, input_name: str, group: list[LinearLayer]) -> dict[str, LayerResult]:
+        """Quantized weights of the linears reading one input, from their current float weights."""
+        raise NotImplementedError(f"{self.name} does not round weights")
+
+    def round_data_free(self, layer: LinearLayer, weight: np.ndarray, config: Any) -> LayerResult:
+        """Quantized weight of one linear without calibration data (only for methods with calibrated=False)."""
+        raise NotImplementedError(f"{self.name} needs calibration data")

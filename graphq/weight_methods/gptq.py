@@ -1,0 +1,42 @@
+"""gptq: error-compensating rounding against the Hessian of each input (after any earlier method's folds)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from graphq.algorithms.gptq import HessianAccumulator, gptq_quantize
+from graphq.linear_layers import LinearLayer
+from graphq.weight_methods.base import LayerResult, RegionWork, WeightMethod
+from graphq.weight_methods.registry import register_weight_method
+
+
+class Gptq(WeightMethod):
+    name = "gptq"
+    statistics = {"hessian": HessianAccumulator}
+    rounds = True
+
+    def round_group(self, work: RegionWork, input_name: str, group: list[LinearLayer]) -> dict[str, LayerResult]:
+        """The linears sharing one input as one weight concatenated along N.
+
+        Every output column is rounded against the same H independently of the others, so the concatenation gives
+        the same codes as quantizing each linear alone while the Hessian is factored and the K-step loop runs once.
+        """
+        config = work.config
+        stats = work.stats[input_name].hessian
+        s = work.input_scale[input_name]
+        hessian = stats.hessian() / np.outer(s, s)  # H of x / s
+        joined, info = gptq_quantize(
+            np.concatenate([layer.weight_kn() for layer in group], axis=1), hessian, config.bits,
+            config.group_size_for(group[0].in_features), config.is_symmetric, damp=config.damp,
+            act_order=config.act_order, static_groups=config.act_order, n_samples=stats.tokens,
+        )
+        results, start = {}, 0
+        for layer in group:
+            stop = start + layer.out_features
+            entry = {"gptq_damp": info["damp"], "warnings": list(info["warnings"])}
+            results[layer.name] = LayerResult(joined.output_columns(start, stop), entry)
+            start = stop
+        return results
+
+
+register_weight_method(Gptq())

@@ -1,0 +1,61 @@
+"""Run a weight-method sequence over one decoder layer and report each linear's output error against RTN."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from graphq.algorithms.rtn import quantize_rtn
+from graphq.linear_layers import LinearLayer
+from graphq.weight_methods.base import LayerResult, RegionWork, WeightMethod
+from graphq.weight_methods.registry import rounding_method
+
+
+@dataclass
+class RegionResult:
+    layers: dict[str, LayerResult]
+    rescaled: dict[str, str] = field(default_factory=dict)  # linear name -> why its output channels were rescaled
+
+
+def relative_output_error(x: np.ndarray, weight: np.ndarray, approximation: np.ndarray) -> float:
+    reference = x @ weight
+    return float(np.sum(np.square(x @ (weight - approximation), dtype=np.float64))
+                 / max(np.sum(np.square(reference, dtype=np.float64)), 1e-30))
+
+
+def quantize_region(
+    model: ir.Model,
+    region_layers: list[LinearLayer],
+    stats: dict,
+    config,
+    methods: list[WeightMethod],
+    known_layers: list[LinearLayer] | None = None,
+) -> RegionResult:
+    """Transform, then round, every linear of one decoder layer under ``config`` with the method sequence.
+
+    ``known_layers``: the caller's objects for every linear of the model, so folds that rescale a linear outside
+    ``region_layers`` (left float, or under another scheme) update the objects the caller holds.
+    The report fields ``output_error`` (the quantized layer on its current input) and ``output_error_rtn`` (RTN on
+    the original weight and input) are relative squared errors on the token sample.
+    """
+    work = RegionWork(model, region_layers, stats, config, known_layers or region_layers)
+    originals = {layer.name: layer.weight_kn() for layer in region_layers}
+    for method in methods:
+        method.transform(work)
+    rounder = rounding_method(methods)
+    results: dict[str, LayerResult] = {}
+    for input_name, group in work.groups.items():
+        rounded = rounder.round_group(work, input_name, group)
+        x_original, x = work.samples[input_name], work.current_input(input_name)
+        for layer in group:
+            result = rounded[layer.name]
+            result.entry = {**work.notes[layer.name], **result.entry}
+            group_size = config.group_size_for(layer.in_features)
+            original = originals[layer.name]
+            rtn = quantize_rtn(original, config.bits, group_size, config.is_symmetric).dequantize()
+            result.entry["output_error_rtn"] = relative_output_error(x_original, original, rtn)
+            result.entry["output_error"] = relative_output_error(x, layer.weight_kn(), result.weight.dequantize())
+            results[layer.name] = result
+    return RegionResult(results, work.rescaled)
