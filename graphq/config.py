@@ -9,6 +9,7 @@ from typing import Any
 
 import yaml
 
+from graphq.config_schema import check_config
 from graphq.errors import GraphqError
 
 #: Weight-only schemes and their weight bit width.
@@ -114,6 +115,7 @@ class QuantConfig:
         return self.symmetric if self.symmetric is not None else self.bits == 8
 
     def validate(self) -> "QuantConfig":
+        check_config(self)  # types and ranges of every field first: the checks below may assume them
         if self.scheme not in SCHEMES:
             raise GraphqError(f"unknown scheme '{self.scheme}': choose one of {', '.join(SCHEMES)}")
         if not isinstance(self.scheme_overrides, dict):
