@@ -84,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("quant_model", help="quantized model (folder or model.onnx)")
     verify.add_argument("--html", help="also write a self-contained HTML report here")
     verify.add_argument("--worst", type=int, default=10, help="rows in the table of worst layers (default 10)")
+    verify.add_argument("--overwrite", action="store_true", help="replace an existing --html file (never an input)")
     _add_eval_args(verify)
 
     evaluate = commands.add_parser("eval", help="perplexity of a model in onnxruntime")
@@ -141,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
         from graphq.verify import run_verify
 
         return run_verify(args)
-    from graphq.evaluate import logit_agreement, perplexity, read_text, token_windows
+    from graphq.evaluate import logit_agreement, perplexity, read_text, require_finite, token_windows
     from graphq.tokenizer import load_tokenizer
     from graphq.runtimes.ort import OrtCausalLM
 
@@ -153,6 +154,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"perplexity {result.ppl:.4f} over {result.tokens} tokens ({result.windows} windows of {args.ctx}) in {result.seconds:.1f}s")
         if args.json:
             print(json.dumps({"ppl": result.ppl, "tokens": result.tokens}))
+        require_finite(args.model, perplexity=result.ppl)
         return 0
     reference = OrtCausalLM(args.reference, threads=args.threads)
     candidate = OrtCausalLM(args.candidate, threads=args.threads)
@@ -164,6 +166,7 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.json:
         print(json.dumps(result.to_dict()))
+    require_finite(args.candidate, mean_kl=result.mean_kl, logit_cosine=result.mean_cosine)
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 import time
@@ -128,3 +129,12 @@ def logit_agreement(reference: CausalLM, candidate: CausalLM, windows: list[np.n
 
 def dumps_json_line(data: dict) -> str:
     return json.dumps(data, sort_keys=True)
+
+
+def require_finite(model: str, **results: float) -> None:
+    """A NaN or infinite measurement means the model computes NaN/inf logits: a failure, not a result."""
+    bad = [name.replace("_", " ") for name, value in results.items() if not math.isfinite(value)]
+    if bad:
+        raise GraphqError(
+            f"{' and '.join(bad)} is not finite: {model} produces NaN or infinite logits (damaged weights or scales?)"
+        )

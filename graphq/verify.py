@@ -244,13 +244,22 @@ def format_table(result: VerifyResult, worst: int) -> str:
 
 def run_verify(args) -> int:
     """The CLI command: print the summary and the worst layers; --html writes the page; --json the numbers."""
-    from graphq.evaluate import read_text, token_windows
+    from graphq.evaluate import read_text, require_finite, token_windows
     from graphq.tokenizer import load_tokenizer
 
+    if args.html:  # before the work: never an input, a folder, or an existing file without --overwrite
+        from graphq.output_files import check_output_file, model_input_files
+
+        inputs = [Path(args.text)]
+        for model in (args.float_model, args.quant_model):
+            inputs += model_input_files(resolve_model_file(model))
+        check_output_file(args.html, inputs, args.overwrite, "HTML report")
     text = read_text(args.text)
     windows = token_windows(load_tokenizer(resolve_model_file(args.float_model)), text, args.ctx, args.max_tokens)
     result = verify(args.float_model, args.quant_model, windows, threads=args.threads, progress=True)
     print(format_table(result, args.worst))
+    require_finite(args.float_model, float_perplexity=result.float_ppl)
+    require_finite(args.quant_model, quantized_perplexity=result.quant_ppl, mean_KL=result.mean_kl)
     if args.html:
         from graphq.report_html import write_html
 

@@ -108,7 +108,9 @@ def apply_artifacts(model, artifacts: Artifacts, format: str) -> None:
     if unsaved is not None:
         raise GraphqError(f"the float model has {unsaved}, which the artifacts do not hold: wrong --float model?")
     for name in artifacts.float_names:
-        sources[name].store(model, artifacts.store.get(name))
+        array = artifacts.store.get(name)
+        check_finite(name, array)
+        sources[name].store(model, array)
     emitters = {scheme: _activation_emitter(scheme) if scheme.startswith("w8a8") else EMITTERS[format]
                 for scheme in set(artifacts.layer_schemes.values())}
     for name, (n, k) in artifacts.layers.items():
@@ -121,6 +123,9 @@ def apply_artifacts(model, artifacts: Artifacts, format: str) -> None:
                 f"[{layer.out_features}, {layer.in_features}]: wrong --float model?"
             )
         tensors = artifacts.layer_tensors(name)
+        for suffix, array in tensors.items():
+            if suffix not in ("weight", "quant_bias"):  # integers are finite; deq_scale may hold float32 bits
+                check_finite(f"{name}.{suffix}", array.astype(np.uint32).view(np.float32) if suffix == "deq_scale" and array.dtype == np.int64 else array)
         if scheme == "w8a8":
             qw, input_scale, input_offset, bias = decode_w8a8(tensors)
             _check_w8a8_bias(name, layer, bias, tensors)
@@ -157,8 +162,18 @@ def apply_kv_cache(model, artifacts: Artifacts) -> None:
         output = f"present.{index}.{'key' if prefix.endswith('k_proj') else 'value'}"
         if output not in outputs:
             raise GraphqError(f"{name} is for {output}, which the float model does not output")
-        offsets = artifacts.store.get(f"{prefix}.kv_cache_offset").round().astype(np.int64)
-        emit_kv_qdq(model, output, artifacts.store.get(name).astype(np.float32), offsets)
+        offsets = artifacts.store.get(f"{prefix}.kv_cache_offset")
+        scales = artifacts.store.get(name)
+        check_finite(f"{prefix}.kv_cache_offset", offsets)
+        check_finite(name, scales)
+        emit_kv_qdq(model, output, scales.astype(np.float32), offsets.round().astype(np.int64))
+
+
+def check_finite(name: str, array: np.ndarray) -> None:
+    """A NaN or infinite scale, offset or float tensor rebuilds a model whose every logit is NaN: refuse it here."""
+    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+        bad = int((~np.isfinite(array)).sum())
+        raise GraphqError(f"{name} holds {bad} NaN or infinite value(s): the artifact is damaged, write it again")
 
 
 def _check_w8a8_bias(name, layer, bias: np.ndarray, tensors: dict) -> None:

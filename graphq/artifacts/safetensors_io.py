@@ -101,8 +101,36 @@ def read_header(path: Path) -> tuple[dict[str, tuple[str, tuple[int, ...]]], dic
     except (OSError, ValueError, struct.error) as exc:
         raise GraphqError(f"{path} is not a readable safetensors file ({exc}): write the artifacts again") from exc
     metadata = header.pop("__metadata__", None) or {}
-    specs = {name: (entry["dtype"], tuple(entry["shape"])) for name, entry in header.items()}
+    try:
+        specs = {name: (entry["dtype"], tuple(int(d) for d in entry["shape"])) for name, entry in header.items()}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise GraphqError(f"{path} has a malformed safetensors header ({exc}): write the artifacts again") from exc
+    _check_byte_ranges(path, header, 8 + length)
     return specs, metadata
+
+
+def _check_byte_ranges(path: Path, header: dict, data_start: int) -> None:
+    """Every tensor's bytes lie inside the file and have the size its dtype and shape need.
+
+    A truncated copy keeps a valid header; without this check it would be reported healthy and fail (or read
+    garbage) only when the tensor is read."""
+    data_size = path.stat().st_size - data_start
+    for name, entry in header.items():
+        try:
+            begin, end = (int(v) for v in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise GraphqError(f"{path.name}: tensor {name} has no valid data_offsets: write the artifacts again") from None
+        needed = int(np.prod(entry["shape"], dtype=np.int64)) * BYTES_PER_ELEMENT.get(entry["dtype"], 1)
+        if not 0 <= begin <= end or end - begin != needed:
+            raise GraphqError(
+                f"{path.name}: tensor {name} spans bytes {begin}..{end} but its {entry['dtype']} {entry['shape']} "
+                f"needs {needed}: the file is damaged, write the artifacts again"
+            )
+        if end > data_size:
+            raise GraphqError(
+                f"{path.name} is truncated: tensor {name} ends at byte {data_start + end} but the file has "
+                f"{data_start + data_size} bytes; copy the file again"
+            )
 
 
 class SafetensorsStore:

@@ -1,0 +1,86 @@
+"""Single output files (verify --html): checked before the work, written to a temporary name, renamed when complete.
+
+The rules match the output folders' (graphq.model_io.atomic_output_dir): an input is never overwritten, not even
+with --overwrite; an existing file is replaced only with --overwrite; a half-written file never carries the name.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+from pathlib import Path
+
+from graphq.errors import GraphqError
+
+#: Write errors the user fixes by freeing space or choosing another place; reported as one line.
+DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def resolve_output_path(path: Path, what: str) -> Path:
+    """``path`` made absolute with symlinks followed; a symlink loop is bad input, not a traceback."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError) as exc:  # Python 3.11 raises RuntimeError for a loop, later versions OSError
+        raise GraphqError(f"{what} {path} cannot be resolved ({exc}): choose another path") from exc
+
+
+def check_writable_parent(path: Path, what: str) -> None:
+    """The folder that will hold ``path`` exists (or can be created) and is writable: checked before any work."""
+    ancestor = path.parent
+    while not ancestor.exists():
+        if ancestor.is_symlink():  # a dangling link, or one into a loop
+            raise GraphqError(f"{what} {path} lies under {ancestor}, a broken symbolic link: choose another path")
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise GraphqError(f"{what} {path} lies under {ancestor}, which is a file, not a folder: choose another path")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise GraphqError(f"cannot write {what} {path}: {ancestor} is not writable; choose another place")
+
+
+def model_input_files(model_file: Path) -> list[Path]:
+    """The files a model run reads: everything in the model's folder (graph, external data, tokenizer, config)."""
+    folder = model_file.parent
+    return [p for p in folder.iterdir() if p.is_file()] if folder.is_dir() else [model_file]
+
+
+def check_output_file(path: str | Path, inputs: list[Path], overwrite: bool, what: str = "output file") -> Path:
+    """Refuse, before any work, an output file that is an input, a folder, or exists without ``overwrite``."""
+    path = Path(path)
+    target = resolve_output_path(path, what)
+    for source in inputs:
+        try:
+            same = source.exists() and target.exists() and os.path.samefile(source, target)
+        except OSError:
+            same = False
+        if same or target == resolve_output_path(source, "input"):
+            raise GraphqError(f"{what} {path} is one of the inputs ({source}): write it somewhere else")
+    if target.is_dir():
+        raise GraphqError(f"{what} {path} is a folder: name a file, such as {path / 'report.html'}")
+    if target.exists() and not overwrite:
+        raise GraphqError(f"{what} {path} already exists: choose another name or pass --overwrite")
+    check_writable_parent(target, what)
+    return target
+
+
+def write_text_atomically(path: str | Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) to a temporary file beside ``path`` and rename it into place when complete."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    except OSError as exc:
+        raise GraphqError(f"cannot write {path}: {exc.strerror or exc}; choose another place") from exc
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as f:
+            f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes it private; the result should look like any other file
+        os.replace(temporary, path)
+    except BaseException as exc:
+        Path(temporary).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno in DISK_ERRORS:
+            raise GraphqError(f"cannot write {path}: {exc.strerror}; free some space or choose another place") from exc
+        raise
+    return path
