@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from graphq.errors import GraphqError
+from graphq.interrupts import SIGTERM_EXIT_STATUS, Terminated, handle_sigterm, restore_sigterm
 
 
 def _add_eval_args(parser: argparse.ArgumentParser) -> None:
@@ -173,6 +174,7 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    previous_sigterm = handle_sigterm()
     try:
         return run(args)
     except GraphqError as exc:
@@ -181,6 +183,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("graphq: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except Terminated:
+        print("graphq: terminated (SIGTERM); nothing was written", file=sys.stderr)
+        return SIGTERM_EXIT_STATUS
+    finally:
+        restore_sigterm(previous_sigterm)
 
 
 if __name__ == "__main__":

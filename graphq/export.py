@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -65,13 +65,14 @@ def export(source: str | Path, output_dir: str | Path, opset: int | None = None,
     from optimum.exporters.onnx import main_export
 
     started = time.perf_counter()
-    with atomic_output_dir(output_dir, overwrite=overwrite, inputs=[source]) as staging, tempfile.TemporaryDirectory(
-        prefix="graphq-export-"
-    ) as scratch:
+    with atomic_output_dir(output_dir, overwrite=overwrite, inputs=[source]) as staging:
+        # The GGUF's float checkpoint (as large as the model) lives inside the staging folder, so that whatever ends
+        # the run (an error, SIGTERM, kill -9 and the next run's stale-staging cleanup) removes it with the folder.
+        scratch = staging / ".export-scratch"
         checkpoint = source
         if source.is_file():
             print(f"graphq: converting {source.name} to a float checkpoint", file=sys.stderr)
-            checkpoint = Path(scratch) / "checkpoint"
+            checkpoint = scratch / "checkpoint"
             gguf_to_checkpoint(source, checkpoint)
         print(f"graphq: exporting {checkpoint} to ONNX ({TASK})", file=sys.stderr)
         with warnings.catch_warnings():
@@ -91,6 +92,7 @@ def export(source: str | Path, output_dir: str | Path, opset: int | None = None,
             except Exception as exc:
                 first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise GraphqError(f"optimum could not export {source}: {first_line}") from exc
+        shutil.rmtree(scratch, ignore_errors=True)
         if not (staging / MODEL_FILENAME).is_file():
             raise GraphqError(f"optimum wrote no {MODEL_FILENAME} for {source}")
         move_weights_to_external_data(staging / MODEL_FILENAME)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
+import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -12,6 +15,7 @@ from typing import Iterator
 import onnx_ir as ir
 
 from graphq.errors import GraphqError
+from graphq.output_files import DISK_ERRORS, check_writable_parent, resolve_output_path
 
 MODEL_FILENAME = "model.onnx"
 
@@ -68,7 +72,7 @@ def save_model(model: ir.Model, model_file: Path) -> None:
 
 
 def check_output_dir(output_dir: Path, inputs: list[Path], overwrite: bool) -> None:
-    output_dir = output_dir.resolve()
+    output_dir = resolve_output_path(output_dir, "output folder")
     for source in inputs:
         source = source.resolve()
         if output_dir == source or output_dir in source.parents:
@@ -77,29 +81,84 @@ def check_output_dir(output_dir: Path, inputs: list[Path], overwrite: bool) -> N
             )
     if output_dir.exists() and not overwrite:
         raise GraphqError(f"output folder {output_dir} already exists: choose another or pass --overwrite")
+    if output_dir.exists() and not output_dir.is_dir():
+        raise GraphqError(f"output folder {output_dir} is a file: choose another output folder")
+    check_writable_parent(output_dir, "output folder")
+
+
+_OWNER = re.compile(r"\.pid(\d+)\.")
+
+
+def _staging_prefix(output_dir: Path) -> str:
+    """``.<name>.pid<PID>.``: the folder's name says which process owns it, so a later run can tell it is stale."""
+    return f".{output_dir.name}.pid{os.getpid()}."
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_staging(output_dir: Path) -> None:
+    """Remove the ``.partial`` / ``.old`` folders that a killed run (kill -9, power loss) left beside ``output_dir``.
+
+    Only folders whose recorded PID is no longer running are touched; a live run's staging is left alone. A stale
+    ``.old`` folder still holding the previous output while ``output_dir`` is missing (killed between the two
+    renames of a replace) is renamed back instead of deleted."""
+    if not output_dir.parent.is_dir():
+        return
+    for folder in sorted(output_dir.parent.glob(f".{glob.escape(output_dir.name)}.pid*")):
+        owner = _OWNER.match(folder.name[len(output_dir.name) + 1 :])
+        if owner is None or not folder.name.endswith((".partial", ".old")) or _process_alive(int(owner.group(1))):
+            continue
+        previous = folder / "previous"
+        if folder.name.endswith(".old") and previous.is_dir() and not output_dir.exists():
+            os.replace(previous, output_dir)
+            print(f"graphq: restored {output_dir} from {folder.name}, left by process {owner.group(1)} while it "
+                  "replaced the folder", file=sys.stderr)
+            shutil.rmtree(folder, ignore_errors=True)
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        print(f"graphq: removed {folder.name}, the staging folder of process {owner.group(1)}, which is no longer "
+              "running", file=sys.stderr)
 
 
 @contextlib.contextmanager
 def atomic_output_dir(output_dir: str | Path, overwrite: bool = False, inputs: list[Path] = ()) -> Iterator[Path]:
-    """Yield a temporary folder beside ``output_dir``; rename it into place only when the block succeeds."""
+    """Yield a temporary folder beside ``output_dir``; rename it into place only when the block succeeds.
+
+    Staging left by a dead process for the same output is cleaned first (see remove_stale_staging)."""
     output_dir = Path(output_dir)
+    remove_stale_staging(output_dir)
     check_output_dir(output_dir, list(inputs), overwrite)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".partial", dir=output_dir.parent))
+    try:
+        output_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(output_dir), suffix=".partial", dir=output_dir.parent))
+    except OSError as exc:
+        raise GraphqError(f"cannot create output folder {output_dir}: {exc.strerror or exc}; choose another place") from exc
     umask = os.umask(0)
     os.umask(umask)
     staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the finished folder should look like any other
     try:
         yield staging
         if output_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".old", dir=output_dir.parent))
+            old = Path(tempfile.mkdtemp(prefix=_staging_prefix(output_dir), suffix=".old", dir=output_dir.parent))
             os.replace(output_dir, old / "previous")
             os.replace(staging, output_dir)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(staging, output_dir)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.errno in DISK_ERRORS:
+            raise GraphqError(
+                f"cannot write {output_dir}: {exc.strerror}; free some space or choose another place (nothing was written)"
+            ) from exc
         raise
 
 
