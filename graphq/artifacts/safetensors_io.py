@@ -33,6 +33,31 @@ def _normal_permissions(path: Path) -> None:
     path.chmod(0o666 & ~umask)
 
 
+def _sort_header_metadata(path: Path) -> None:
+    """Rewrite the header's ``__metadata__`` with its keys sorted, in place, so two identical runs write equal bytes.
+
+    safetensors keeps the metadata in a hash map and writes it in a different order every process; the header is
+    otherwise deterministic. The sorted header has the same length (the same keys and values, compact JSON), padded
+    with spaces as safetensors pads it."""
+    with open(path, "r+b") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+        if "__metadata__" not in header:
+            return
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        ordered = {"__metadata__": header.pop("__metadata__"), **header}
+        text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > length:
+            raise GraphqError(f"cannot sort the safetensors header of {path}: it would grow")
+        f.seek(8)
+        f.write(text.ljust(length, b" "))
+
+
+def _save(tensors: dict[str, np.ndarray], path: Path, metadata: dict[str, str]) -> None:
+    save_file(tensors, str(path), metadata=metadata)
+    _sort_header_metadata(path)
+
+
 def shard_name(stem: str, index: int, total: int) -> str:
     return f"{stem}-{index:05d}-of-{total:05d}.safetensors"
 
@@ -54,7 +79,7 @@ def write_safetensors(
     metadata = dict(metadata or {})
     if part_bytes is None:
         path = out_dir / f"{stem}.safetensors"
-        save_file({name: np.ascontiguousarray(a) for name, a in tensors}, str(path), metadata=metadata)
+        _save({name: np.ascontiguousarray(a) for name, a in tensors}, path, metadata)
         _normal_permissions(path)
         return [path]
     pending: list[tuple[Path, list[str]]] = []
@@ -63,7 +88,7 @@ def write_safetensors(
 
     def flush() -> None:
         path = out_dir / f".{stem}-part{len(pending) + 1:05d}.safetensors"
-        save_file(shard, str(path), metadata=metadata)
+        _save(shard, path, metadata)
         pending.append((path, list(shard)))
 
     for name, array in tensors:
