@@ -60,6 +60,67 @@ class Row:
     code: int = 2
 
 
+Q = "model.layers.0.self_attn.q_proj"
+
+
+def damaged_artifacts(edit_tensors=None, edit_metadata=None):
+    """A copy of the W4A16 output whose safetensors file was rewritten: tensors and/or metadata edited."""
+
+    def build(p: Place) -> Path:
+        from safetensors import safe_open
+        from safetensors.numpy import save_file
+
+        folder = p.copy(p.w4, "damaged")
+        path = folder / "quant_model_weight_w4a16.safetensors"
+        with safe_open(str(path), framework="numpy") as f:
+            metadata, tensors = f.metadata(), {n: f.get_tensor(n).copy() for n in f.keys()}
+        (edit_tensors or (lambda t: None))(tensors)
+        (edit_metadata or (lambda m: None))(metadata)
+        save_file(tensors, str(path), metadata=metadata)
+        return folder
+
+    return build
+
+
+def truncated_artifacts(p: Place) -> Path:
+    """A copy of the W4A16 output whose safetensors file lost its last 40%: the header still parses."""
+    folder = p.copy(p.w4, "truncated")
+    path = folder / "quant_model_weight_w4a16.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 6 // 10])
+    return folder
+
+
+def set_nan(name: str, index=(0, 0)):
+    def edit(tensors):
+        tensors[name][index] = np.nan
+    return edit
+
+
+def nan_model(p: Place) -> Path:
+    """A copy of the float export whose final norm weight holds a NaN: every logit is NaN."""
+    import onnx
+    from onnx import numpy_helper
+
+    folder = p.work / "nan"
+    folder.mkdir()
+    model = onnx.load(str(p.llama / "model.onnx"))
+    for index, tensor in enumerate(model.graph.initializer):
+        if tensor.name == "model.norm.weight":
+            array = numpy_helper.to_array(tensor).copy()
+            array[0] = np.nan
+            model.graph.initializer[index].CopyFrom(numpy_helper.from_array(array, tensor.name))
+    onnx.save(model, str(folder / "model.onnx"), save_as_external_data=True, location="model.onnx.data")
+    for side in p.llama.iterdir():
+        if side.suffix == ".json":
+            shutil.copy(side, folder / side.name)
+    return folder
+
+
+def verify_html(target: Callable[[Place], Path], *extra):
+    return lambda p: ["verify", p.llama, p.w4, "--text", p.text, "--ctx", "32", "--html", target(p), *extra]
+
+
 def quantize(*extra):
     return lambda p: ["quantize", p.llama, "-o", p.work / "out", "--quiet", *extra]
 
@@ -83,6 +144,35 @@ ROWS: dict[str, Row] = {
     "part-file-size-inf": Row(quantize("--part-file-size", "inf"), "'part_file_size' must be a finite number"),
     "part-file-size-nan": Row(quantize("--part-file-size", "nan"), "'part_file_size' must be a finite number"),
     "num-samples-zero": Row(quantize("--num-samples", "0"), "must be an integer >= 1"),
+    # --------------------------------------------------------------- verify --html never destroys a file
+    "html-onto-quant-model": Row(verify_html(lambda p: p.w4 / "model.onnx", "--overwrite"), "is one of the inputs"),
+    "html-onto-float-data": Row(verify_html(lambda p: p.llama / "model.onnx.data", "--overwrite"), "is one of the inputs"),
+    "html-onto-text": Row(lambda p: ["verify", p.llama, p.w4, "--text", p.file("eval.txt", p.text.read_text()),
+                                     "--ctx", "32", "--html", p.work / "eval.txt", "--overwrite"], "is one of the inputs"),
+    "html-existing-file": Row(verify_html(lambda p: p.file("mine.html", "<p>mine</p>")), "already exists"),
+    "html-folder": Row(verify_html(lambda p: p.work), "is a folder"),
+    "html-under-a-file": Row(verify_html(lambda p: p.file("plain", "x") / "report.html"), "which is a file"),
+    # --------------------------------------------------------------- artifacts that cannot run are refused
+    "artifacts-group-size-disagrees": Row(
+        lambda p: ["load-artifacts", damaged_artifacts(edit_metadata=lambda m: m.update(group_size="64"))(p),
+                   "-o", p.work / "out"], f"{Q}.weight_scale has 2 groups"),
+    "artifacts-nan-scale": Row(
+        lambda p: ["load-artifacts", damaged_artifacts(set_nan(f"{Q}.weight_scale"))(p), "-o", p.work / "out"],
+        f"{Q}.weight_scale holds 1 NaN or infinite"),
+    "artifacts-inf-offset": Row(
+        lambda p: ["load-artifacts", damaged_artifacts(set_nan(f"{Q}.weight_offset", (1, 1)))(p), "-o", p.work / "out"],
+        f"{Q}.weight_offset holds 1 NaN or infinite"),
+    "artifacts-nan-float-tensor": Row(
+        lambda p: ["load-artifacts", damaged_artifacts(set_nan("model.norm.weight", 3))(p), "-o", p.work / "out"],
+        "model.norm.weight holds 1 NaN"),
+    "eval-nan-model": Row(lambda p: ["eval", nan_model(p), "--text", p.text, "--ctx", "32", "--max-tokens", "64"],
+                          "perplexity is not finite"),
+    "compare-nan-model": Row(lambda p: ["compare", p.llama, nan_model(p), "--text", p.text, "--ctx", "32",
+                                        "--max-tokens", "64"], "mean kl and logit cosine is not finite"),
+    # --------------------------------------------------------------- a truncated safetensors file is not healthy
+    "inspect-truncated-safetensors": Row(lambda p: ["inspect", truncated_artifacts(p)], "is truncated"),
+    "load-truncated-safetensors": Row(lambda p: ["load-artifacts", truncated_artifacts(p), "-o", p.work / "out"],
+                                      "is truncated"),
 }
 
 
@@ -114,7 +204,127 @@ def test_bad_input_is_one_line_and_leaves_nothing(case, inputs, tmp_path, capsys
     capsys.readouterr()
     code = main(argv)
     captured = capsys.readouterr()
-    assert_one_error(code, captured.out, captured.err, row.phrase) if row.code == 2 else None
     assert code == row.code, captured.err
+    assert_one_error(code, captured.out, captured.err, row.phrase)
     assert tree_digest(tmp_path) == before, "the row left something behind (or changed an input in its folder)"
     assert {name: tree_digest(inputs[name]) for name in protected} == protected, "an input was modified"
+
+
+# ------------------------------------------------------------------- verify --html: replaced only when asked
+
+
+def test_verify_html_replaces_a_file_only_with_overwrite(inputs, tmp_path, capsys):
+    report = tmp_path / "report.html"
+    report.write_text("<p>an older report</p>")
+    argv = ["verify", inputs["llama"], inputs["w4"], "--text", inputs["text"], "--ctx", "32", "--max-tokens", "64",
+            "--html", report]
+    code = main([str(a) for a in argv])
+    assert_one_error(code, *capsys.readouterr(), "already exists", "--overwrite")
+    assert report.read_text() == "<p>an older report</p>"
+
+    code = main([str(a) for a in argv] + ["--overwrite"])
+    assert code == 0, capsys.readouterr().err
+    assert report.read_text().lstrip().lower().startswith("<!doctype html>")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html"]  # no temporary file left beside it
+
+
+# ------------------------------------------------------------------- interrupted runs: SIGTERM and kill -9
+
+# Runs the CLI with RTN made to hang, so that the test can signal the process while it holds a staging folder.
+_HANGING_QUANTIZE = """
+import importlib, sys, time
+quantize = importlib.import_module("graphq.quantize")
+quantize.rtn_quantize = lambda *args, **kwargs: time.sleep(120)
+from graphq.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _start_hanging_quantize(model: Path, output: Path) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONWARNINGS="ignore")
+    return subprocess.Popen(
+        [sys.executable, "-c", _HANGING_QUANTIZE, "quantize", str(model), "-o", str(output), "--quiet"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=output.parent,
+    )
+
+
+def _wait_for_staging(proc: subprocess.Popen, output: Path, timeout: float = 60) -> Path:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        staging = list(output.parent.glob(f".{output.name}.pid{proc.pid}.*.partial"))
+        if staging:
+            return staging[0]
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.1)
+    proc.kill()
+    raise AssertionError("the quantize never created its staging folder")
+
+
+def test_sigterm_cleans_up_and_exits_143(inputs, tmp_path):
+    output = tmp_path / "out"
+    proc = _start_hanging_quantize(inputs["llama"], output)
+    _wait_for_staging(proc, output)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143, stderr
+    assert "Traceback" not in stderr
+    assert error_lines(stderr) == ["graphq: terminated (SIGTERM); nothing was written"]
+    assert list(tmp_path.iterdir()) == [], "SIGTERM left the staging folder behind"
+
+
+def test_next_run_removes_the_staging_of_a_killed_run(inputs, tmp_path, capsys):
+    output = tmp_path / "out"
+    proc = _start_hanging_quantize(inputs["llama"], output)
+    staging = _wait_for_staging(proc, output)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)  # reaps it: a zombie would still count as running
+    assert staging.is_dir()  # kill -9 runs no cleanup: the next run must do it
+
+    # A live process's staging for the same output is not touched.
+    live = tmp_path / f".out.pid{os.getpid()}.live.partial"
+    live.mkdir()
+    capsys.readouterr()
+    code = main(["quantize", str(inputs["llama"]), "-o", str(output), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert f"removed {staging.name}" in err and f"process {proc.pid}" in err
+    assert not staging.exists() and live.is_dir()
+    assert (output / "model.onnx").is_file() and json.loads((output / "report.json").read_text())["layers_quantized"] == 14
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "out"]
+
+
+def test_a_killed_replace_gets_the_previous_output_back(inputs, tmp_path, capsys):
+    """Killed between moving the old output aside and moving the new one in: the old one is restored."""
+    output = tmp_path / "out"
+    previous = tmp_path / ".out.pid999999999.x.old" / "previous"
+    previous.mkdir(parents=True)
+    (previous / "model.onnx").write_text("the previous output")
+    capsys.readouterr()
+    code = main(["quantize", str(inputs["llama"]), "-o", str(output), "--quiet"])
+    lines = error_lines(capsys.readouterr().err)
+    assert code == 2 and len(lines) == 2, lines
+    assert lines[0].startswith(f"graphq: restored {output} from .out.pid999999999.x.old")
+    assert lines[1].startswith("graphq: error: ") and "already exists" in lines[1]  # restored, so not replaced
+    assert (output / "model.onnx").read_text() == "the previous output"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+# ------------------------------------------------------------------- reproducible outputs
+
+
+def test_two_rtn_runs_write_identical_files(inputs, tmp_path):
+    from graphq.config import QuantConfig
+    from graphq.quantize import quantize as run_quantize
+
+    digests, reports = [], []
+    for run in ("a", "b"):
+        config = QuantConfig(scheme="w4a16", group_size=32, part_file_size=0.00003)  # sharded: index and shards too
+        out = run_quantize(inputs["llama"], config, tmp_path / run, progress=False).output_dir
+        digests.append({k: v for k, v in tree_digest(out).items() if k != "report.json"})
+        report = json.loads((out / "report.json").read_text())
+        for timing in ("elapsed_seconds", "peak_rss_bytes"):
+            report.pop(timing)
+        reports.append(report)
+    assert len(digests[0]) >= 8 and any(name.endswith(".safetensors") for name in digests[0])
+    assert digests[0] == digests[1]
+    assert reports[0] == reports[1]
