@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import os
 import re
 import shutil
@@ -44,12 +45,68 @@ def load_model(path: str | Path) -> ir.Model:
     """Load an ONNX model (external data stays on disk until read)."""
     model_file = resolve_model_file(path)
     try:
-        return ir.load(model_file)
+        model = ir.load(model_file)
     except Exception as exc:  # protobuf raises DecodeError, and others for truncated files
         first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise GraphqError(
             f"{model_file} is not a readable ONNX model ({first_line}): re-export it with 'graphq export'"
         ) from exc
+    check_external_data(model, model_file)
+    return model
+
+
+def check_external_data(model: ir.Model, model_file: Path) -> None:
+    """Every weight kept outside the graph lies inside an existing data file beside it.
+
+    Weights are read lazily, so a missing or truncated model.onnx.data would otherwise surface in the middle of a
+    quantization as an OSError or a numpy buffer error."""
+    sizes: dict[Path, int] = {}
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if not isinstance(tensor, ir.ExternalTensor):
+            continue
+        path = Path(tensor.path)
+        if path not in sizes:
+            if not path.is_file():
+                raise GraphqError(
+                    f"{model_file} keeps its weights in {tensor.location}, which is missing beside it: "
+                    "copy the whole export folder"
+                )
+            sizes[path] = path.stat().st_size
+        end = (tensor.offset or 0) + (tensor.length if tensor.length is not None else tensor.nbytes)
+        if end > sizes[path]:
+            raise GraphqError(
+                f"{tensor.location} is truncated: {value.name} ends at byte {end} but the file has {sizes[path]} bytes; "
+                "copy the export folder again"
+            )
+
+
+def read_model_config(model_dir: Path) -> dict:
+    """The export's config.json as a dict ({} when there is none); a damaged one is bad input, named up front."""
+    config_file = model_dir / "config.json"
+    if not config_file.is_file():
+        return {}
+    try:
+        data = json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise GraphqError(f"{config_file} is not valid JSON ({exc}): restore the export's config.json") from exc
+    if not isinstance(data, dict):
+        raise GraphqError(f"{config_file} holds a JSON {type(data).__name__}, not an object: restore the export's config.json")
+    return data
+
+
+def model_context_length(model_dir: Path) -> int | None:
+    """max_position_embeddings from the export's config.json, when it says."""
+    value = read_model_config(model_dir).get("max_position_embeddings")
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+QUANTIZED_OPS = ("MatMulNBits", "MatMulInteger", "DequantizeLinear")
+
+
+def quantized_op_count(model: ir.Model) -> int:
+    """How many quantized-linear nodes (graphq's or another tool's) a graph holds."""
+    return sum(node.op_type in QUANTIZED_OPS for node in model.graph)
 
 
 def model_size_bytes(model_file: Path) -> int:
