@@ -123,8 +123,11 @@ def run(args: argparse.Namespace) -> int:
         print(export(args.source, args.output, opset=args.opset, overwrite=args.overwrite))
         return 0
     if args.command == "quantize":
+        from graphq.model_io import check_output_dir
         from graphq.quantize import quantize
 
+        if args.config:  # --overwrite must not delete the YAML file it was given
+            check_output_dir(Path(args.output), [Path(args.config)], overwrite=True)
         result = quantize(args.model, _quant_config(args), args.output, overwrite=args.overwrite, progress=not args.quiet)
         print(result.model_file if result.model_file.is_file() else result.output_dir)  # --save-format without onnx
         return 0
@@ -143,11 +146,13 @@ def run(args: argparse.Namespace) -> int:
         from graphq.verify import run_verify
 
         return run_verify(args)
-    from graphq.evaluate import logit_agreement, perplexity, read_text, require_finite, token_windows
+    from graphq.evaluate import check_window_fits, logit_agreement, perplexity, read_text, require_finite, token_windows
     from graphq.tokenizer import load_tokenizer
     from graphq.runtimes.ort import OrtCausalLM
 
     text = read_text(args.text)
+    for model in [args.model] if args.command == "eval" else [args.reference, args.candidate]:
+        check_window_fits(model, args.ctx)
     if args.command == "eval":
         model = OrtCausalLM(args.model, threads=args.threads)
         windows = token_windows(load_tokenizer(args.model), text, args.ctx, args.max_tokens)
@@ -159,6 +164,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     reference = OrtCausalLM(args.reference, threads=args.threads)
     candidate = OrtCausalLM(args.candidate, threads=args.threads)
+    from graphq.model_match import check_same_vocabulary
+
+    check_same_vocabulary(args.reference, reference.session, args.candidate, candidate.session)
     windows = token_windows(load_tokenizer(args.reference), text, args.ctx, args.max_tokens)
     result = logit_agreement(reference, candidate, windows, progress=True)
     print(

@@ -138,3 +138,15 @@ def require_finite(model: str, **results: float) -> None:
         raise GraphqError(
             f"{' and '.join(bad)} is not finite: {model} produces NaN or infinite logits (damaged weights or scales?)"
         )
+
+
+def check_window_fits(model_path: str | Path, ctx: int) -> None:
+    """Refuse, before any work, windows longer than the model's context (BOS + ctx tokens), as quantize does."""
+    from graphq.model_io import model_context_length, resolve_model_file
+
+    limit = model_context_length(resolve_model_file(model_path).parent)
+    if limit is not None and ctx + 1 > limit:
+        raise GraphqError(
+            f"--ctx {ctx} makes windows of {ctx + 1} tokens (BOS first) but {model_path} has a context of {limit} "
+            f"tokens: use --ctx {limit - 1} or less"
+        )

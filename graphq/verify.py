@@ -30,6 +30,7 @@ from graphq.errors import GraphqError
 from graphq.evaluate import log_softmax
 from graphq.linear_layers import LinearLayer, find_linear_layers
 from graphq.model_io import load_model, model_size_bytes, resolve_model_file
+from graphq.model_match import check_quantized_from
 from graphq.runtimes.ort import OrtCausalLM, session_options
 
 
@@ -160,9 +161,12 @@ def verify(
     progress: bool = False,
 ) -> VerifyResult:
     float_file, quant_file = resolve_model_file(float_model), resolve_model_file(quant_model)
-    float_layers = find_linear_layers(load_model(float_file))
+    float_ir = load_model(float_file)
+    float_layers = find_linear_layers(float_ir)
     quant_ir = load_model(quant_file)
     still_float = {layer.name for layer in find_linear_layers(quant_ir)}
+    check_quantized_from(float_ir, quant_ir, float_file, quant_file, len(float_layers), len(still_float))
+    del float_ir
     values = {out.name: out for node in quant_ir.graph for out in node.outputs}
     pairs, unmatched = [], []
     for layer in float_layers:
@@ -244,7 +248,7 @@ def format_table(result: VerifyResult, worst: int) -> str:
 
 def run_verify(args) -> int:
     """The CLI command: print the summary and the worst layers; --html writes the page; --json the numbers."""
-    from graphq.evaluate import read_text, require_finite, token_windows
+    from graphq.evaluate import check_window_fits, read_text, require_finite, token_windows
     from graphq.tokenizer import load_tokenizer
 
     if args.html:  # before the work: never an input, a folder, or an existing file without --overwrite
@@ -255,6 +259,8 @@ def run_verify(args) -> int:
             inputs += model_input_files(resolve_model_file(model))
         check_output_file(args.html, inputs, args.overwrite, "HTML report")
     text = read_text(args.text)
+    for model in (args.float_model, args.quant_model):
+        check_window_fits(model, args.ctx)
     windows = token_windows(load_tokenizer(resolve_model_file(args.float_model)), text, args.ctx, args.max_tokens)
     result = verify(args.float_model, args.quant_model, windows, threads=args.threads, progress=True)
     print(format_table(result, args.worst))
