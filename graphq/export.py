@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -9,6 +10,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Iterator
 
 import onnx_ir as ir
 
@@ -41,6 +43,52 @@ def gguf_to_checkpoint(gguf_path: Path, target_dir: Path) -> None:
         copy.unlink()
 
 
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.h5", "*.msgpack")
+
+
+def check_weights_are_safetensors(folder: Path) -> None:
+    """A Hugging Face folder must hold safetensors weights: graphq never unpickles files from a user's path
+    (a pickle runs code when loaded), and TensorFlow/Flax checkpoints would need frameworks graphq does not ship."""
+    if any(folder.glob("*.safetensors")) or (folder / "model.safetensors.index.json").is_file():
+        return
+    others = sorted(p.name for pattern in PICKLE_WEIGHTS for p in folder.glob(pattern))
+    if others:
+        raise GraphqError(
+            f"{folder} holds its weights only as {', '.join(others[:3])} (pickle or another framework's format), which "
+            "graphq does not load: convert them to safetensors (model.save_pretrained(dir, safe_serialization=True) "
+            "where you trust the file) and export that folder"
+        )
+    raise GraphqError(f"{folder} has a config.json but no *.safetensors weights: copy the whole model folder")
+
+
+def check_opset(opset: int | None) -> None:
+    """The opsets torch's ONNX exporter (used by optimum) can write; others fail deep inside it."""
+    if opset is None:
+        return
+    from torch.onnx import _constants
+
+    low, high = _constants.ONNX_MIN_OPSET, _constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET
+    if not low <= opset <= high:
+        raise GraphqError(f"--opset {opset} is not supported by the exporter: choose an opset from {low} to {high}")
+
+
+@contextlib.contextmanager
+def stdout_silenced() -> Iterator[None]:
+    """Send file descriptor 1 to /dev/null: torch's C++ exporter dumps its whole IR graph there on failure, which
+    would bury graphq's one error line (and pollute a caller's parsed stdout)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
+
+
 def move_weights_to_external_data(model_file: Path) -> None:
     """Keep weights in model.onnx.data beside the graph, so later steps map them lazily instead of parsing them."""
     data_file = model_file.with_name(model_file.name + ".data")
@@ -62,6 +110,9 @@ def export(source: str | Path, output_dir: str | Path, opset: int | None = None,
         raise GraphqError(f"{source} is neither a model folder nor a .gguf file")
     if source.is_dir() and not (source / "config.json").is_file():
         raise GraphqError(f"{source} has no config.json: it is not a Hugging Face model folder")
+    if source.is_dir():
+        check_weights_are_safetensors(source)
+    check_opset(opset)
     from optimum.exporters.onnx import main_export
 
     started = time.perf_counter()
@@ -79,14 +130,15 @@ def export(source: str | Path, output_dir: str | Path, opset: int | None = None,
             warnings.simplefilter("ignore")
             logging.getLogger("optimum").setLevel(logging.ERROR)
             try:
-                main_export(
-                    str(checkpoint),
-                    output=str(staging),
-                    task=TASK,
-                    opset=opset,
-                    do_validation=False,
-                    device="cpu",
-                )
+                with stdout_silenced():
+                    main_export(
+                        str(checkpoint),
+                        output=str(staging),
+                        task=TASK,
+                        opset=opset,
+                        do_validation=False,
+                        device="cpu",
+                    )
             except GraphqError:
                 raise
             except Exception as exc:
