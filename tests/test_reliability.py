@@ -38,6 +38,8 @@ class Place:
     qwen2: Path
     text: Path
     w4: Path  # an RTN W4A16 quantization of llama, with its artifacts
+    v80: Path  # a tiny llama with another vocabulary (80 tokens)
+    hf: Path  # the Hugging Face folder llama was exported from
 
     def yaml(self, body: str) -> Path:
         path = self.work / "config.yaml"
@@ -117,8 +119,51 @@ def nan_model(p: Place) -> Path:
     return folder
 
 
+def export_copy(edit: Callable[[Path], None]):
+    """A copy of the llama export, damaged by ``edit``."""
+
+    def build(p: Place) -> Path:
+        folder = p.copy(p.llama, "export")
+        edit(folder)
+        return folder
+
+    return build
+
+
+def truncate(path: Path, size: int = 1000) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(size)
+
+
+def pickle_only_folder(p: Place) -> Path:
+    """The Hugging Face folder with its safetensors weights replaced by a (harmless) pickle."""
+    import pickle
+
+    folder = p.work / "hf-pickle"
+    folder.mkdir()
+    for side in p.hf.glob("*.json"):
+        shutil.copy(side, folder / side.name)
+    (folder / "pytorch_model.bin").write_bytes(pickle.dumps({"not": "weights"}))
+    return folder
+
+
+def symlink_loop(p: Place) -> Path:
+    (p.work / "loop-a").symlink_to(p.work / "loop-b")
+    (p.work / "loop-b").symlink_to(p.work / "loop-a")
+    return p.work / "loop-a" / "out"
+
+
+def calib_quantize(name: str, data: bytes | str, *extra):
+    return lambda p: ["quantize", p.llama, "-o", p.work / "out", "--quiet", "--method", "gptq", "--seq-len", "16",
+                      "--calib", p.file(name, data), *extra]
+
+
 def verify_html(target: Callable[[Place], Path], *extra):
     return lambda p: ["verify", p.llama, p.w4, "--text", p.text, "--ctx", "32", "--html", target(p), *extra]
+
+
+def quantize_from(model: Path, *extra) -> list:
+    return ["quantize", model, "-o", model.parent / "out", "--quiet", *extra]
 
 
 def quantize(*extra):
@@ -173,6 +218,56 @@ ROWS: dict[str, Row] = {
     "inspect-truncated-safetensors": Row(lambda p: ["inspect", truncated_artifacts(p)], "is truncated"),
     "load-truncated-safetensors": Row(lambda p: ["load-artifacts", truncated_artifacts(p), "-o", p.work / "out"],
                                       "is truncated"),
+    # --------------------------------------------------------------- missing or truncated model.onnx.data
+    "quantize-missing-data": Row(lambda p: quantize_from(export_copy(lambda f: (f / "model.onnx.data").unlink())(p)),
+                                 "model.onnx.data, which is missing"),
+    "quantize-truncated-data": Row(lambda p: quantize_from(export_copy(lambda f: truncate(f / "model.onnx.data"))(p)),
+                                   "model.onnx.data is truncated"),
+    "inspect-missing-data": Row(lambda p: ["inspect", export_copy(lambda f: (f / "model.onnx.data").unlink())(p)],
+                                "which is missing"),
+    "inspect-truncated-data": Row(lambda p: ["inspect", export_copy(lambda f: truncate(f / "model.onnx.data"))(p)],
+                                  "is truncated"),
+    # --------------------------------------------------------------- models that do not belong together
+    "verify-swapped": Row(lambda p: ["verify", p.w4, p.llama, "--text", p.text, "--ctx", "32"], "look swapped"),
+    "verify-quant-of-another-export": Row(lambda p: ["verify", p.qwen2, p.w4, "--text", p.text, "--ctx", "32"],
+                                          "was not quantized from"),
+    "verify-other-vocabulary": Row(lambda p: ["verify", p.v80, p.w4, "--text", p.text, "--ctx", "32"],
+                                   "not a quantization of this float model"),
+    "compare-other-vocabulary": Row(lambda p: ["compare", p.llama, p.v80, "--text", p.text, "--ctx", "32"],
+                                    "vocabulary of 96 tokens but"),
+    # --------------------------------------------------------------- windows beyond the model's context (256)
+    "eval-ctx-beyond-context": Row(lambda p: ["eval", p.llama, "--text", p.text, "--ctx", "256"], "use --ctx 255 or less"),
+    "compare-ctx-beyond-context": Row(lambda p: ["compare", p.llama, p.w4, "--text", p.text], "use --ctx 255 or less"),
+    "verify-ctx-beyond-context": Row(lambda p: ["verify", p.llama, p.w4, "--text", p.text, "--ctx", "300"],
+                                     "use --ctx 255 or less"),
+    # --------------------------------------------------------------- output paths that cannot be written
+    "output-under-a-file": Row(lambda p: ["quantize", p.llama, "-o", p.file("plain", "x") / "out", "--quiet"],
+                               "which is a file"),
+    "output-is-a-file": Row(lambda p: ["quantize", p.llama, "-o", p.file("plain", "x"), "--quiet", "--overwrite"],
+                            "is a file"),
+    "output-symlink-loop": Row(lambda p: ["quantize", p.llama, "-o", symlink_loop(p), "--quiet"], "cannot be resolved"),
+    "overwrite-folder-holding-calib": Row(
+        lambda p: ["quantize", p.llama, "-o", p.work, "--quiet", "--overwrite", "--method", "gptq", "--seq-len", "16",
+                   "--calib", p.file("calib.jsonl", '{"text": "the cat sat"}\n')], "would overwrite the input"),
+    "overwrite-folder-holding-config": Row(
+        lambda p: ["quantize", p.llama, "-o", p.work, "--quiet", "--overwrite", "--config", p.yaml("scheme: w4a16\n")],
+        "would overwrite the input"),
+    # --------------------------------------------------------------- calibration files
+    "calib-not-utf8": Row(calib_quantize("calib.json", b'[{"text": "\xff\xfe caf\xe9"}]'), "is not UTF-8"),
+    "calib-json-not-a-list": Row(calib_quantize("calib.json", "42"), "holds a JSON int, not a list of records"),
+    "calib-json-string": Row(calib_quantize("calib.json", '"just a text"'), "holds a JSON str"),
+    "calib-jsonl-bad-line-4": Row(calib_quantize("calib.jsonl", '{"text": "a"}\n\n{"text": "b"}\n{oops\n'), "line 4"),
+    "calib-mostly-unusable": Row(calib_quantize("calib.jsonl", '{"text": "a b"}\n{"body": 1}\n{"body": 2}\n'),
+                                 "only 1 of 3 records are usable"),
+    # --------------------------------------------------------------- inputs checked before the work
+    "input-config-json-invalid": Row(
+        lambda p: quantize_from(export_copy(lambda f: (f / "config.json").write_text("{oops"))(p)), "is not valid JSON"),
+    "already-quantized": Row(lambda p: ["quantize", p.w4, "-o", p.work / "out", "--quiet"], "is already quantized"),
+    # --------------------------------------------------------------- export
+    "export-opset-999": Row(lambda p: ["export", p.hf, "-o", p.work / "out", "--opset", "999"],
+                            "--opset 999 is not supported"),
+    "export-pickle-only": Row(lambda p: ["export", pickle_only_folder(p), "-o", p.work / "out"],
+                              "pytorch_model.bin"),
 }
 
 
@@ -181,9 +276,15 @@ def inputs(tiny_models, tiny_text, tmp_path_factory) -> dict[str, Path]:
     from graphq.config import QuantConfig
     from graphq.quantize import quantize as run_quantize
 
-    w4 = tmp_path_factory.mktemp("reliability") / "w4"
+    from conftest import build_tiny_model
+    from graphq.export import export
+
+    root = tmp_path_factory.mktemp("reliability")
+    w4 = root / "w4"
     run_quantize(tiny_models["llama"]["onnx"], QuantConfig(scheme="w4a16", group_size=32), w4, progress=False)
-    return {"llama": tiny_models["llama"]["onnx"], "qwen2": tiny_models["qwen2"]["onnx"], "text": tiny_text, "w4": w4}
+    export(build_tiny_model("llama", root / "v80-hf", vocab_size=80), root / "v80")
+    return {"llama": tiny_models["llama"]["onnx"], "qwen2": tiny_models["qwen2"]["onnx"], "text": tiny_text, "w4": w4,
+            "v80": root / "v80", "hf": tiny_models["llama"]["hf"]}
 
 
 def tree_digest(folder: Path) -> dict[str, str]:
@@ -199,7 +300,7 @@ def test_bad_input_is_one_line_and_leaves_nothing(case, inputs, tmp_path, capsys
     row = ROWS[case]
     place = Place(work=tmp_path, **inputs)
     argv = [str(a) for a in row.argv(place)]
-    protected = {name: tree_digest(inputs[name]) for name in ("llama", "qwen2", "w4")}
+    protected = {name: tree_digest(inputs[name]) for name in ("llama", "qwen2", "w4", "v80", "hf")}
     before = tree_digest(tmp_path)
     capsys.readouterr()
     code = main(argv)
@@ -208,6 +309,70 @@ def test_bad_input_is_one_line_and_leaves_nothing(case, inputs, tmp_path, capsys
     assert_one_error(code, captured.out, captured.err, row.phrase)
     assert tree_digest(tmp_path) == before, "the row left something behind (or changed an input in its folder)"
     assert {name: tree_digest(inputs[name]) for name in protected} == protected, "an input was modified"
+
+
+# ------------------------------------------------------------------- usable input with a warning
+
+
+def test_exclude_pattern_that_matches_nothing_is_named(inputs, tmp_path, capsys):
+    capsys.readouterr()
+    code = main(["quantize", str(inputs["llama"]), "-o", str(tmp_path / "out"), "--quiet",
+                 "--exclude", "*.down_proj", "layers.9.*"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    warnings = [line for line in error_lines(err) if line.startswith("graphq: warning:")]
+    assert len(warnings) == 1 and "'layers.9.*'" in warnings[0] and "down_proj" not in warnings[0], warnings
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["layers_quantized"] == 12
+
+
+def test_fewer_calibration_records_than_num_samples_are_counted(inputs, tmp_path, capsys):
+    calib = tmp_path / "calib.jsonl"
+    records = [{"text": "the cat sat on the mat"}, {"text": 5}, {"text": "and then it ran far away"}, {"text": "home"}]
+    calib.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    capsys.readouterr()
+    code = main(["quantize", str(inputs["llama"]), "-o", str(tmp_path / "out"), "--quiet", "--method", "gptq",
+                 "--calib", str(calib), "--num-samples", "10", "--seq-len", "16"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    warnings = [line for line in error_lines(err) if line.startswith("graphq: warning:")]
+    assert any("skipped 1 of 4 records (1 text not a string)" in w for w in warnings), warnings
+    assert any("gives 3 samples, fewer than --num-samples 10" in w for w in warnings), warnings
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["calibration_samples"] == 3 and report["config"]["num_samples"] == 10
+
+
+# ------------------------------------------------------------------- write errors are one line, nothing left
+
+
+def test_full_disk_is_one_line_and_leaves_nothing(inputs, tmp_path, capsys, monkeypatch):
+    import errno
+    import importlib
+
+    quantize_module = importlib.import_module("graphq.quantize")
+
+    def disk_full(model, path):
+        Path(path).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(quantize_module, "save_model", disk_full)
+    capsys.readouterr()
+    code = main(["quantize", str(inputs["llama"]), "-o", str(tmp_path / "out"), "--quiet"])
+    assert_one_error(code, *capsys.readouterr(), "No space left on device", "nothing was written")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_parent_is_refused_before_the_work(inputs, tmp_path, capsys):
+    parent = tmp_path / "locked"
+    parent.mkdir()
+    parent.chmod(0o555)
+    try:
+        capsys.readouterr()
+        code = main(["quantize", str(inputs["llama"]), "-o", str(parent / "out"), "--quiet"])
+        assert_one_error(code, *capsys.readouterr(), "is not writable")
+        assert list(parent.iterdir()) == []
+    finally:
+        parent.chmod(0o755)
 
 
 # ------------------------------------------------------------------- verify --html: replaced only when asked
