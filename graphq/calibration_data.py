@@ -116,7 +116,8 @@ def calibration_samples(
     if texts is None:
         path = Path(path) if path is not None else DEFAULT_CALIBRATION_FILE
         if not path.is_file():
-            raise GraphqError(f"calibration file {path} does not exist")
+            raise GraphqError(f"calibration file {path} {'is a folder' if path.is_dir() else 'does not exist'}: "
+                              "pass a text, JSON or JSONL file")
         if path.suffix in (".json", ".jsonl"):
             texts = _records_from_json(path, text_field)
         else:

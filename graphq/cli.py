@@ -11,18 +11,33 @@ from graphq.errors import GraphqError
 from graphq.interrupts import SIGTERM_EXIT_STATUS, Terminated, handle_sigterm, restore_sigterm
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line, like every other graphq error (argparse prints the whole usage first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"graphq: error: {message} (see '{self.prog} --help')\n")
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: an integer >= 0 (argparse prints its own one-line usage error otherwise)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a count >= 0, got {value}")
+    return value
+
+
 def _add_eval_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text", required=True, help="UTF-8 text to evaluate on (never the calibration text)")
     parser.add_argument("--ctx", type=int, default=512, help="tokens per window (default 512)")
     parser.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens of the text")
-    parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
+    parser.add_argument("--threads", type=non_negative_int, default=None, help="onnxruntime intra-op threads (default: all cores)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from graphq.version import __version__
 
-    parser = argparse.ArgumentParser(prog="graphq", description="Quantize ONNX LLMs and verify them in onnxruntime.")
+    parser = _OneLineParser(prog="graphq", description="Quantize ONNX LLMs and verify them in onnxruntime.")
     parser.add_argument("--version", action="version", version=f"graphq {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -84,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("float_model", help="float export (folder or model.onnx)")
     verify.add_argument("quant_model", help="quantized model (folder or model.onnx)")
     verify.add_argument("--html", help="also write a self-contained HTML report here")
-    verify.add_argument("--worst", type=int, default=10, help="rows in the table of worst layers (default 10)")
+    verify.add_argument("--worst", type=non_negative_int, default=10, help="rows in the table of worst layers (default 10)")
     verify.add_argument("--overwrite", action="store_true", help="replace an existing --html file (never an input)")
     _add_eval_args(verify)
 

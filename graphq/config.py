@@ -219,4 +219,4 @@ class QuantConfig:
             raise GraphqError(f"config file {path} is not valid YAML: {exc}".splitlines()[0]) from exc
         if not isinstance(data, dict):
             raise GraphqError(f"config file {path} must hold a mapping of option: value")
-        return cls.from_dict({k.replace("-", "_"): v for k, v in data.items()})
+        return cls.from_dict({str(k).replace("-", "_"): v for k, v in data.items()})

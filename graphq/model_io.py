@@ -81,18 +81,28 @@ def check_external_data(model: ir.Model, model_file: Path) -> None:
             )
 
 
-def read_model_config(model_dir: Path) -> dict:
-    """The export's config.json as a dict ({} when there is none); a damaged one is bad input, named up front."""
-    config_file = model_dir / "config.json"
-    if not config_file.is_file():
+def read_json_object(path: Path, remedy: str) -> dict:
+    """A JSON file holding an object, as a dict ({} when the file does not exist); a damaged one is one GraphqError
+    naming the file and ``remedy`` (what to do about it)."""
+    if not path.is_file():
         return {}
     try:
-        data = json.loads(config_file.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise GraphqError(f"{config_file} is not valid JSON ({exc}): restore the export's config.json") from exc
+        raise GraphqError(f"{path} is not valid JSON ({exc}): {remedy}") from exc
     if not isinstance(data, dict):
-        raise GraphqError(f"{config_file} holds a JSON {type(data).__name__}, not an object: restore the export's config.json")
+        raise GraphqError(f"{path} holds a JSON {type(data).__name__}, not an object: {remedy}")
     return data
+
+
+def read_model_config(model_dir: Path) -> dict:
+    """The export's config.json ({} when there is none); a damaged one is bad input, named up front."""
+    return read_json_object(model_dir / "config.json", "restore the export's config.json")
+
+
+def read_report(output_dir: Path) -> dict:
+    """A quantize output's report.json ({} when there is none)."""
+    return read_json_object(output_dir / "report.json", "restore it from the quantize output, or delete it")
 
 
 def model_context_length(model_dir: Path) -> int | None:

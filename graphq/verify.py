@@ -29,7 +29,7 @@ from tqdm import tqdm
 from graphq.errors import GraphqError
 from graphq.evaluate import log_softmax
 from graphq.linear_layers import LinearLayer, find_linear_layers
-from graphq.model_io import load_model, model_size_bytes, resolve_model_file
+from graphq.model_io import load_model, model_size_bytes, read_report, resolve_model_file
 from graphq.model_match import check_quantized_from
 from graphq.runtimes.ort import OrtCausalLM, session_options
 
@@ -161,6 +161,7 @@ def verify(
     progress: bool = False,
 ) -> VerifyResult:
     float_file, quant_file = resolve_model_file(float_model), resolve_model_file(quant_model)
+    report = read_report(quant_file.parent)
     float_ir = load_model(float_file)
     float_layers = find_linear_layers(float_ir)
     quant_ir = load_model(quant_file)
@@ -203,8 +204,6 @@ def verify(
             rows += f_outs[0].reshape(-1, f_outs[0].shape[-1]).shape[0] if f_outs else 0
     finally:
         del reference, candidate
-    report_file = quant_file.parent / "report.json"
-    report = json.loads(report_file.read_text()) if report_file.is_file() else {}
     rescaled = {entry["name"] for entry in report.get("layers", []) if entry.get("output_rescaled")}
     layers = [entry.error(layer, rows, layer.name in rescaled) for entry, (layer, _, _) in zip(sums, pairs)]
     return VerifyResult(

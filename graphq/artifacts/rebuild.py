@@ -19,7 +19,16 @@ from graphq.artifacts.naming import float_tensor_sources
 from graphq.artifacts.reader import Artifacts, open_artifacts
 from graphq.errors import GraphqError
 from graphq.linear_layers import find_linear_layers
-from graphq.model_io import MODEL_FILENAME, atomic_output_dir, copy_side_files, load_model, resolve_model_file, save_model
+from graphq.model_io import (
+    MODEL_FILENAME,
+    atomic_output_dir,
+    copy_side_files,
+    load_model,
+    read_model_config,
+    read_report,
+    resolve_model_file,
+    save_model,
+)
 from graphq.passes.matmulnbits import emit_matmulnbits
 from graphq.passes.qdq import emit_dequantize_linear
 from graphq.passes.weights import set_layer_bias
@@ -29,19 +38,15 @@ _SAFETENSORS_DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64}
 
 
 def _source_model_of(directory: Path) -> Path:
-    report = directory / "report.json"
-    if report.is_file():
-        source = json.loads(report.read_text()).get("source_model")
-        if source and Path(source).is_file():
-            return Path(source)
+    source = read_report(directory).get("source_model")
+    if isinstance(source, str) and Path(source).is_file():
+        return Path(source)
     raise GraphqError(f"cannot tell which float export {directory} came from: pass it with --float")
 
 
 def _format_of(directory: Path) -> str:
-    report = directory / "report.json"
-    if report.is_file():
-        return json.loads(report.read_text()).get("config", {}).get("format", "qdq")
-    return "qdq"
+    config = read_report(directory).get("config")
+    return config.get("format", "qdq") if isinstance(config, dict) else "qdq"
 
 
 def _activation_emitter(scheme: str):
@@ -69,6 +74,7 @@ def load_artifacts(
     format = format or _format_of(artifact_dir)
     if format not in EMITTERS:
         raise GraphqError(f"unknown format '{format}': choose matmulnbits or qdq")
+    read_model_config(model_file.parent)  # its config.json is copied and marked at the end: refuse a damaged one now
     with atomic_output_dir(output_dir, overwrite=overwrite, inputs=[model_file.parent, artifact_dir]) as staging:
         model = load_model(model_file)
         apply_artifacts(model, artifacts, format)

@@ -171,6 +171,8 @@ class SafetensorsStore:
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
+                if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                    raise TypeError("weight_map is not a mapping of tensor to file name")
             except (ValueError, KeyError, TypeError) as exc:
                 raise GraphqError(f"{index} is not a safetensors index (no weight_map): write the artifacts again") from exc
             files: dict[str, list[str]] = {}
