@@ -158,6 +158,21 @@ def calib_quantize(name: str, data: bytes | str, *extra):
                       "--calib", p.file(name, data), *extra]
 
 
+def with_file(p: Place, name: str, text: str) -> Path:
+    """A copy of the W4A16 output with one file replaced by ``text``."""
+    folder = p.copy(p.w4, "edited")
+    (folder / name).write_text(text)
+    return folder
+
+
+def run_main(argv: list[str]) -> int:
+    """The CLI in-process; argparse's usage errors exit through SystemExit, which a real process turns into a status."""
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return exc.code
+
+
 def verify_html(target: Callable[[Place], Path], *extra):
     return lambda p: ["verify", p.llama, p.w4, "--text", p.text, "--ctx", "32", "--html", target(p), *extra]
 
@@ -268,6 +283,23 @@ ROWS: dict[str, Row] = {
                             "--opset 999 is not supported"),
     "export-pickle-only": Row(lambda p: ["export", pickle_only_folder(p), "-o", p.work / "out"],
                               "pytorch_model.bin"),
+    # --------------------------------------------------------------- damaged side files and odd values
+    "yaml-non-string-key": Row(quantize_yaml("1: 2\n"), "unknown config key(s) 1"),
+    "load-artifacts-report-not-json": Row(
+        lambda p: ["load-artifacts", with_file(p, "report.json", "{bad"), "-o", p.work / "out"], "report.json is not valid JSON"),
+    "verify-report-not-json": Row(
+        lambda p: ["verify", p.llama, with_file(p, "report.json", "[1, 2]"), "--text", p.text, "--ctx", "32"],
+        "report.json holds a JSON list"),
+    "inspect-index-not-a-map": Row(
+        lambda p: ["inspect", with_file(p, "quant_model_weight_w4a16.safetensors.index.json", '{"weight_map": [1]}')],
+        "is not a safetensors index"),
+    "calib-is-a-folder": Row(lambda p: ["quantize", p.llama, "-o", p.work / "out", "--quiet", "--method", "gptq",
+                                        "--seq-len", "16", "--calib", p.work], "is a folder"),
+    # --------------------------------------------------------------- usage errors are one line too
+    "worst-negative": Row(lambda p: ["verify", p.llama, p.w4, "--text", p.text, "--worst", "-1"], "--worst: must be a count"),
+    "threads-not-a-number": Row(lambda p: ["eval", p.llama, "--text", p.text, "--threads", "x"], "--threads"),
+    "group-size-not-a-number": Row(quantize("--group-size", "abc"), "invalid int value: 'abc'"),
+    "missing-output": Row(lambda p: ["quantize", p.llama], "required: -o/--output"),
 }
 
 
@@ -303,7 +335,7 @@ def test_bad_input_is_one_line_and_leaves_nothing(case, inputs, tmp_path, capsys
     protected = {name: tree_digest(inputs[name]) for name in ("llama", "qwen2", "w4", "v80", "hf")}
     before = tree_digest(tmp_path)
     capsys.readouterr()
-    code = main(argv)
+    code = run_main(argv)
     captured = capsys.readouterr()
     assert code == row.code, captured.err
     assert_one_error(code, captured.out, captured.err, row.phrase)
