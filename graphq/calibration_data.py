@@ -80,6 +80,8 @@ def _records_from_json(path: Path, text_field: str) -> list[str]:
     if skipped:
         details = ", ".join(f"{count} {reason}" for reason, count in skipped.items())
         lost = sum(skipped.values())
+        if not texts:
+            raise GraphqError(f"calibration file {path} has no usable records ({details}): fix the file")
         if len(texts) < lost:
             raise GraphqError(
                 f"calibration file {path}: only {len(texts)} of {len(records)} records are usable ({details}): "

@@ -457,7 +457,7 @@ def _wait_for_staging(proc: subprocess.Popen, output: Path, timeout: float = 60)
     raise AssertionError("the quantize never created its staging folder")
 
 
-def test_sigterm_cleans_up_and_exits_143(inputs, tmp_path):
+def test_sigterm_cleans_up_and_exits_143(inputs, tmp_path, capsys):
     output = tmp_path / "out"
     proc = _start_hanging_quantize(inputs["llama"], output)
     _wait_for_staging(proc, output)
@@ -467,6 +467,8 @@ def test_sigterm_cleans_up_and_exits_143(inputs, tmp_path):
     assert "Traceback" not in stderr
     assert error_lines(stderr) == ["graphq: terminated (SIGTERM); nothing was written"]
     assert list(tmp_path.iterdir()) == [], "SIGTERM left the staging folder behind"
+    assert main(["quantize", str(inputs["llama"]), "-o", str(output), "--quiet"]) == 0, capsys.readouterr().err
+    assert (output / "model.onnx").is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 def test_next_run_removes_the_staging_of_a_killed_run(inputs, tmp_path, capsys):

@@ -54,7 +54,13 @@ def _sort_header_metadata(path: Path) -> None:
 
 
 def _save(tensors: dict[str, np.ndarray], path: Path, metadata: dict[str, str]) -> None:
-    save_file(tensors, str(path), metadata=metadata)
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except OSError:
+        raise
+    except Exception as exc:  # safetensors reports write errors (a full disk) as its own SafetensorError
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise GraphqError(f"cannot write {path.name}: {first_line}; free some space or choose another place") from exc
     _sort_header_metadata(path)
 
 
