@@ -40,6 +40,11 @@ class _Mismatch(Exception):
     """The value does not have the annotated type; the message says what was expected."""
 
 
+def _bare(description: str) -> str:
+    """'an integer' -> 'integer', to name the items of a list or mapping."""
+    return description.removeprefix("an ").removeprefix("a ")
+
+
 def _describe(annotation: Any) -> str:
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
@@ -47,9 +52,9 @@ def _describe(annotation: Any) -> str:
         text = " or ".join(_describe(a) for a in options)
         return text + (" or null" if len(options) < len(typing.get_args(annotation)) else "")
     if origin is list:
-        return f"a list of {_describe(typing.get_args(annotation)[0]).removeprefix('a ').removeprefix('an ')}s"
+        return f"a list of {_bare(_describe(typing.get_args(annotation)[0]))}s"
     if origin is dict:
-        key, value = (_describe(a).removeprefix("a ") for a in typing.get_args(annotation))
+        key, value = (_bare(_describe(a)) for a in typing.get_args(annotation))
         return f"a mapping of {key} to {value}"
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
         annotation, getattr(annotation, "__name__", str(annotation))

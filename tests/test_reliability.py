@@ -527,3 +527,38 @@ def test_two_rtn_runs_write_identical_files(inputs, tmp_path):
     assert len(digests[0]) >= 8 and any(name.endswith(".safetensors") for name in digests[0])
     assert digests[0] == digests[1]
     assert reports[0] == reports[1]
+
+
+# ------------------------------------------------------------------- the schema follows the annotations
+
+
+def test_schema_checks_any_annotated_field():
+    """A field added to the dataclass is checked from its annotation alone, with lossless conversions only."""
+    from dataclasses import dataclass, field
+
+    from graphq.config_schema import check_config
+    from graphq.errors import GraphqError
+
+    @dataclass
+    class Options:
+        flag: bool = False
+        ratio: float = 0.5
+        names: list[str] = field(default_factory=list)
+        limit: int | None = None
+        table: dict[str, int] = field(default_factory=dict)
+
+    converted = Options(ratio=2, names="only", limit=None, table={"a": 1})
+    check_config(converted)
+    assert converted.ratio == 2.0 and isinstance(converted.ratio, float) and converted.names == ["only"]
+    for bad, phrase in [
+        (Options(flag="false"), "'flag' must be true or false"),
+        (Options(flag=1), "'flag' must be true or false"),
+        (Options(ratio=True), "'ratio' must be a number"),
+        (Options(ratio=float("nan")), "'ratio' must be a finite number"),
+        (Options(names=["a", 3]), "'names' must be a list of strings"),
+        (Options(limit=2.5), "'limit' must be an integer"),
+        (Options(limit=True), "'limit' must be an integer"),
+        (Options(table={"a": "1"}), "'table' must be a mapping of string to integer"),
+    ]:
+        with pytest.raises(GraphqError, match=phrase):
+            check_config(bad)
