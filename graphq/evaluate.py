@@ -25,7 +25,8 @@ def read_text(path: str | Path) -> str:
     """Read a text file and reflow it: lines inside a paragraph are joined, paragraphs are kept apart."""
     path = Path(path)
     if not path.is_file():
-        raise GraphqError(f"text file {path} does not exist")
+        state = "does not exist" if not path.exists() else "is not a regular file"
+        raise GraphqError(f"text file {path} {state}: pass a UTF-8 text file")
     try:
         raw = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:

@@ -58,6 +58,8 @@ def check_weights_are_safetensors(folder: Path) -> None:
             "graphq does not load: convert them to safetensors (model.save_pretrained(dir, safe_serialization=True) "
             "where you trust the file) and export that folder"
         )
+    if any(folder.glob("*.onnx")):
+        raise GraphqError(f"{folder} is already an ONNX export: pass it to 'graphq quantize' (export takes a Hugging Face folder)")
     raise GraphqError(f"{folder} has a config.json but no *.safetensors weights: copy the whole model folder")
 
 

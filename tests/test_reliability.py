@@ -283,7 +283,9 @@ ROWS: dict[str, Row] = {
                             "--opset 999 is not supported"),
     "export-pickle-only": Row(lambda p: ["export", pickle_only_folder(p), "-o", p.work / "out"],
                               "pytorch_model.bin"),
+    "export-an-onnx-export": Row(lambda p: ["export", p.llama, "-o", p.work / "out"], "is already an ONNX export"),
     # --------------------------------------------------------------- damaged side files and odd values
+    "eval-text-not-a-file": Row(lambda p: ["eval", p.llama, "--text", "/dev/null", "--ctx", "32"], "is not a regular file"),
     "yaml-non-string-key": Row(quantize_yaml("1: 2\n"), "unknown config key(s) 1"),
     "load-artifacts-report-not-json": Row(
         lambda p: ["load-artifacts", with_file(p, "report.json", "{bad"), "-o", p.work / "out"], "report.json is not valid JSON"),
