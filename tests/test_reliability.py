@@ -375,6 +375,22 @@ def test_fewer_calibration_records_than_num_samples_are_counted(inputs, tmp_path
     assert report["calibration_samples"] == 3 and report["config"]["num_samples"] == 10
 
 
+def test_truncated_numpy_artifact_is_one_error_after_the_pickle_warning(inputs, tmp_path, capsys):
+    from graphq.config import QuantConfig
+    from graphq.quantize import quantize as run_quantize
+
+    config = QuantConfig(scheme="w4a16", group_size=32, save_format=["safetensors", "numpy"])
+    out = run_quantize(inputs["llama"], config, tmp_path / "np", progress=False).output_dir
+    truncate(out / "quant_model_weight_w4a16.float.npy", 500)
+    capsys.readouterr()
+    with pytest.warns(UserWarning, match="pickle"):
+        code = main(["load-artifacts", str(out), "-o", str(tmp_path / "rebuilt"), "--numpy", "--float", str(inputs["llama"])])
+    lines = error_lines(capsys.readouterr().err)
+    assert code == 2 and len(lines) == 2 and lines[0].startswith("graphq: warning:"), lines
+    assert lines[1].startswith("graphq: error: quant_model_weight_w4a16.float.npy is not a readable numpy artifact")
+    assert not (tmp_path / "rebuilt").exists() and not list(tmp_path.glob(".rebuilt*"))
+
+
 # ------------------------------------------------------------------- write errors are one line, nothing left
 
 
