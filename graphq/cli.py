@@ -203,6 +203,14 @@ def main(argv: list[str] | None = None) -> int:
     except GraphqError as exc:
         print(f"graphq: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        if exc.errno is None:
+            raise
+        # A path the system refuses (name too long, permission, no space, ...) that no check above anticipated:
+        # still the user's environment, so one line; output folders have already removed their staging.
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"graphq: error: {exc.strerror or exc}{where}: check the path, permissions and free space", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("graphq: interrupted; nothing was written", file=sys.stderr)
         return 130

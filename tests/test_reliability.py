@@ -297,6 +297,9 @@ ROWS: dict[str, Row] = {
         "is not a safetensors index"),
     "calib-is-a-folder": Row(lambda p: ["quantize", p.llama, "-o", p.work / "out", "--quiet", "--method", "gptq",
                                         "--seq-len", "16", "--calib", p.work], "is a folder"),
+    "output-name-too-long": Row(lambda p: ["quantize", p.llama, "-o", p.work / ("o" * 300), "--quiet"], "name too long"),
+    "html-name-too-long": Row(verify_html(lambda p: p.work / ("r" * 300 + ".html")), "name too long"),
+    "text-name-too-long": Row(lambda p: ["eval", p.llama, "--text", p.work / ("t" * 300)], "name too long"),
     # --------------------------------------------------------------- usage errors are one line too
     "worst-negative": Row(lambda p: ["verify", p.llama, p.w4, "--text", p.text, "--worst", "-1"], "--worst: must be a count"),
     "threads-not-a-number": Row(lambda p: ["eval", p.llama, "--text", p.text, "--threads", "x"], "--threads"),
