@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-import glob
 import json
 import os
-import re
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -16,7 +13,13 @@ from typing import Iterator
 import onnx_ir as ir
 
 from graphq.errors import GraphqError
-from graphq.output_files import DISK_ERRORS, check_writable_parent, resolve_output_path
+from graphq.output_files import (
+    DISK_ERRORS,
+    check_writable_parent,
+    remove_stale_staging,
+    resolve_output_path,
+    staging_prefix,
+)
 
 MODEL_FILENAME = "model.onnx"
 
@@ -153,48 +156,6 @@ def check_output_dir(output_dir: Path, inputs: list[Path], overwrite: bool) -> N
     check_writable_parent(output_dir, "output folder")
 
 
-_OWNER = re.compile(r"\.pid(\d+)\.")
-
-
-def _staging_prefix(output_dir: Path) -> str:
-    """``.<name>.pid<PID>.``: the folder's name says which process owns it, so a later run can tell it is stale."""
-    return f".{output_dir.name}.pid{os.getpid()}."
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
-
-
-def remove_stale_staging(output_dir: Path) -> None:
-    """Remove the ``.partial`` / ``.old`` folders that a killed run (kill -9, power loss) left beside ``output_dir``.
-
-    Only folders whose recorded PID is no longer running are touched; a live run's staging is left alone. A stale
-    ``.old`` folder still holding the previous output while ``output_dir`` is missing (killed between the two
-    renames of a replace) is renamed back instead of deleted."""
-    if not output_dir.parent.is_dir():
-        return
-    for folder in sorted(output_dir.parent.glob(f".{glob.escape(output_dir.name)}.pid*")):
-        owner = _OWNER.match(folder.name[len(output_dir.name) + 1 :])
-        if owner is None or not folder.name.endswith((".partial", ".old")) or _process_alive(int(owner.group(1))):
-            continue
-        previous = folder / "previous"
-        if folder.name.endswith(".old") and previous.is_dir() and not output_dir.exists():
-            os.replace(previous, output_dir)
-            print(f"graphq: restored {output_dir} from {folder.name}, left by process {owner.group(1)} while it "
-                  "replaced the folder", file=sys.stderr)
-            shutil.rmtree(folder, ignore_errors=True)
-            continue
-        shutil.rmtree(folder, ignore_errors=True)
-        print(f"graphq: removed {folder.name}, the staging folder of process {owner.group(1)}, which is no longer "
-              "running", file=sys.stderr)
-
-
 @contextlib.contextmanager
 def atomic_output_dir(output_dir: str | Path, overwrite: bool = False, inputs: list[Path] = ()) -> Iterator[Path]:
     """Yield a temporary folder beside ``output_dir``; rename it into place only when the block succeeds.
@@ -205,7 +166,7 @@ def atomic_output_dir(output_dir: str | Path, overwrite: bool = False, inputs: l
     check_output_dir(output_dir, list(inputs), overwrite)
     try:
         output_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(output_dir), suffix=".partial", dir=output_dir.parent))
+        staging = Path(tempfile.mkdtemp(prefix=staging_prefix(output_dir), suffix=".partial", dir=output_dir.parent))
     except OSError as exc:
         raise GraphqError(f"cannot create output folder {output_dir}: {exc.strerror or exc}; choose another place") from exc
     umask = os.umask(0)
@@ -214,7 +175,7 @@ def atomic_output_dir(output_dir: str | Path, overwrite: bool = False, inputs: l
     try:
         yield staging
         if output_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=_staging_prefix(output_dir), suffix=".old", dir=output_dir.parent))
+            old = Path(tempfile.mkdtemp(prefix=staging_prefix(output_dir), suffix=".old", dir=output_dir.parent))
             os.replace(output_dir, old / "previous")
             os.replace(staging, output_dir)
             shutil.rmtree(old, ignore_errors=True)

@@ -1,13 +1,19 @@
-"""Single output files (verify --html): checked before the work, written to a temporary name, renamed when complete.
+"""Output paths: checked before the work, staged under a temporary name that records its owner's PID, renamed when
+complete, and the staging of dead processes cleaned up by the next run.
 
-The rules match the output folders' (graphq.model_io.atomic_output_dir): an input is never overwritten, not even
-with --overwrite; an existing file is replaced only with --overwrite; a half-written file never carries the name.
+The rules for single files (verify --html) match the output folders' (graphq.model_io.atomic_output_dir): an input is
+never overwritten, not even with --overwrite; an existing file is replaced only with --overwrite; a half-written file
+never carries the name.
 """
 
 from __future__ import annotations
 
 import errno
+import glob
 import os
+import re
+import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -63,12 +69,59 @@ def check_output_file(path: str | Path, inputs: list[Path], overwrite: bool, wha
     return target
 
 
+_OWNER = re.compile(r"\.pid(\d+)\.")
+
+
+def staging_prefix(output_dir: Path) -> str:
+    """``.<name>.pid<PID>.``: the folder's name says which process owns it, so a later run can tell it is stale."""
+    return f".{output_dir.name}.pid{os.getpid()}."
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_staging(output_dir: Path) -> None:
+    """Remove the ``.partial`` / ``.old`` folders (or files) that a killed run (kill -9, power loss) left beside
+    ``output_dir``.
+
+    Only folders whose recorded PID is no longer running are touched; a live run's staging is left alone. A stale
+    ``.old`` folder still holding the previous output while ``output_dir`` is missing (killed between the two
+    renames of a replace) is renamed back instead of deleted."""
+    if not output_dir.parent.is_dir():
+        return
+    for folder in sorted(output_dir.parent.glob(f".{glob.escape(output_dir.name)}.pid*")):
+        owner = _OWNER.match(folder.name[len(output_dir.name) + 1 :])
+        if owner is None or not folder.name.endswith((".partial", ".old")) or _process_alive(int(owner.group(1))):
+            continue
+        previous = folder / "previous"
+        if folder.name.endswith(".old") and previous.is_dir() and not output_dir.exists():
+            os.replace(previous, output_dir)
+            print(f"graphq: restored {output_dir} from {folder.name}, left by process {owner.group(1)} while it "
+                  "replaced the folder", file=sys.stderr)
+            shutil.rmtree(folder, ignore_errors=True)
+            continue
+        if folder.is_dir():
+            shutil.rmtree(folder, ignore_errors=True)
+        else:
+            folder.unlink(missing_ok=True)
+        print(f"graphq: removed {folder.name}, left unfinished by process {owner.group(1)}, which is no longer "
+              "running", file=sys.stderr)
+
+
 def write_text_atomically(path: str | Path, text: str) -> Path:
     """Write ``text`` (UTF-8) to a temporary file beside ``path`` and rename it into place when complete."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+        remove_stale_staging(path)
+        handle, temporary = tempfile.mkstemp(prefix=staging_prefix(path), suffix=".partial", dir=path.parent)
     except OSError as exc:
         raise GraphqError(f"cannot write {path}: {exc.strerror or exc}; choose another place") from exc
     try:

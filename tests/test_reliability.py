@@ -583,3 +583,16 @@ def test_schema_checks_any_annotated_field():
     ]:
         with pytest.raises(GraphqError, match=phrase):
             check_config(bad)
+
+
+def test_html_left_half_written_by_a_dead_process_is_removed(inputs, tmp_path, capsys):
+    report = tmp_path / "report.html"
+    stale = tmp_path / ".report.html.pid999999999.abc.partial"
+    stale.write_text("<html>half")
+    capsys.readouterr()
+    code = main(["verify", str(inputs["llama"]), str(inputs["w4"]), "--text", str(inputs["text"]), "--ctx", "32",
+                 "--max-tokens", "64", "--html", str(report)])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert f"removed {stale.name}, left unfinished by process 999999999" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html"]
