@@ -214,10 +214,11 @@ def quantize(
             else:
                 chosen.append((layer, entry))
             layer_reports.append(entry)
-        unused = [p for p in config.exclude if not any(matches(layer.name, p) for layer in layers)]
-        if unused:
-            print(f"graphq: warning: --exclude pattern(s) {', '.join(repr(p) for p in unused)} match no linear layer "
-                  f"(names look like {layers[0].name})", file=sys.stderr)
+        for option, patterns in (("--exclude", config.exclude), ("scheme_overrides", config.scheme_overrides)):
+            unused = [p for p in patterns if not any(matches(layer.name, p) for layer in layers)]
+            if unused:
+                print(f"graphq: warning: {option} pattern(s) {', '.join(repr(p) for p in unused)} match no linear "
+                      f"layer (names look like {layers[0].name})", file=sys.stderr)
         if not chosen and quantized_op_count(model):
             raise GraphqError(
                 f"{model_file} is already quantized: only {len(layers)} float linear layer(s) are left "

@@ -362,6 +362,17 @@ def test_exclude_pattern_that_matches_nothing_is_named(inputs, tmp_path, capsys)
     assert json.loads((tmp_path / "out" / "report.json").read_text())["layers_quantized"] == 12
 
 
+def test_scheme_override_pattern_that_matches_nothing_is_named(inputs, tmp_path, capsys):
+    config = tmp_path / "mixed.yaml"
+    config.write_text('scheme_overrides: {"*down_proj": w8a16, "*.no_such_proj": w8a16}\n')
+    capsys.readouterr()
+    code = main(["quantize", str(inputs["llama"]), "-o", str(tmp_path / "out"), "--quiet", "--config", str(config)])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    warnings = [line for line in error_lines(err) if line.startswith("graphq: warning:")]
+    assert len(warnings) == 1 and "scheme_overrides pattern(s) '*.no_such_proj'" in warnings[0], warnings
+
+
 def test_fewer_calibration_records_than_num_samples_are_counted(inputs, tmp_path, capsys):
     calib = tmp_path / "calib.jsonl"
     records = [{"text": "the cat sat on the mat"}, {"text": 5}, {"text": "and then it ran far away"}, {"text": "home"}]
