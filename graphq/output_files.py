@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import errno
 import glob
+import hashlib
 import os
 import re
 import shutil
+import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -69,12 +71,18 @@ def check_output_file(path: str | Path, inputs: list[Path], overwrite: bool, wha
     return target
 
 
-_OWNER = re.compile(r"\.pid(\d+)\.")
+_OWNER = re.compile(r"\.pid(\d+)-([0-9a-f]{8})\.")
 
 
-def staging_prefix(output_dir: Path) -> str:
-    """``.<name>.pid<PID>.``: the folder's name says which process owns it, so a later run can tell it is stale."""
-    return f".{output_dir.name}.pid{os.getpid()}."
+def host_tag() -> str:
+    """Eight hex digits naming this machine: a PID means nothing on another host (or container) sharing the disk."""
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def staging_prefix(output_dir: Path, pid: int | None = None) -> str:
+    """``.<name>.pid<PID>-<host>.``: the name says which process on which machine owns the staging, so a later run
+    can tell when it is stale."""
+    return f".{output_dir.name}.pid{os.getpid() if pid is None else pid}-{host_tag()}."
 
 
 def _process_alive(pid: int) -> bool:
@@ -91,14 +99,17 @@ def remove_stale_staging(output_dir: Path) -> None:
     """Remove the ``.partial`` / ``.old`` folders (or files) that a killed run (kill -9, power loss) left beside
     ``output_dir``.
 
-    Only folders whose recorded PID is no longer running are touched; a live run's staging is left alone. A stale
+    Only folders made on this host whose recorded PID is no longer running are touched; a live run's staging, and
+    another machine's, is left alone. A stale
     ``.old`` folder still holding the previous output while ``output_dir`` is missing (killed between the two
     renames of a replace) is renamed back instead of deleted."""
     if not output_dir.parent.is_dir():
         return
     for folder in sorted(output_dir.parent.glob(f".{glob.escape(output_dir.name)}.pid*")):
         owner = _OWNER.match(folder.name[len(output_dir.name) + 1 :])
-        if owner is None or not folder.name.endswith((".partial", ".old")) or _process_alive(int(owner.group(1))):
+        if owner is None or owner.group(2) != host_tag() or not folder.name.endswith((".partial", ".old")):
+            continue
+        if _process_alive(int(owner.group(1))):
             continue
         previous = folder / "previous"
         if folder.name.endswith(".old") and previous.is_dir() and not output_dir.exists():

@@ -23,8 +23,10 @@ import numpy as np
 import pytest
 
 from graphq.cli import main
+from graphq.output_files import staging_prefix
 
 REPO = Path(__file__).resolve().parent.parent
+DEAD_PID = 999_999_999  # above any pid_max: never a running process
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_cli import assert_one_error, error_lines  # noqa: E402
 
@@ -480,7 +482,7 @@ def _start_hanging_quantize(model: Path, output: Path) -> subprocess.Popen:
 def _wait_for_staging(proc: subprocess.Popen, output: Path, timeout: float = 60) -> Path:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        staging = list(output.parent.glob(f".{output.name}.pid{proc.pid}.*.partial"))
+        staging = list(output.parent.glob(f"{staging_prefix(output, proc.pid)}*.partial"))
         if staging:
             return staging[0]
         assert proc.poll() is None, proc.communicate()
@@ -512,7 +514,7 @@ def test_next_run_removes_the_staging_of_a_killed_run(inputs, tmp_path, capsys):
     assert staging.is_dir()  # kill -9 runs no cleanup: the next run must do it
 
     # A live process's staging for the same output is not touched.
-    live = tmp_path / f".out.pid{os.getpid()}.live.partial"
+    live = tmp_path / f"{staging_prefix(output)}live.partial"
     live.mkdir()
     capsys.readouterr()
     code = main(["quantize", str(inputs["llama"]), "-o", str(output), "--quiet"])
@@ -527,14 +529,14 @@ def test_next_run_removes_the_staging_of_a_killed_run(inputs, tmp_path, capsys):
 def test_a_killed_replace_gets_the_previous_output_back(inputs, tmp_path, capsys):
     """Killed between moving the old output aside and moving the new one in: the old one is restored."""
     output = tmp_path / "out"
-    previous = tmp_path / ".out.pid999999999.x.old" / "previous"
+    previous = tmp_path / f"{staging_prefix(output, DEAD_PID)}x.old" / "previous"
     previous.mkdir(parents=True)
     (previous / "model.onnx").write_text("the previous output")
     capsys.readouterr()
     code = main(["quantize", str(inputs["llama"]), "-o", str(output), "--quiet"])
     lines = error_lines(capsys.readouterr().err)
     assert code == 2 and len(lines) == 2, lines
-    assert lines[0].startswith(f"graphq: restored {output} from .out.pid999999999.x.old")
+    assert lines[0].startswith(f"graphq: restored {output} from {previous.parent.name}")
     assert lines[1].startswith("graphq: error: ") and "already exists" in lines[1]  # restored, so not replaced
     assert (output / "model.onnx").read_text() == "the previous output"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
@@ -598,12 +600,21 @@ def test_schema_checks_any_annotated_field():
 
 def test_html_left_half_written_by_a_dead_process_is_removed(inputs, tmp_path, capsys):
     report = tmp_path / "report.html"
-    stale = tmp_path / ".report.html.pid999999999.abc.partial"
+    stale = tmp_path / f"{staging_prefix(report, DEAD_PID)}abc.partial"
     stale.write_text("<html>half")
     capsys.readouterr()
     code = main(["verify", str(inputs["llama"]), str(inputs["w4"]), "--text", str(inputs["text"]), "--ctx", "32",
                  "--max-tokens", "64", "--html", str(report)])
     err = capsys.readouterr().err
     assert code == 0, err
-    assert f"removed {stale.name}, left unfinished by process 999999999" in err
+    assert f"removed {stale.name}, left unfinished by process {DEAD_PID}" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html"]
+
+
+def test_staging_of_another_host_is_left_alone(inputs, tmp_path, capsys):
+    """A PID names a process only on the machine that wrote it: another host's staging on a shared disk stays."""
+    foreign = tmp_path / f".out.pid{DEAD_PID}-00000000.x.partial"
+    foreign.mkdir()
+    capsys.readouterr()
+    assert main(["quantize", str(inputs["llama"]), "-o", str(tmp_path / "out"), "--quiet"]) == 0
+    assert "removed" not in capsys.readouterr().err and foreign.is_dir()
