@@ -125,9 +125,13 @@ def calibration_samples(
         else:
             return _warn_if_short(_windows_from_text(tokenizer, read_text(path), num_samples, seq_len, rng, bos, path),
                                   num_samples)
-    texts = [t for t in texts if t.strip()]
-    if not texts:
+    usable = [t for t in texts if t.strip()]
+    if not usable:
         raise GraphqError("the calibration data has no usable records (all empty)")
+    if len(usable) < len(texts):  # inline --calib-texts (file records were counted when read)
+        print(f"graphq: warning: skipped {len(texts) - len(usable)} empty calibration text(s) of {len(texts)}",
+              file=sys.stderr)
+    texts = usable
     order = rng.permutation(len(texts))[:num_samples]
     samples = []
     for index in sorted(order):
