@@ -9,20 +9,36 @@ import sys
 from pathlib import Path
 
 from graphq.errors import GraphqError
+from graphq.interrupts import SIGTERM_EXIT_STATUS, Terminated, handle_sigterm, restore_sigterm
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line, like every other graphq error (argparse prints the whole usage first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"graphq: error: {message} (see '{self.prog} --help')\n")
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: an integer >= 0 (argparse prints its own one-line usage error otherwise)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a count >= 0, got {value}")
+    return value
 
 
 def _add_eval_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text", required=True, help="UTF-8 text to evaluate on (never the calibration text)")
     parser.add_argument("--ctx", type=int, default=512, help="tokens per window (default 512)")
     parser.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens of the text")
-    parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
+    parser.add_argument("--threads", type=non_negative_int, default=None, help="onnxruntime intra-op threads (default: all cores)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from graphq.version import __version__
 
-    parser = argparse.ArgumentParser(prog="graphq", description="Quantize ONNX LLMs and verify them in onnxruntime.")
+    parser = _OneLineParser(prog="graphq", description="Quantize ONNX LLMs and verify them in onnxruntime.")
     parser.add_argument("--version", action="version", version=f"graphq {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -85,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("float_model", help="float export (folder or model.onnx)")
     verify.add_argument("quant_model", help="quantized model (folder or model.onnx)")
     verify.add_argument("--html", help="also write a self-contained HTML report here")
-    verify.add_argument("--worst", type=int, default=10, help="rows in the table of worst layers (default 10)")
+    verify.add_argument("--worst", type=non_negative_int, default=10, help="rows in the table of worst layers (default 10)")
+    verify.add_argument("--overwrite", action="store_true", help="replace an existing --html file (never an input)")
     _add_eval_args(verify)
 
     evaluate = commands.add_parser("eval", help="perplexity of a model in onnxruntime")
@@ -120,8 +137,11 @@ def run(args: argparse.Namespace) -> int:
         print(export(args.source, args.output, opset=args.opset, overwrite=args.overwrite))
         return 0
     if args.command == "quantize":
+        from graphq.model_io import check_output_dir
         from graphq.quantize import quantize
 
+        if args.config:  # --overwrite must not delete the YAML file it was given
+            check_output_dir(Path(args.output), [Path(args.config)], overwrite=True)
         result = quantize(args.model, _quant_config(args), args.output, overwrite=args.overwrite, progress=not args.quiet)
         print(result.model_file if result.model_file.is_file() else result.output_dir)  # --save-format without onnx
         return 0
@@ -140,11 +160,13 @@ def run(args: argparse.Namespace) -> int:
         from graphq.verify import run_verify
 
         return run_verify(args)
-    from graphq.evaluate import logit_agreement, perplexity, read_text, token_windows
+    from graphq.evaluate import check_window_fits, logit_agreement, perplexity, read_text, require_finite, token_windows
     from graphq.tokenizer import load_tokenizer
     from graphq.runtimes.ort import OrtCausalLM
 
     text = read_text(args.text)
+    for model in [args.model] if args.command == "eval" else [args.reference, args.candidate]:
+        check_window_fits(model, args.ctx)
     if args.command == "eval":
         model = OrtCausalLM(args.model, threads=args.threads)
         windows = token_windows(load_tokenizer(args.model), text, args.ctx, args.max_tokens)
@@ -152,9 +174,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"perplexity {result.ppl:.4f} over {result.tokens} tokens ({result.windows} windows of {args.ctx}) in {result.seconds:.1f}s")
         if args.json:
             print(json.dumps({"ppl": result.ppl, "tokens": result.tokens}))
+        require_finite(args.model, perplexity=result.ppl)
         return 0
     reference = OrtCausalLM(args.reference, threads=args.threads)
     candidate = OrtCausalLM(args.candidate, threads=args.threads)
+    from graphq.model_match import check_same_vocabulary
+
+    check_same_vocabulary(args.reference, reference.session, args.candidate, candidate.session)
     windows = token_windows(load_tokenizer(args.reference), text, args.ctx, args.max_tokens)
     result = logit_agreement(reference, candidate, windows, progress=True)
     print(
@@ -163,20 +189,35 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.json:
         print(json.dumps(result.to_dict()))
+    require_finite(args.candidate, mean_kl=result.mean_kl, logit_cosine=result.mean_cosine)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    previous_sigterm = handle_sigterm()
     try:
         return run(args)
     except GraphqError as exc:
         print(f"graphq: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        if exc.errno is None:
+            raise
+        # A path the system refuses (name too long, permission, no space, ...) that no check above anticipated:
+        # still the user's environment, so one line; output folders have already removed their staging.
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"graphq: error: {exc.strerror or exc}{where}: check the path, permissions and free space", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("graphq: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except Terminated:
+        print("graphq: terminated (SIGTERM); nothing was written", file=sys.stderr)
+        return SIGTERM_EXIT_STATUS
+    finally:
+        restore_sigterm(previous_sigterm)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from typing import Any
 
 import yaml
 
+from graphq.config_schema import check_config
 from graphq.errors import GraphqError
 
 #: Weight-only schemes and their weight bit width.
@@ -116,6 +117,7 @@ class QuantConfig:
         return self.symmetric if self.symmetric is not None else self.bits == 8
 
     def validate(self) -> "QuantConfig":
+        check_config(self)  # types and ranges of every field first: the checks below may assume them
         if self.scheme not in SCHEMES:
             raise GraphqError(f"unknown scheme '{self.scheme}': choose one of {', '.join(SCHEMES)}")
         if not isinstance(self.scheme_overrides, dict):
@@ -220,4 +222,4 @@ class QuantConfig:
             raise GraphqError(f"config file {path} is not valid YAML: {exc}".splitlines()[0]) from exc
         if not isinstance(data, dict):
             raise GraphqError(f"config file {path} must hold a mapping of option: value")
-        return cls.from_dict({k.replace("-", "_"): v for k, v in data.items()})
+        return cls.from_dict({str(k).replace("-", "_"): v for k, v in data.items()})

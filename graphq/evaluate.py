@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 import time
@@ -24,7 +25,8 @@ def read_text(path: str | Path) -> str:
     """Read a text file and reflow it: lines inside a paragraph are joined, paragraphs are kept apart."""
     path = Path(path)
     if not path.is_file():
-        raise GraphqError(f"text file {path} does not exist")
+        state = "does not exist" if not path.exists() else "is not a regular file"
+        raise GraphqError(f"text file {path} {state}: pass a UTF-8 text file")
     try:
         raw = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -128,3 +130,24 @@ def logit_agreement(reference: CausalLM, candidate: CausalLM, windows: list[np.n
 
 def dumps_json_line(data: dict) -> str:
     return json.dumps(data, sort_keys=True)
+
+
+def require_finite(model: str, **results: float) -> None:
+    """A NaN or infinite measurement means the model computes NaN/inf logits: a failure, not a result."""
+    bad = [name.replace("_", " ") for name, value in results.items() if not math.isfinite(value)]
+    if bad:
+        raise GraphqError(
+            f"{' and '.join(bad)} is not finite: {model} produces NaN or infinite logits (damaged weights or scales?)"
+        )
+
+
+def check_window_fits(model_path: str | Path, ctx: int) -> None:
+    """Refuse, before any work, windows longer than the model's context (BOS + ctx tokens), as quantize does."""
+    from graphq.model_io import model_context_length, resolve_model_file
+
+    limit = model_context_length(resolve_model_file(model_path).parent)
+    if limit is not None and ctx + 1 > limit:
+        raise GraphqError(
+            f"--ctx {ctx} makes windows of {ctx + 1} tokens (BOS first) but {model_path} has a context of {limit} "
+            f"tokens: use --ctx {limit - 1} or less"
+        )

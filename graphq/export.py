@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shutil
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import Iterator
 
 import onnx_ir as ir
 
@@ -41,6 +43,54 @@ def gguf_to_checkpoint(gguf_path: Path, target_dir: Path) -> None:
         copy.unlink()
 
 
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.h5", "*.msgpack")
+
+
+def check_weights_are_safetensors(folder: Path) -> None:
+    """A Hugging Face folder must hold safetensors weights: graphq never unpickles files from a user's path
+    (a pickle runs code when loaded), and TensorFlow/Flax checkpoints would need frameworks graphq does not ship."""
+    if any(folder.glob("*.safetensors")) or (folder / "model.safetensors.index.json").is_file():
+        return
+    others = sorted(p.name for pattern in PICKLE_WEIGHTS for p in folder.glob(pattern))
+    if others:
+        raise GraphqError(
+            f"{folder} holds its weights only as {', '.join(others[:3])} (pickle or another framework's format), which "
+            "graphq does not load: convert them to safetensors (model.save_pretrained(dir, safe_serialization=True) "
+            "where you trust the file) and export that folder"
+        )
+    if any(folder.glob("*.onnx")):
+        raise GraphqError(f"{folder} is already an ONNX export: pass it to 'graphq quantize' (export takes a Hugging Face folder)")
+    raise GraphqError(f"{folder} has a config.json but no *.safetensors weights: copy the whole model folder")
+
+
+def check_opset(opset: int | None) -> None:
+    """The opsets torch's ONNX exporter (used by optimum) can write; others fail deep inside it."""
+    if opset is None:
+        return
+    from torch.onnx import _constants
+
+    low, high = _constants.ONNX_MIN_OPSET, _constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET
+    if not low <= opset <= high:
+        raise GraphqError(f"--opset {opset} is not supported by the exporter: choose an opset from {low} to {high}")
+
+
+@contextlib.contextmanager
+def stdout_silenced() -> Iterator[None]:
+    """Send file descriptor 1 to /dev/null: torch's C++ exporter dumps its whole IR graph there on failure, which
+    would bury graphq's one error line (and pollute a caller's parsed stdout)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
+
+
 def move_weights_to_external_data(model_file: Path) -> None:
     """Keep weights in model.onnx.data beside the graph, so later steps map them lazily instead of parsing them."""
     data_file = model_file.with_name(model_file.name + ".data")
@@ -62,35 +112,41 @@ def export(source: str | Path, output_dir: str | Path, opset: int | None = None,
         raise GraphqError(f"{source} is neither a model folder nor a .gguf file")
     if source.is_dir() and not (source / "config.json").is_file():
         raise GraphqError(f"{source} has no config.json: it is not a Hugging Face model folder")
+    if source.is_dir():
+        check_weights_are_safetensors(source)
+    check_opset(opset)
     from optimum.exporters.onnx import main_export
 
     started = time.perf_counter()
-    with atomic_output_dir(output_dir, overwrite=overwrite, inputs=[source]) as staging, tempfile.TemporaryDirectory(
-        prefix="graphq-export-"
-    ) as scratch:
+    with atomic_output_dir(output_dir, overwrite=overwrite, inputs=[source]) as staging:
+        # The GGUF's float checkpoint (as large as the model) lives inside the staging folder, so that whatever ends
+        # the run (an error, SIGTERM, kill -9 and the next run's stale-staging cleanup) removes it with the folder.
+        scratch = staging / ".export-scratch"
         checkpoint = source
         if source.is_file():
             print(f"graphq: converting {source.name} to a float checkpoint", file=sys.stderr)
-            checkpoint = Path(scratch) / "checkpoint"
+            checkpoint = scratch / "checkpoint"
             gguf_to_checkpoint(source, checkpoint)
         print(f"graphq: exporting {checkpoint} to ONNX ({TASK})", file=sys.stderr)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             logging.getLogger("optimum").setLevel(logging.ERROR)
             try:
-                main_export(
-                    str(checkpoint),
-                    output=str(staging),
-                    task=TASK,
-                    opset=opset,
-                    do_validation=False,
-                    device="cpu",
-                )
+                with stdout_silenced():
+                    main_export(
+                        str(checkpoint),
+                        output=str(staging),
+                        task=TASK,
+                        opset=opset,
+                        do_validation=False,
+                        device="cpu",
+                    )
             except GraphqError:
                 raise
             except Exception as exc:
                 first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise GraphqError(f"optimum could not export {source}: {first_line}") from exc
+        shutil.rmtree(scratch, ignore_errors=True)
         if not (staging / MODEL_FILENAME).is_file():
             raise GraphqError(f"optimum wrote no {MODEL_FILENAME} for {source}")
         move_weights_to_external_data(staging / MODEL_FILENAME)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -12,6 +13,13 @@ from typing import Iterator
 import onnx_ir as ir
 
 from graphq.errors import GraphqError
+from graphq.output_files import (
+    DISK_ERRORS,
+    check_writable_parent,
+    remove_stale_staging,
+    resolve_output_path,
+    staging_prefix,
+)
 
 MODEL_FILENAME = "model.onnx"
 
@@ -40,12 +48,78 @@ def load_model(path: str | Path) -> ir.Model:
     """Load an ONNX model (external data stays on disk until read)."""
     model_file = resolve_model_file(path)
     try:
-        return ir.load(model_file)
+        model = ir.load(model_file)
     except Exception as exc:  # protobuf raises DecodeError, and others for truncated files
         first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise GraphqError(
             f"{model_file} is not a readable ONNX model ({first_line}): re-export it with 'graphq export'"
         ) from exc
+    check_external_data(model, model_file)
+    return model
+
+
+def check_external_data(model: ir.Model, model_file: Path) -> None:
+    """Every weight kept outside the graph lies inside an existing data file beside it.
+
+    Weights are read lazily, so a missing or truncated model.onnx.data would otherwise surface in the middle of a
+    quantization as an OSError or a numpy buffer error."""
+    sizes: dict[Path, int] = {}
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if not isinstance(tensor, ir.ExternalTensor):
+            continue
+        path = Path(tensor.path)
+        if path not in sizes:
+            if not path.is_file():
+                raise GraphqError(
+                    f"{model_file} keeps its weights in {tensor.location}, which is missing beside it: "
+                    "copy the whole export folder"
+                )
+            sizes[path] = path.stat().st_size
+        end = (tensor.offset or 0) + (tensor.length if tensor.length is not None else tensor.nbytes)
+        if end > sizes[path]:
+            raise GraphqError(
+                f"{tensor.location} is truncated: {value.name} ends at byte {end} but the file has {sizes[path]} bytes; "
+                "copy the export folder again"
+            )
+
+
+def read_json_object(path: Path, remedy: str) -> dict:
+    """A JSON file holding an object, as a dict ({} when the file does not exist); a damaged one is one GraphqError
+    naming the file and ``remedy`` (what to do about it)."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise GraphqError(f"{path} is not valid JSON ({exc}): {remedy}") from exc
+    if not isinstance(data, dict):
+        raise GraphqError(f"{path} holds a JSON {type(data).__name__}, not an object: {remedy}")
+    return data
+
+
+def read_model_config(model_dir: Path) -> dict:
+    """The export's config.json ({} when there is none); a damaged one is bad input, named up front."""
+    return read_json_object(model_dir / "config.json", "restore the export's config.json")
+
+
+def read_report(output_dir: Path) -> dict:
+    """A quantize output's report.json ({} when there is none)."""
+    return read_json_object(output_dir / "report.json", "restore it from the quantize output, or delete it")
+
+
+def model_context_length(model_dir: Path) -> int | None:
+    """max_position_embeddings from the export's config.json, when it says."""
+    value = read_model_config(model_dir).get("max_position_embeddings")
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+QUANTIZED_OPS = ("MatMulNBits", "MatMulInteger", "DequantizeLinear")
+
+
+def quantized_op_count(model: ir.Model) -> int:
+    """How many quantized-linear nodes (graphq's or another tool's) a graph holds."""
+    return sum(node.op_type in QUANTIZED_OPS for node in model.graph)
 
 
 def model_size_bytes(model_file: Path) -> int:
@@ -68,7 +142,7 @@ def save_model(model: ir.Model, model_file: Path) -> None:
 
 
 def check_output_dir(output_dir: Path, inputs: list[Path], overwrite: bool) -> None:
-    output_dir = output_dir.resolve()
+    output_dir = resolve_output_path(output_dir, "output folder")
     for source in inputs:
         source = source.resolve()
         if output_dir == source or output_dir in source.parents:
@@ -77,29 +151,42 @@ def check_output_dir(output_dir: Path, inputs: list[Path], overwrite: bool) -> N
             )
     if output_dir.exists() and not overwrite:
         raise GraphqError(f"output folder {output_dir} already exists: choose another or pass --overwrite")
+    if output_dir.exists() and not output_dir.is_dir():
+        raise GraphqError(f"output folder {output_dir} is a file: choose another output folder")
+    check_writable_parent(output_dir, "output folder")
 
 
 @contextlib.contextmanager
 def atomic_output_dir(output_dir: str | Path, overwrite: bool = False, inputs: list[Path] = ()) -> Iterator[Path]:
-    """Yield a temporary folder beside ``output_dir``; rename it into place only when the block succeeds."""
+    """Yield a temporary folder beside ``output_dir``; rename it into place only when the block succeeds.
+
+    Staging left by a dead process for the same output is cleaned first (see remove_stale_staging)."""
     output_dir = Path(output_dir)
+    remove_stale_staging(output_dir)
     check_output_dir(output_dir, list(inputs), overwrite)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".partial", dir=output_dir.parent))
+    try:
+        output_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=staging_prefix(output_dir), suffix=".partial", dir=output_dir.parent))
+    except OSError as exc:
+        raise GraphqError(f"cannot create output folder {output_dir}: {exc.strerror or exc}; choose another place") from exc
     umask = os.umask(0)
     os.umask(umask)
     staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the finished folder should look like any other
     try:
         yield staging
         if output_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".old", dir=output_dir.parent))
+            old = Path(tempfile.mkdtemp(prefix=staging_prefix(output_dir), suffix=".old", dir=output_dir.parent))
             os.replace(output_dir, old / "previous")
             os.replace(staging, output_dir)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(staging, output_dir)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.errno in DISK_ERRORS:
+            raise GraphqError(
+                f"cannot write {output_dir}: {exc.strerror}; free some space or choose another place (nothing was written)"
+            ) from exc
         raise
 
 

@@ -27,14 +27,18 @@ from graphq.runtimes.layerwise import LayerwiseCalibration
 from graphq.model_io import (
     MODEL_FILENAME,
     atomic_output_dir,
+    check_output_dir,
     copy_side_files,
     load_model,
+    model_context_length,
     model_size_bytes,
+    quantized_op_count,
+    read_model_config,
     resolve_model_file,
     save_model,
 )
 from graphq.passes.emitters import emitter_for
-from graphq.selection import skip_reason
+from graphq.selection import matches, skip_reason
 from graphq.version import __version__
 from graphq.weight_methods import quantize_region, resolve_methods, rounding_method, statistics_needed
 
@@ -70,6 +74,7 @@ def data_free_quantize(layers: list[LinearLayer], config: QuantConfig, progress:
 def calibrated_quantize(
     model: ir.Model, model_file: Path, layers: list[LinearLayer], config: QuantConfig, progress: bool,
     finish: FinishLayer, known_layers: list[LinearLayer], rescaled: dict[str, str],
+    samples: list[np.ndarray] | None = None,
 ) -> None:
     """The method sequence (awq, gptq, awq+gptq, ...), decoder layer by decoder layer, on activations captured in
     onnxruntime.
@@ -79,7 +84,7 @@ def calibrated_quantize(
     receives the linears whose output channels a fold rescaled on purpose (for verify).
     """
     methods = resolve_methods(config.method)
-    samples = load_calibration_samples(model_file, config)
+    samples = samples if samples is not None else load_calibration_samples(model_file, config)
     calibration = LayerwiseCalibration(model, layers, samples, statistics_needed(methods), seed=config.seed)
     done: set[str] = set()
     warned: list[str] = []
@@ -147,14 +152,6 @@ def mark_config(output_dir: Path, scheme: str) -> None:
         config_file.write_text(json.dumps(data, indent=2) + "\n")
 
 
-def model_context_length(model_dir: Path) -> int | None:
-    config_file = model_dir / "config.json"
-    if not config_file.is_file():
-        return None
-    value = json.loads(config_file.read_text()).get("max_position_embeddings")
-    return int(value) if isinstance(value, int) else None
-
-
 def describe(config: QuantConfig) -> str:
     if config.scheme == "w8a8":
         text = f"w8a8, activations {config.act_method}"
@@ -188,11 +185,23 @@ def quantize(
     started = time.perf_counter()
     model_file = resolve_model_file(model_path)
     output_dir = Path(output_dir)
-    with atomic_output_dir(output_dir, overwrite=overwrite, inputs=[model_file.parent if Path(model_path).is_dir() else model_file]) as staging:
+    inputs = [model_file.parent if Path(model_path).is_dir() else model_file]
+    inputs += [Path(config.calib)] if config.calib else []  # --overwrite must not delete the calibration file
+    check_output_dir(output_dir, inputs, overwrite)
+    read_model_config(model_file.parent)  # a damaged config.json is refused now, not after the quantization
+    # Calibration data is read (and its errors reported) before the work; quantizing a layer needs it much later.
+    needs_samples = (config.needs_calibration and bool(config.schemes - set(ACTIVATION_SCHEMES))) or bool(
+        "w8a8" in config.schemes or config.kv_cache or config.smooth
+    )
+    samples = load_calibration_samples(model_file, config) if needs_samples else None
+    with atomic_output_dir(output_dir, overwrite=overwrite, inputs=inputs) as staging:
         model = load_model(model_file)
         layers = find_linear_layers(model)
         if not layers:
+            quantized = quantized_op_count(model)
             raise GraphqError(
+                f"{model_file} is already quantized ({quantized} quantized linear nodes): quantize its float export"
+                if quantized else
                 f"{model_file} has no quantizable linear layers (MatMul/Gemm with a constant weight): nothing to quantize"
             )
         layer_reports = []
@@ -205,6 +214,16 @@ def quantize(
             else:
                 chosen.append((layer, entry))
             layer_reports.append(entry)
+        for option, patterns in (("--exclude", config.exclude), ("scheme_overrides", config.scheme_overrides)):
+            unused = [p for p in patterns if not any(matches(layer.name, p) for layer in layers)]
+            if unused:
+                print(f"graphq: warning: {option} pattern(s) {', '.join(repr(p) for p in unused)} match no linear "
+                      f"layer (names look like {layers[0].name})", file=sys.stderr)
+        if not chosen and quantized_op_count(model):
+            raise GraphqError(
+                f"{model_file} is already quantized: only {len(layers)} float linear layer(s) are left "
+                f"({layers[0].name}, ...) and none is to be quantized; quantize its float export instead"
+            )
         if not chosen:
             raise GraphqError("every linear layer was excluded: loosen --exclude or pass --quantize-lm-head")
         entries = {layer.name: entry for layer, entry in chosen}
@@ -243,12 +262,13 @@ def quantize(
             if scheme in ACTIVATION_SCHEMES:
                 continue
             if configs[scheme].needs_calibration:
-                calibrated_quantize(model, model_file, scheme_layers, configs[scheme], progress, finish, layers, rescaled)
+                calibrated_quantize(model, model_file, scheme_layers, configs[scheme], progress, finish, layers, rescaled,
+                                    samples)
             else:
                 data_free_quantize(scheme_layers, configs[scheme], progress, finish)
         extra_report = activation_quantize(
             model, model_file, by_scheme.get("w8a8", []), by_scheme.get("w8a8-dynamic", []), config, progress,
-            finish, lambda: load_calibration_samples(model_file, config),
+            finish, lambda: samples if samples is not None else load_calibration_samples(model_file, config),
         )
         for entry in layer_reports:
             if entry["name"] in rescaled and "skipped" not in entry:
@@ -275,6 +295,7 @@ def quantize(
             "linear_weight_bytes_after": sum(e["weight_bytes_after"] for e in quantized),
             "elapsed_seconds": round(elapsed, 3),
             "peak_rss_bytes": peak_rss,
+            "calibration_samples": len(samples) if samples is not None else 0,  # may be fewer than num_samples
             **extra_report,
             "layers": layer_reports,
         }

@@ -119,7 +119,6 @@ pre {{ background: #f7f7f7; padding: 1em; }}
 
 
 def write_html(result: VerifyResult, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_html(result), encoding="utf-8")
-    return path
+    from graphq.output_files import write_text_atomically
+
+    return write_text_atomically(path, render_html(result))

@@ -29,7 +29,8 @@ from tqdm import tqdm
 from graphq.errors import GraphqError
 from graphq.evaluate import log_softmax
 from graphq.linear_layers import LinearLayer, find_linear_layers
-from graphq.model_io import load_model, model_size_bytes, resolve_model_file
+from graphq.model_io import load_model, model_size_bytes, read_report, resolve_model_file
+from graphq.model_match import check_quantized_from
 from graphq.runtimes.ort import OrtCausalLM, session_options
 
 
@@ -105,14 +106,6 @@ class VerifyResult:
         return asdict(self)
 
 
-def _quant_report(quant_file: Path) -> dict:
-    report_file = quant_file.parent / "report.json"
-    try:
-        return json.loads(report_file.read_text()) if report_file.is_file() else {}
-    except (OSError, ValueError):
-        return {}
-
-
 def _quantized_output_name(layer: LinearLayer, quant: ir.Model, values: dict[str, ir.Value]) -> str | None:
     """The value in the quantized graph that corresponds to the float layer's output (after its bias)."""
     if layer.output.name in values:  # QDQ keeps the MatMul; MatMulNBits keeps a separate bias Add
@@ -168,13 +161,17 @@ def verify(
     progress: bool = False,
 ) -> VerifyResult:
     float_file, quant_file = resolve_model_file(float_model), resolve_model_file(quant_model)
-    float_layers = find_linear_layers(load_model(float_file))
+    report = read_report(quant_file.parent)
+    float_ir = load_model(float_file)
+    float_layers = find_linear_layers(float_ir)
     quant_ir = load_model(quant_file)
     still_float = {layer.name for layer in find_linear_layers(quant_ir)}
+    check_quantized_from(float_ir, quant_ir, float_file, quant_file, len(float_layers), len(still_float))
+    del float_ir
     values = {out.name: out for node in quant_ir.graph for out in node.outputs}
     # The emitters record the value carrying each layer's output; older outputs without the record are matched by name.
-    declared = {entry["name"]: entry["quantized_output"] for entry in _quant_report(quant_file).get("layers", [])
-                if entry.get("quantized_output")}
+    declared = {entry["name"]: entry["quantized_output"] for entry in report.get("layers", [])
+                if isinstance(entry, dict) and entry.get("quantized_output")}
     pairs, unmatched = [], []
     for layer in float_layers:
         if layer.name in still_float:
@@ -212,7 +209,6 @@ def verify(
             rows += f_outs[0].reshape(-1, f_outs[0].shape[-1]).shape[0] if f_outs else 0
     finally:
         del reference, candidate
-    report = _quant_report(quant_file)
     rescaled = {entry["name"] for entry in report.get("layers", []) if entry.get("output_rescaled")}
     layers = [entry.error(layer, rows, layer.name in rescaled) for entry, (layer, _, _) in zip(sums, pairs)]
     return VerifyResult(
@@ -256,13 +252,24 @@ def format_table(result: VerifyResult, worst: int) -> str:
 
 def run_verify(args) -> int:
     """The CLI command: print the summary and the worst layers; --html writes the page; --json the numbers."""
-    from graphq.evaluate import read_text, token_windows
+    from graphq.evaluate import check_window_fits, read_text, require_finite, token_windows
     from graphq.tokenizer import load_tokenizer
 
+    if args.html:  # before the work: never an input, a folder, or an existing file without --overwrite
+        from graphq.output_files import check_output_file, model_input_files
+
+        inputs = [Path(args.text)]
+        for model in (args.float_model, args.quant_model):
+            inputs += model_input_files(resolve_model_file(model))
+        check_output_file(args.html, inputs, args.overwrite, "HTML report")
     text = read_text(args.text)
+    for model in (args.float_model, args.quant_model):
+        check_window_fits(model, args.ctx)
     windows = token_windows(load_tokenizer(resolve_model_file(args.float_model)), text, args.ctx, args.max_tokens)
     result = verify(args.float_model, args.quant_model, windows, threads=args.threads, progress=True)
     print(format_table(result, args.worst))
+    require_finite(args.float_model, float_perplexity=result.float_ppl)
+    require_finite(args.quant_model, quantized_perplexity=result.quant_ppl, mean_KL=result.mean_kl)
     if args.html:
         from graphq.report_html import write_html
 

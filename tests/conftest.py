@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(os.environ.get("GRAPHQ_DATA", REPO.parent / "shared" / "data" / "austen"))
 
 
-def build_tiny_model(kind: str, target: Path, seed: int = 0, kv_heads: int = 2) -> Path:
+def build_tiny_model(kind: str, target: Path, seed: int = 0, kv_heads: int = 2, vocab_size: int = 96) -> Path:
     """Save a tiny random Hugging Face model: 'llama' (no biases) or 'qwen2' (q/k/v biases, tied embeddings).
 
     kv_heads=4 (as many as attention heads) makes v_proj's outputs line up with o_proj's inputs."""
@@ -22,7 +22,7 @@ def build_tiny_model(kind: str, target: Path, seed: int = 0, kv_heads: int = 2) 
 
     torch.manual_seed(seed)
     common = dict(
-        vocab_size=96,
+        vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=96,
         num_hidden_layers=2,

@@ -60,7 +60,13 @@ class NumpyStore:
         self.metadata: dict[str, str] = {}
         for path in files:
             kind = path.name[len(stem) + 1 : -len(".npy")]
-            data = np.load(path, allow_pickle=True).item()
+            try:
+                data = np.load(path, allow_pickle=True).item()
+                if not isinstance(data, dict):
+                    raise ValueError(f"it holds a {type(data).__name__}, not a dict of arrays")
+            except Exception as exc:  # truncated or foreign files fail in numpy or in pickle, with many types
+                first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise GraphqError(f"{path.name} is not a readable numpy artifact ({first_line}): write the artifacts again") from exc
             if kind == "meta":
                 self.metadata = {str(k): str(v) for k, v in data.items()}
                 continue

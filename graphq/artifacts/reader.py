@@ -101,4 +101,30 @@ def open_artifacts(directory: str | Path, scheme: str | None = None, numpy: bool
             raise GraphqError(f"{name} has type {tensor_type!r}: expected one of {', '.join(SCHEME_OF_TYPE)}, {FLOAT}, {KV_CACHE_TYPE}")
     for prefix, layer_scheme in artifacts.layer_schemes.items():
         artifacts.layers[prefix] = check_layer(prefix, layer_scheme, store.specs, artifacts.packed)
+    _check_group_counts(artifacts)
     return artifacts
+
+
+def _check_group_counts(artifacts: Artifacts) -> None:
+    """Each grouped layer's scales must have ceil(k / group_size) columns for the metadata's group_size.
+
+    A disagreement rebuilds a MatMulNBits / DequantizeLinear whose block size does not fit its scales, which
+    onnxruntime then refuses to load; per-channel scales (one column) decode the same under any group size."""
+    raw = artifacts.store.metadata.get("group_size", "-1")
+    try:
+        group_size = int(raw)
+    except ValueError:
+        raise GraphqError(f"the artifacts' metadata has group_size {raw!r}, not an integer: write the artifacts again") from None
+    for prefix, layer_scheme in artifacts.layer_schemes.items():
+        if layer_scheme == "w8a8":
+            continue
+        n, k = artifacts.layers[prefix]
+        groups = artifacts.store.specs[f"{prefix}.weight_scale"][1][1]
+        if groups == 1:
+            continue
+        expected = -(-k // group_size) if group_size > 0 else 1
+        if groups != expected:
+            raise GraphqError(
+                f"{prefix}.weight_scale has {groups} groups for {k} input channels, but the metadata's group_size "
+                f"{group_size} gives {expected}: the artifact is inconsistent, write it again"
+            )

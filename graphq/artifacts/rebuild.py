@@ -19,26 +19,31 @@ from graphq.artifacts.naming import float_tensor_sources
 from graphq.artifacts.reader import Artifacts, open_artifacts
 from graphq.errors import GraphqError
 from graphq.linear_layers import find_linear_layers
-from graphq.model_io import MODEL_FILENAME, atomic_output_dir, copy_side_files, load_model, resolve_model_file, save_model
+from graphq.model_io import (
+    MODEL_FILENAME,
+    atomic_output_dir,
+    copy_side_files,
+    load_model,
+    read_model_config,
+    read_report,
+    resolve_model_file,
+    save_model,
+)
 from graphq.passes.emitters import emitter_for, formats_of
 from graphq.passes.weights import set_layer_bias
 _SAFETENSORS_DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64}
 
 
 def _source_model_of(directory: Path) -> Path:
-    report = directory / "report.json"
-    if report.is_file():
-        source = json.loads(report.read_text()).get("source_model")
-        if source and Path(source).is_file():
-            return Path(source)
+    source = read_report(directory).get("source_model")
+    if isinstance(source, str) and Path(source).is_file():
+        return Path(source)
     raise GraphqError(f"cannot tell which float export {directory} came from: pass it with --float")
 
 
 def _format_of(directory: Path) -> str:
-    report = directory / "report.json"
-    if report.is_file():
-        return json.loads(report.read_text()).get("config", {}).get("format", "qdq")
-    return "qdq"
+    config = read_report(directory).get("config")
+    return config.get("format", "qdq") if isinstance(config, dict) else "qdq"
 
 
 def load_artifacts(
@@ -57,6 +62,7 @@ def load_artifacts(
     format = format or _format_of(artifact_dir)
     if format not in formats_of("w4a16"):
         raise GraphqError(f"unknown format '{format}': choose {' or '.join(formats_of('w4a16'))}")
+    read_model_config(model_file.parent)  # its config.json is copied and marked at the end: refuse a damaged one now
     with atomic_output_dir(output_dir, overwrite=overwrite, inputs=[model_file.parent, artifact_dir]) as staging:
         model = load_model(model_file)
         apply_artifacts(model, artifacts, format)
@@ -96,7 +102,9 @@ def apply_artifacts(model, artifacts: Artifacts, format: str) -> None:
     if unsaved is not None:
         raise GraphqError(f"the float model has {unsaved}, which the artifacts do not hold: wrong --float model?")
     for name in artifacts.float_names:
-        sources[name].store(model, artifacts.store.get(name))
+        array = artifacts.store.get(name)
+        check_finite(name, array)
+        sources[name].store(model, array)
     # Activation schemes have one form (QDQ); weight-only layers take the requested format.
     emitters = {scheme: emitter_for(scheme, format if format in formats_of(scheme) else "qdq")
                 for scheme in set(artifacts.layer_schemes.values())}
@@ -110,6 +118,9 @@ def apply_artifacts(model, artifacts: Artifacts, format: str) -> None:
                 f"[{layer.out_features}, {layer.in_features}]: wrong --float model?"
             )
         tensors = artifacts.layer_tensors(name)
+        for suffix, array in tensors.items():
+            if suffix not in ("weight", "quant_bias"):  # integers are finite; deq_scale may hold float32 bits
+                check_finite(f"{name}.{suffix}", array.astype(np.uint32).view(np.float32) if suffix == "deq_scale" and array.dtype == np.int64 else array)
         if scheme == "w8a8":
             qw, input_scale, input_offset, bias = decode_w8a8(tensors)
             _check_w8a8_bias(name, layer, bias, tensors)
@@ -146,8 +157,18 @@ def apply_kv_cache(model, artifacts: Artifacts) -> None:
         output = f"present.{index}.{'key' if prefix.endswith('k_proj') else 'value'}"
         if output not in outputs:
             raise GraphqError(f"{name} is for {output}, which the float model does not output")
-        offsets = artifacts.store.get(f"{prefix}.kv_cache_offset").round().astype(np.int64)
-        emit_kv_qdq(model, output, artifacts.store.get(name).astype(np.float32), offsets)
+        offsets = artifacts.store.get(f"{prefix}.kv_cache_offset")
+        scales = artifacts.store.get(name)
+        check_finite(f"{prefix}.kv_cache_offset", offsets)
+        check_finite(name, scales)
+        emit_kv_qdq(model, output, scales.astype(np.float32), offsets.round().astype(np.int64))
+
+
+def check_finite(name: str, array: np.ndarray) -> None:
+    """A NaN or infinite scale, offset or float tensor rebuilds a model whose every logit is NaN: refuse it here."""
+    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+        bad = int((~np.isfinite(array)).sum())
+        raise GraphqError(f"{name} holds {bad} NaN or infinite value(s): the artifact is damaged, write it again")
 
 
 def _check_w8a8_bias(name, layer, bias: np.ndarray, tensors: dict) -> None:

@@ -33,6 +33,37 @@ def _normal_permissions(path: Path) -> None:
     path.chmod(0o666 & ~umask)
 
 
+def _sort_header_metadata(path: Path) -> None:
+    """Rewrite the header's ``__metadata__`` with its keys sorted, in place, so two identical runs write equal bytes.
+
+    safetensors keeps the metadata in a hash map and writes it in a different order every process; the header is
+    otherwise deterministic. The sorted header has the same length (the same keys and values, compact JSON), padded
+    with spaces as safetensors pads it."""
+    with open(path, "r+b") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+        if "__metadata__" not in header:
+            return
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        ordered = {"__metadata__": header.pop("__metadata__"), **header}
+        text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > length:
+            raise GraphqError(f"cannot sort the safetensors header of {path}: it would grow")
+        f.seek(8)
+        f.write(text.ljust(length, b" "))
+
+
+def _save(tensors: dict[str, np.ndarray], path: Path, metadata: dict[str, str]) -> None:
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except OSError:
+        raise
+    except Exception as exc:  # safetensors reports write errors (a full disk) as its own SafetensorError
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise GraphqError(f"cannot write {path.name}: {first_line}; free some space or choose another place") from exc
+    _sort_header_metadata(path)
+
+
 def shard_name(stem: str, index: int, total: int) -> str:
     return f"{stem}-{index:05d}-of-{total:05d}.safetensors"
 
@@ -54,7 +85,7 @@ def write_safetensors(
     metadata = dict(metadata or {})
     if part_bytes is None:
         path = out_dir / f"{stem}.safetensors"
-        save_file({name: np.ascontiguousarray(a) for name, a in tensors}, str(path), metadata=metadata)
+        _save({name: np.ascontiguousarray(a) for name, a in tensors}, path, metadata)
         _normal_permissions(path)
         return [path]
     pending: list[tuple[Path, list[str]]] = []
@@ -63,7 +94,7 @@ def write_safetensors(
 
     def flush() -> None:
         path = out_dir / f".{stem}-part{len(pending) + 1:05d}.safetensors"
-        save_file(shard, str(path), metadata=metadata)
+        _save(shard, path, metadata)
         pending.append((path, list(shard)))
 
     for name, array in tensors:
@@ -101,8 +132,36 @@ def read_header(path: Path) -> tuple[dict[str, tuple[str, tuple[int, ...]]], dic
     except (OSError, ValueError, struct.error) as exc:
         raise GraphqError(f"{path} is not a readable safetensors file ({exc}): write the artifacts again") from exc
     metadata = header.pop("__metadata__", None) or {}
-    specs = {name: (entry["dtype"], tuple(entry["shape"])) for name, entry in header.items()}
+    try:
+        specs = {name: (entry["dtype"], tuple(int(d) for d in entry["shape"])) for name, entry in header.items()}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise GraphqError(f"{path} has a malformed safetensors header ({exc}): write the artifacts again") from exc
+    _check_byte_ranges(path, header, 8 + length)
     return specs, metadata
+
+
+def _check_byte_ranges(path: Path, header: dict, data_start: int) -> None:
+    """Every tensor's bytes lie inside the file and have the size its dtype and shape need.
+
+    A truncated copy keeps a valid header; without this check it would be reported healthy and fail (or read
+    garbage) only when the tensor is read."""
+    data_size = path.stat().st_size - data_start
+    for name, entry in header.items():
+        try:
+            begin, end = (int(v) for v in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise GraphqError(f"{path.name}: tensor {name} has no valid data_offsets: write the artifacts again") from None
+        needed = int(np.prod(entry["shape"], dtype=np.int64)) * BYTES_PER_ELEMENT.get(entry["dtype"], 1)
+        if not 0 <= begin <= end or end - begin != needed:
+            raise GraphqError(
+                f"{path.name}: tensor {name} spans bytes {begin}..{end} but its {entry['dtype']} {entry['shape']} "
+                f"needs {needed}: the file is damaged, write the artifacts again"
+            )
+        if end > data_size:
+            raise GraphqError(
+                f"{path.name} is truncated: tensor {name} ends at byte {data_start + end} but the file has "
+                f"{data_start + data_size} bytes; copy the file again"
+            )
 
 
 class SafetensorsStore:
@@ -118,6 +177,8 @@ class SafetensorsStore:
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
+                if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                    raise TypeError("weight_map is not a mapping of tensor to file name")
             except (ValueError, KeyError, TypeError) as exc:
                 raise GraphqError(f"{index} is not a safetensors index (no weight_map): write the artifacts again") from exc
             files: dict[str, list[str]] = {}
