@@ -130,6 +130,38 @@ def _quant_config(args: argparse.Namespace):
     return QuantConfig.from_dict(data)
 
 
+def _run_verify(args: argparse.Namespace) -> int:
+    """The CLI command: print the summary and the worst layers; --html writes the page; --json the numbers."""
+    from graphq.evaluate import check_window_fits, read_text, require_finite, token_windows
+    from graphq.model_io import resolve_model_file
+    from graphq.tokenizer import load_tokenizer
+    from graphq.verify import format_table, verify
+
+    if args.html:  # before the work: never an input, a folder, or an existing file without --overwrite
+        from graphq.output_files import check_output_file, model_input_files
+
+        inputs = [Path(args.text)]
+        for model in (args.float_model, args.quant_model):
+            inputs += model_input_files(resolve_model_file(model))
+        check_output_file(args.html, inputs, args.overwrite, "HTML report")
+    text = read_text(args.text)
+    for model in (args.float_model, args.quant_model):
+        check_window_fits(model, args.ctx)
+    windows = token_windows(load_tokenizer(resolve_model_file(args.float_model)), text, args.ctx, args.max_tokens)
+    result = verify(args.float_model, args.quant_model, windows, threads=args.threads, progress=True)
+    print(format_table(result, args.worst))
+    require_finite(args.float_model, float_perplexity=result.float_ppl)
+    require_finite(args.quant_model, quantized_perplexity=result.quant_ppl, mean_KL=result.mean_kl)
+    if args.html:
+        from graphq.report_html import write_html
+
+        write_html(result, args.html)
+        print(f"wrote {args.html}")
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     if args.command == "export":
         from graphq.export import export
@@ -157,9 +189,7 @@ def run(args: argparse.Namespace) -> int:
         print("\n".join(result.render() for result in inspect_path(args.path)))
         return 0
     if args.command == "verify":
-        from graphq.verify import run_verify
-
-        return run_verify(args)
+        return _run_verify(args)
     from graphq.evaluate import check_window_fits, logit_agreement, perplexity, read_text, require_finite, token_windows
     from graphq.tokenizer import load_tokenizer
     from graphq.runtimes.ort import OrtCausalLM

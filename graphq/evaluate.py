@@ -84,19 +84,56 @@ class PerplexityResult:
         return asdict(self)
 
 
+class LogitMetrics:
+    """Streams windows into the sums every accuracy number comes from: the candidate's (and the reference's) NLL of
+    each next token, and against a reference the KL of the next-token distributions, top-1 agreement and logit
+    cosine. ``eval``, ``compare`` and ``verify`` all measure through this one accumulator."""
+
+    def __init__(self) -> None:
+        self.nll = self.reference_nll = 0.0
+        self.targets = 0
+        self.kl = self.agree = self.cosine = 0.0
+        self.positions = 0
+
+    def add(self, window: np.ndarray, logits: np.ndarray, reference_logits: np.ndarray | None = None) -> None:
+        """One window of ids [T] and the logits [T, vocab] of the candidate (and of the reference)."""
+        targets = np.asarray(window)[1:]
+        rows = np.arange(len(targets))
+        logprobs = log_softmax(logits)
+        self.nll -= float(logprobs[:-1][rows, targets].sum())
+        self.targets += len(targets)
+        if reference_logits is None:
+            return
+        reference = log_softmax(reference_logits)
+        self.reference_nll -= float(reference[:-1][rows, targets].sum())
+        self.kl += float((np.exp(reference) * (reference - logprobs)).sum())
+        self.agree += float((reference_logits.argmax(-1) == logits.argmax(-1)).sum())
+        ref64, cand64 = reference_logits.astype(np.float64), logits.astype(np.float64)
+        norms = np.linalg.norm(ref64, axis=-1) * np.linalg.norm(cand64, axis=-1)
+        self.cosine += float(((ref64 * cand64).sum(-1) / np.maximum(norms, 1e-30)).sum())
+        self.positions += len(window)
+
+    @property
+    def ppl(self) -> float:
+        return float(np.exp(self.nll / self.targets))
+
+    @property
+    def reference_ppl(self) -> float:
+        return float(np.exp(self.reference_nll / self.targets))
+
+    def agreement(self) -> "AgreementResult":
+        return AgreementResult(mean_kl=self.kl / self.positions, top1_agreement=self.agree / self.positions,
+                               mean_cosine=self.cosine / self.positions, tokens=self.positions)
+
+
 def perplexity(model: CausalLM, windows: list[np.ndarray], progress: bool = False) -> PerplexityResult:
     """exp(mean negative log-likelihood) of every window token, each predicted from the ones before it."""
     started = time.perf_counter()
-    nll_sum = 0.0
-    count = 0
+    metrics = LogitMetrics()
     for window in tqdm(windows, desc="perplexity", unit="window", disable=not progress, file=sys.stderr):
-        logprobs = log_softmax(model.logits(window)[:-1])
-        targets = window[1:]
-        nll_sum -= float(logprobs[np.arange(len(targets)), targets].sum())
-        count += len(targets)
-    return PerplexityResult(
-        ppl=float(np.exp(nll_sum / count)), tokens=count, windows=len(windows), seconds=time.perf_counter() - started
-    )
+        metrics.add(window, model.logits(window))
+    return PerplexityResult(ppl=metrics.ppl, tokens=metrics.targets, windows=len(windows),
+                            seconds=time.perf_counter() - started)
 
 
 @dataclass
@@ -112,20 +149,10 @@ class AgreementResult:
 
 def logit_agreement(reference: CausalLM, candidate: CausalLM, windows: list[np.ndarray], progress: bool = False) -> AgreementResult:
     """Mean KL(reference || candidate) of next-token distributions, top-1 agreement, and cosine of logits."""
-    kl_sum = agree = cosine_sum = 0.0
-    count = 0
+    metrics = LogitMetrics()
     for window in tqdm(windows, desc="compare", unit="window", disable=not progress, file=sys.stderr):
-        ref_logits = reference.logits(window).astype(np.float64)
-        cand_logits = candidate.logits(window).astype(np.float64)
-        ref_lp, cand_lp = log_softmax(ref_logits), log_softmax(cand_logits)
-        kl_sum += float((np.exp(ref_lp) * (ref_lp - cand_lp)).sum())
-        agree += float((ref_logits.argmax(-1) == cand_logits.argmax(-1)).sum())
-        norms = np.linalg.norm(ref_logits, axis=-1) * np.linalg.norm(cand_logits, axis=-1)
-        cosine_sum += float(((ref_logits * cand_logits).sum(-1) / np.maximum(norms, 1e-30)).sum())
-        count += len(window)
-    return AgreementResult(
-        mean_kl=kl_sum / count, top1_agreement=agree / count, mean_cosine=cosine_sum / count, tokens=count
-    )
+        metrics.add(window, candidate.logits(window), reference.logits(window))
+    return metrics.agreement()
 
 
 def dumps_json_line(data: dict) -> str:

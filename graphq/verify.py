@@ -15,7 +15,6 @@ sqrt(sum_c fq_c^2 / qq_c / sum_c ff_c), and flagged ``rescaled``; every other la
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,7 +26,7 @@ import onnxruntime as ort
 from tqdm import tqdm
 
 from graphq.errors import GraphqError
-from graphq.evaluate import log_softmax
+from graphq.evaluate import LogitMetrics
 from graphq.linear_layers import LinearLayer, find_linear_layers
 from graphq.model_io import load_model, model_size_bytes, read_report, resolve_model_file
 from graphq.model_match import check_quantized_from
@@ -190,20 +189,12 @@ def verify(
     candidate = _CaptureLM(quant_file, [p[2] for p in pairs], threads)
     sums = [_ChannelSums() for _ in pairs]
     rows = 0
-    nll_f = nll_q = kl = agree = 0.0
-    count = positions = 0
+    metrics = LogitMetrics()
     try:
         for window in tqdm(windows, desc="verify", unit="window", disable=not progress, file=sys.stderr):
             f_logits, f_outs = reference.run(window)
             q_logits, q_outs = candidate.run(window)
-            targets = window[1:]
-            f_lp, q_lp = log_softmax(f_logits), log_softmax(q_logits)
-            nll_f -= float(f_lp[:-1][np.arange(len(targets)), targets].sum())
-            nll_q -= float(q_lp[:-1][np.arange(len(targets)), targets].sum())
-            count += len(targets)
-            kl += float((np.exp(f_lp) * (f_lp - q_lp)).sum())
-            agree += float((f_logits.argmax(-1) == q_logits.argmax(-1)).sum())
-            positions += len(window)
+            metrics.add(window, q_logits, f_logits)
             for entry, f, q in zip(sums, f_outs, q_outs):
                 entry.add(f, q)
             rows += f_outs[0].reshape(-1, f_outs[0].shape[-1]).shape[0] if f_outs else 0
@@ -212,11 +203,11 @@ def verify(
     rescaled = {entry["name"] for entry in report.get("layers", []) if entry.get("output_rescaled")}
     layers = [entry.error(layer, rows, layer.name in rescaled) for entry, (layer, _, _) in zip(sums, pairs)]
     return VerifyResult(
-        float_ppl=float(np.exp(nll_f / count)),
-        quant_ppl=float(np.exp(nll_q / count)),
-        mean_kl=kl / positions,
-        top1_agreement=agree / positions,
-        tokens=count,
+        float_ppl=metrics.reference_ppl,
+        quant_ppl=metrics.ppl,
+        mean_kl=metrics.kl / metrics.positions,
+        top1_agreement=metrics.agree / metrics.positions,
+        tokens=metrics.targets,
         windows=len(windows),
         layers=layers,
         unmatched=unmatched,
@@ -248,33 +239,3 @@ def format_table(result: VerifyResult, worst: int) -> str:
     if result.unmatched:
         lines.append(f"  ({len(result.unmatched)} quantized layers not found in the quantized graph, e.g. {result.unmatched[0]})")
     return "\n".join(lines)
-
-
-def run_verify(args) -> int:
-    """The CLI command: print the summary and the worst layers; --html writes the page; --json the numbers."""
-    from graphq.evaluate import check_window_fits, read_text, require_finite, token_windows
-    from graphq.tokenizer import load_tokenizer
-
-    if args.html:  # before the work: never an input, a folder, or an existing file without --overwrite
-        from graphq.output_files import check_output_file, model_input_files
-
-        inputs = [Path(args.text)]
-        for model in (args.float_model, args.quant_model):
-            inputs += model_input_files(resolve_model_file(model))
-        check_output_file(args.html, inputs, args.overwrite, "HTML report")
-    text = read_text(args.text)
-    for model in (args.float_model, args.quant_model):
-        check_window_fits(model, args.ctx)
-    windows = token_windows(load_tokenizer(resolve_model_file(args.float_model)), text, args.ctx, args.max_tokens)
-    result = verify(args.float_model, args.quant_model, windows, threads=args.threads, progress=True)
-    print(format_table(result, args.worst))
-    require_finite(args.float_model, float_perplexity=result.float_ppl)
-    require_finite(args.quant_model, quantized_perplexity=result.quant_ppl, mean_KL=result.mean_kl)
-    if args.html:
-        from graphq.report_html import write_html
-
-        write_html(result, args.html)
-        print(f"wrote {args.html}")
-    if args.json:
-        print(json.dumps(result.to_dict()))
-    return 0
