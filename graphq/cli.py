@@ -84,6 +84,32 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--no-pack", dest="pack", action="store_const", const=False, help="W4A16 artifacts: one int4 value per int8 byte")
     quantize.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     quantize.add_argument("--quiet", action="store_true", help="no progress bar")
+    # Sensitivity-ranked precision (issue 14).
+    quantize.add_argument("--disable-level", type=int, help="keep the N most sensitive linears float (or --fallback-scheme)")
+    quantize.add_argument("--fallback-scheme", help="where --disable-level / --target-bits move linears (w8a16, ...)")
+    quantize.add_argument("--target-bits", type=float, help="mixed precision: average bits per weight to spend (e.g. 4.5)")
+    quantize.add_argument("--sensitivity", dest="sensitivity_file", help="ranking from 'graphq analyze' (default: analyse now)")
+    quantize.add_argument("--sensitivity-windows", type=int, help="calibration windows a fresh analysis runs (default 4)")
+
+    analyze = commands.add_parser("analyze", help="rank linears by what quantizing each alone does to the logits")
+    analyze.add_argument("model", help="export folder or model.onnx (tokenizer beside it)")
+    analyze.add_argument("-o", "--output", required=True, help="sensitivity JSON to write (e.g. sensitivity.json)")
+    analyze.add_argument("--html", help="also write a self-contained HTML page with the charts here")
+    analyze.add_argument("--config", help="YAML file of options; command-line options override it")
+    analyze.add_argument("--scheme", help="w4a16 (default), w8a16, w8a8 or w8a8-dynamic")
+    analyze.add_argument("--group-size", type=int, help="input channels per scale (default 128, -1 per-channel)")
+    analyze_sym = analyze.add_mutually_exclusive_group()
+    analyze_sym.add_argument("--sym", dest="symmetric", action="store_const", const=True)
+    analyze_sym.add_argument("--asym", dest="symmetric", action="store_const", const=False)
+    analyze.add_argument("--exclude", nargs="+", metavar="PATTERN", help="linears to leave out of the ranking")
+    analyze.add_argument("--quantize-lm-head", action="store_const", const=True, help="rank lm_head too")
+    analyze.add_argument("--calib", help="text, JSON or JSONL to take the windows from (default: samples/)")
+    analyze.add_argument("--calib-field", help="JSON/JSONL field holding the text (default 'text')")
+    analyze.add_argument("--windows", type=int, default=4, help="calibration windows (default 4)")
+    analyze.add_argument("--seq-len", type=int, help="tokens per window (at most 256)")
+    analyze.add_argument("--seed", type=int)
+    analyze.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    analyze.add_argument("--quiet", action="store_true", help="no progress bar")
 
     rebuild = commands.add_parser("load-artifacts", help="rebuild a fake-quant ONNX model from safetensors + description")
     rebuild.add_argument("artifacts", help="folder with quant_model_description_*.json and its safetensors")
@@ -176,6 +202,20 @@ def run(args: argparse.Namespace) -> int:
             check_output_dir(Path(args.output), [Path(args.config)], overwrite=True)
         result = quantize(args.model, _quant_config(args), args.output, overwrite=args.overwrite, progress=not args.quiet)
         print(result.model_file if result.model_file.is_file() else result.output_dir)  # --save-format without onnx
+        return 0
+    if args.command == "analyze":
+        from graphq.model_io import resolve_model_file
+        from graphq.output_files import check_output_file, model_input_files, write_text_atomically
+        from graphq.sensitivity import analyze, render_sensitivity_html
+
+        inputs = model_input_files(resolve_model_file(args.model)) + ([Path(args.calib)] if args.calib else [])
+        check_output_file(args.output, inputs, args.overwrite, "sensitivity file")
+        if args.html:
+            check_output_file(args.html, inputs + [Path(args.output)], args.overwrite, "HTML page")
+        report = analyze(args.model, _quant_config(args), num_windows=args.windows, progress=not args.quiet)
+        print(report.save(args.output))
+        if args.html:
+            print(write_text_atomically(args.html, render_sensitivity_html(report)))
         return 0
     if args.command == "load-artifacts":
         from graphq.artifacts.rebuild import load_artifacts

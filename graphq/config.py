@@ -74,6 +74,13 @@ class QuantConfig:
     save_format: list[str] = field(default_factory=lambda: ["onnx", "safetensors"])
     part_file_size: float | None = None
     pack: bool = True
+    # Sensitivity-ranked precision (issue 14): the N most sensitive linears float (or fallback_scheme), or a
+    # bits-per-weight budget spent on the most sensitive; the ranking from sensitivity_file or a fresh analysis.
+    disable_level: int = 0
+    fallback_scheme: str | None = None
+    target_bits: float | None = None
+    sensitivity_file: str | None = None
+    sensitivity_windows: int = 4
 
     def group_size_for(self, in_features: int) -> int:
         """The group size for a layer with ``in_features`` inputs: a group covering all of K is per-channel (-1)."""
@@ -185,6 +192,23 @@ class QuantConfig:
             raise GraphqError(f"--part-file-size must be a positive number of GB, got {self.part_file_size!r}")
         if self.part_file_size is not None and "safetensors" not in self.save_format:
             raise GraphqError("--part-file-size shards the safetensors: add safetensors to --save-format")
+        if not isinstance(self.disable_level, int) or isinstance(self.disable_level, bool) or self.disable_level < 0:
+            raise GraphqError(f"--disable-level must be a count >= 0, got {self.disable_level!r}")
+        if self.fallback_scheme is not None and self.fallback_scheme not in SCHEMES:
+            raise GraphqError(f"unknown --fallback-scheme '{self.fallback_scheme}': choose one of {', '.join(SCHEMES)}")
+        if self.fallback_scheme is not None and self.fallback_scheme == self.scheme:
+            raise GraphqError(f"--fallback-scheme {self.fallback_scheme} is the scheme itself: choose a higher precision")
+        if self.target_bits is not None:
+            if not isinstance(self.target_bits, (int, float)) or isinstance(self.target_bits, bool) \
+                    or not 1 <= self.target_bits <= 16:
+                raise GraphqError(f"--target-bits must be a number of bits per weight in [1, 16], got {self.target_bits!r}")
+            if self.disable_level:
+                raise GraphqError("--target-bits and --disable-level both choose precisions from the ranking: give one")
+            if self.scheme not in WEIGHT_ONLY_SCHEMES:
+                raise GraphqError(f"--target-bits mixes weight-only precisions; {self.scheme} quantizes activations "
+                                  "(use --disable-level with --fallback-scheme w8a16)")
+        if not isinstance(self.sensitivity_windows, int) or self.sensitivity_windows < 1:
+            raise GraphqError(f"sensitivity_windows must be >= 1, got {self.sensitivity_windows!r}")
         if self.num_samples < 1 or self.seq_len < 2:
             raise GraphqError("--num-samples must be >= 1 and --seq-len >= 2")
         return self

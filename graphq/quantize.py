@@ -38,6 +38,7 @@ from graphq.model_io import (
     save_model,
 )
 from graphq.passes.emitters import emitter_for
+from graphq.precision_plan import needs_plan, plan_precision
 from graphq.selection import matches, skip_reason
 from graphq.version import __version__
 from graphq.weight_methods import quantize_region, resolve_methods, rounding_method, statistics_needed
@@ -143,6 +144,27 @@ def load_calibration_samples(model_file: Path, config: QuantConfig) -> list[np.n
     )
 
 
+def apply_precision_plan(
+    model_path: str | Path, config: QuantConfig, chosen: list[tuple[LinearLayer, dict]], progress: bool
+) -> tuple[list[tuple[LinearLayer, dict]], dict]:
+    """Give the linears the sensitivity plan names their new scheme (or leave them float); returns the linears still
+    to quantize and the report's ``precision_plan`` entry."""
+    plan = plan_precision(model_path, config, [(layer, entry["scheme"]) for layer, entry in chosen], progress)
+    kept = []
+    for layer, entry in chosen:
+        scheme = plan.changes.get(layer.name)
+        if scheme is not None:
+            entry["precision_plan"] = plan.reasons[layer.name]
+            entry["scheme"] = scheme
+            if scheme == "float":
+                entry["skipped"] = plan.reasons[layer.name]
+                continue
+        kept.append((layer, entry))
+    if not kept:
+        raise GraphqError("--disable-level leaves every linear float: lower it")
+    return kept, {"precision_plan": plan.report()}
+
+
 def mark_config(output_dir: Path, scheme: str) -> None:
     """Add ``"quantize": "<scheme>"`` to the output's config.json (deployment runtimes read it)."""
     config_file = output_dir / "config.json"
@@ -226,6 +248,9 @@ def quantize(
             )
         if not chosen:
             raise GraphqError("every linear layer was excluded: loosen --exclude or pass --quantize-lm-head")
+        plan_report = {}
+        if needs_plan(config):
+            chosen, plan_report = apply_precision_plan(model_path, config, chosen, progress)
         entries = {layer.name: entry for layer, entry in chosen}
         configs = {scheme: config.for_scheme(scheme) for scheme in {e["scheme"] for _, e in chosen}}
         spill_dir = staging / ".artifact-layers"
@@ -296,6 +321,7 @@ def quantize(
             "elapsed_seconds": round(elapsed, 3),
             "peak_rss_bytes": peak_rss,
             "calibration_samples": len(samples) if samples is not None else 0,  # may be fewer than num_samples
+            **plan_report,
             **extra_report,
             "layers": layer_reports,
         }
