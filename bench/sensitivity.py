@@ -3,7 +3,7 @@ against plain RTN (W4A16), and --target-bits 4.5 against uniform 4-bit AWQ, all 
 
     .venv/bin/python -m bench.sensitivity [--num-samples 8] [--awq-samples 16]
 
-The rankings come from `graphq analyze` (4 windows of 256 tokens of the calibration text, RTN on the scheme's
+The rankings come from `graphq analyze` (2 windows of 128 tokens of the calibration text, RTN on the scheme's
 grid); every quantization runs in a fresh process (peak RSS = its VmHWM); perplexity on Pride and Prejudice
 (first --max-tokens tokens, windows of --ctx). lm_head stays float everywhere.
 """
@@ -64,7 +64,7 @@ def main() -> None:
     for scheme, options in (("w8a8", {}), ("w4a16", dict(group_size=128, symmetric=False))):
         started = time.perf_counter()
         report = analyze(float_dir, QuantConfig(scheme=scheme, calib=str(args.calib), seed=args.seed, **options),
-                         num_windows=4, progress=False)
+                         num_windows=2, progress=False)
         analysis_seconds[scheme] = time.perf_counter() - started
         sensitivity[scheme] = report.save(runs / f"sensitivity-{scheme}.json")
         print(f"analyze {scheme}: {analysis_seconds[scheme]:.1f}s; top {N}: {report.ranking[:N]}", flush=True)
@@ -92,7 +92,7 @@ def main() -> None:
         rows.append(Row(label, measured.ppl, child["seconds"], child["peak_rss_bytes"] / 2**20, note=note))
     print()
     print(f"SmolLM2-135M; calibration {args.calib.name} ({args.num_samples} x {args.seq_len} tokens, AWQ "
-          f"{args.awq_samples} x {args.seq_len}); analysis 4 windows x 256 tokens (w8a8 {analysis_seconds['w8a8']:.0f}s, "
+          f"{args.awq_samples} x {args.seq_len}); analysis 2 windows x 128 tokens (w8a8 {analysis_seconds['w8a8']:.0f}s, "
           f"w4a16 {analysis_seconds['w4a16']:.0f}s); eval {args.eval_text.name}, first {args.max_tokens} tokens, "
           f"windows of {args.ctx}; float model {model_size_bytes(float_dir / 'model.onnx') / 2**20:.1f} MiB")
     print(markdown_table(rows, reference))

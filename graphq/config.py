@@ -80,7 +80,7 @@ class QuantConfig:
     fallback_scheme: str | None = None
     target_bits: float | None = None
     sensitivity_file: str | None = None
-    sensitivity_windows: int = 4
+    sensitivity_windows: int = 2
 
     def group_size_for(self, in_features: int) -> int:
         """The group size for a layer with ``in_features`` inputs: a group covering all of K is per-channel (-1)."""

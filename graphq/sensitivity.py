@@ -25,6 +25,7 @@ from tqdm import tqdm
 from graphq.algorithms.grid import fake_quantize, fake_quantize_per_token, fake_quantize_weight, range_to_qparams
 from graphq.algorithms.rtn import quantize_rtn
 from graphq.config import ACTIVATION_SCHEMES, QuantConfig
+from graphq.decoder_layers import decoder_regions
 from graphq.errors import GraphqError
 from graphq.evaluate import log_softmax
 from graphq.linear_layers import LinearLayer, find_linear_layers
@@ -36,7 +37,7 @@ from graphq.runtimes.submodel import SubmodelSession
 from graphq.selection import skip_reason
 
 SENSITIVITY_VERSION = 1
-ANALYSIS_SEQ_LEN = 256  # tokens per analysis window at most: the ranking needs few, short windows
+ANALYSIS_SEQ_LEN = 128  # tokens per analysis window at most: the ranking needs few, short windows (each linear costs a forward of them)
 PROXY_ROWS = 256
 
 
@@ -119,7 +120,7 @@ def _switch_for(layer: LinearLayer, scheme: str, config: QuantConfig, stats) -> 
 def analyze(
     model_path: str | Path,
     config: QuantConfig,
-    num_windows: int = 4,
+    num_windows: int = 2,
     progress: bool = True,
 ) -> SensitivityReport:
     """Rank every linear ``config`` would quantize by the end-to-end cost of quantizing it alone."""
@@ -150,24 +151,45 @@ def analyze(
     for layer, scheme in planned:
         switches[layer.name], proxies[layer.name] = _switch_for(layer, scheme, config, stats[layer.input.name])
     feeds = [graph_input_feeds(model.graph, ids) for ids in samples]  # before the gates become graph inputs
+    regions = decoder_regions(model, [layer for layer, _ in planned])
+    cuts = {region.index: region.stream_inputs + region.static_inputs for region in regions}
     gates = add_quant_switches(model, switches, layers)
-    session = SubmodelSession(model, {}, ["logits"])
     feeds = [feed | {gate: np.array(False) for gate in gates} for feed in feeds]
-    references = [log_softmax(session.run(feed)["logits"][0]).astype(np.float32) for feed in feeds]
+    # The float model's values where each decoder layer begins: a linear quantized alone changes nothing before
+    # its own layer, so each measurement runs only from there to the logits.
+    cut_names = list(dict.fromkeys(name for names in cuts.values() for name in names))
+    full = SubmodelSession(model, {}, cut_names + ["logits"])
+    boundaries, references = [], []
+    for feed in feeds:
+        values = full.run(feed)
+        references.append(log_softmax(values.pop("logits")[0]).astype(np.float32))
+        boundaries.append(values)
+    del full
     results = []
-    bar = tqdm(zip(planned, gates), total=len(planned), desc=f"sensitivity {config.scheme}", unit="linear",
-               disable=not progress, file=sys.stderr)
-    for (layer, scheme), gate in bar:
-        kl = agree = 0.0
-        positions = 0
-        for feed, reference in zip(feeds, references):
-            logprobs = log_softmax(session.run({**feed, gate: np.array(True)})["logits"][0])
-            kl += float((np.exp(reference, dtype=np.float64) * (reference - logprobs)).sum())
-            agree += float((reference.argmax(-1) == logprobs.argmax(-1)).sum())
-            positions += len(reference)
-        results.append(LinearSensitivity(layer.name, layer.role, layer.layer_index, scheme, kl / positions,
-                                         agree / positions, proxies[layer.name]))
-        bar.set_postfix(kl=f"{kl / positions:.2e}")
+    bar = tqdm(total=len(planned), desc=f"sensitivity {config.scheme}", unit="linear", disable=not progress,
+               file=sys.stderr)
+    gate_of = dict(zip((layer.name for layer, _ in planned), gates))
+    for region in regions:
+        members = [(layer, scheme) for layer, scheme in planned if layer.layer_index == region.index]
+        if not members:
+            continue
+        specs = {name: (boundaries[0][name].dtype, boundaries[0][name].ndim) for name in cuts[region.index]}
+        session = SubmodelSession(model, specs, ["logits"])
+        for layer, scheme in members:
+            kl = agree = 0.0
+            positions = 0
+            for feed, values, reference in zip(feeds, boundaries, references):
+                run_feeds = {**feed, **values, gate_of[layer.name]: np.array(True)}
+                logprobs = log_softmax(session.run(run_feeds)["logits"][0])
+                kl += float((np.exp(reference, dtype=np.float64) * (reference - logprobs)).sum())
+                agree += float((reference.argmax(-1) == logprobs.argmax(-1)).sum())
+                positions += len(reference)
+            results.append(LinearSensitivity(layer.name, layer.role, layer.layer_index, scheme, kl / positions,
+                                             agree / positions, proxies[layer.name]))
+            bar.update()
+            bar.set_postfix(kl=f"{kl / positions:.2e}")
+        del session
+    bar.close()
     results.sort(key=lambda entry: -entry.kl)
     report = SensitivityReport(
         model=str(model_file.resolve()), scheme=config.scheme, config=config.to_dict(), windows=len(samples),

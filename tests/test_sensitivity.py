@@ -118,3 +118,33 @@ def test_budget_plan_arithmetic_and_refusals():
         QuantConfig(scheme="w8a8", target_bits=6.0).validate()
     with pytest.raises(GraphqError, match="give one"):
         QuantConfig(target_bits=4.5, disable_level=2).validate()
+
+
+def test_kl_equals_a_model_with_only_that_linear_quantized(tiny_models, tiny_text, tmp_path):
+    """The switch graph, run from the linear's own decoder layer, measures what a separately built model with that
+    one linear fake-quantized gives end to end."""
+    from graphq.algorithms.rtn import quantize_rtn
+    from graphq.calibration_data import calibration_samples
+    from graphq.evaluate import log_softmax
+    from graphq.runtimes.ort import OrtCausalLM
+    from graphq.tokenizer import load_tokenizer
+
+    source = tiny_models["qwen2"]["onnx"]
+    config = QuantConfig(scheme="w4a16", group_size=32, calib=str(tiny_text), seq_len=64)
+    report = analyze(source, config, num_windows=2, progress=False)
+    windows = calibration_samples(load_tokenizer(source), path=str(tiny_text), num_samples=2, seq_len=64, seed=0,
+                                  max_context=256)
+    reference = OrtCausalLM(source)
+    for entry in (report.layers[0], report.layers[-1], next(e for e in report.layers if e.layer_index == 1)):
+        model = load_model(source / "model.onnx")
+        layer = next(l for l in find_linear_layers(model) if l.name == entry.name)
+        set_layer_weight(model, layer, quantize_rtn(layer.weight_kn(), 4, 32, False).dequantize())
+        (tmp_path / entry.name).mkdir()
+        save_model(model, tmp_path / entry.name / "model.onnx")
+        candidate = OrtCausalLM(tmp_path / entry.name / "model.onnx")
+        kl = positions = 0
+        for ids in windows:
+            p, q = log_softmax(reference.logits(ids)), log_softmax(candidate.logits(ids))
+            kl += float((np.exp(p) * (p - q)).sum())
+            positions += len(ids)
+        assert entry.kl == pytest.approx(kl / positions, rel=1e-3, abs=1e-9)
