@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from graphq.artifacts.layout import decode_w8a8, decode_weight_only
+from graphq.artifacts.layout import W8A8_LAYOUT_SCHEMES, decode_w8a8, decode_weight_only
 from graphq.artifacts.naming import float_tensor_sources
 from graphq.artifacts.reader import Artifacts, open_artifacts
 from graphq.errors import GraphqError
@@ -110,7 +110,7 @@ def apply_artifacts(model, artifacts: Artifacts, format: str) -> None:
                 f"[{layer.out_features}, {layer.in_features}]: wrong --float model?"
             )
         tensors = artifacts.layer_tensors(name)
-        if scheme == "w8a8":
+        if scheme in W8A8_LAYOUT_SCHEMES:
             qw, input_scale, input_offset, bias = decode_w8a8(tensors)
             _check_w8a8_bias(name, layer, bias, tensors)
             emitter.emit(model, layer, qw, {"input_scale": input_scale, "input_offset": input_offset})
