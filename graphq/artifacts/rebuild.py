@@ -52,7 +52,12 @@ def load_artifacts(
 ) -> Path:
     """Write ``output_dir/model.onnx``: the float export with the artifacts' quantized layers and float tensors."""
     artifact_dir = Path(artifact_dir)
-    artifacts = open_artifacts(artifact_dir, scheme=scheme, numpy=numpy)
+    from graphq.artifacts.w8a8sc import is_compressed, open_compressed
+
+    if is_compressed(artifact_dir):  # W8A8SC: decompressed and merged over the ranks, then rebuilt as W8A8S
+        artifacts = open_compressed(artifact_dir)
+    else:
+        artifacts = open_artifacts(artifact_dir, scheme=scheme, numpy=numpy)
     model_file = resolve_model_file(float_model) if float_model is not None else _source_model_of(artifact_dir)
     format = format or _format_of(artifact_dir)
     if format not in formats_of("w4a16"):
