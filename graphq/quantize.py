@@ -310,6 +310,11 @@ def quantize(
         report["artifacts"] = {path.name: path.stat().st_size for path in artifact_files}
         shutil.rmtree(spill_dir, ignore_errors=True)
         (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        if config.compress:  # W8A8SC beside the W8A8S artifacts it compresses
+            from graphq.artifacts.w8a8sc import compress_artifacts_dir
+
+            report["compression"] = compress_artifacts_dir(staging, staging / "w8a8sc", config.tp_size, progress)
+            (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     final_file = output_dir / MODEL_FILENAME
     print(
         f"graphq: quantized {len(quantized)} of {len(layer_reports)} linear layers ({describe(config)}) in {elapsed:.1f}s; "

@@ -222,7 +222,8 @@ def check_tp(artifacts: Artifacts, tp: int, model_config: dict) -> None:
         return
     for what, count in _heads(model_config).items():
         if count % tp:
-            first = next(iter(artifacts.layers), "the model")
+            projection = "q_proj" if what == "attention heads" else "k_proj"
+            first = next((n for n in artifacts.layers if n.endswith(projection)), next(iter(artifacts.layers), "the model"))
             raise GraphqError(f"--tp {tp} does not divide the {count} {what} of {first}: choose a divisor of {count}")
     for name, (n, k) in artifacts.layers.items():
         size, axis = (k, "input channels") if is_row_parallel(name) else (n, "output channels")
@@ -289,20 +290,36 @@ def compress(artifact_dir: str | Path, output_dir: str | Path, tp: int = 1, over
         raise GraphqError(f"{artifact_dir} holds {artifacts.scheme} artifacts: compress takes W8A8S (--scheme w8a8s)")
     check_tp(artifacts, tp, _model_config(artifact_dir))
     with atomic_output_dir(output_dir, overwrite=overwrite, inputs=[artifact_dir]) as staging:
-        report = write_compressed(artifacts, staging, tp, progress)
-        for side in artifact_dir.iterdir():
-            if side.is_file() and side.suffix in (".json", ".txt", ".model", ".jinja") and not side.name.startswith("quant_model_"):
-                shutil.copy2(side, staging / side.name)
-        config_file = staging / "config.json"
-        if config_file.is_file():
-            data = json.loads(config_file.read_text())
-            data["quantize"] = "w8a8sc"
-            config_file.write_text(json.dumps(data, indent=2) + "\n")
-        (staging / "compression.json").write_text(json.dumps(report, indent=2) + "\n")
+        report = compress_into(artifacts, artifact_dir, staging, tp, progress)
     print(f"graphq: compressed {len(report['layers'])} W8A8S layers over {tp} rank(s): quantized weights "
           f"{report['weight_bytes_before'] / 2**20:.2f} MiB -> {report['weight_bytes_after'] / 2**20:.2f} MiB "
           f"(ratio {report['compression_ratio']:.3f}); wrote {output_dir}", file=sys.stderr)
     return output_dir
+
+
+def compress_artifacts_dir(artifact_dir: Path, target: Path, tp: int, progress: bool = True) -> dict:
+    """Check and compress a W8A8S folder into ``target`` (quantize --compress); returns the summary."""
+    artifacts = open_artifacts(artifact_dir, scheme="w8a8s")
+    check_tp(artifacts, tp, _model_config(artifact_dir))
+    report = compress_into(artifacts, artifact_dir, target, tp, progress)
+    return {k: v for k, v in report.items() if k != "layers"}
+
+
+def compress_into(artifacts: Artifacts, artifact_dir: Path, target: Path, tp: int, progress: bool = True) -> dict:
+    """The W8A8SC folders of ``artifacts`` (read from ``artifact_dir``) in ``target`` (created), with the side
+    files (config.json marked "w8a8sc", tokenizer, report.json for load-artifacts) and compression.json."""
+    target.mkdir(parents=True, exist_ok=True)
+    report = write_compressed(artifacts, target, tp, progress)
+    for side in artifact_dir.iterdir():
+        if side.is_file() and side.suffix in (".json", ".txt", ".model", ".jinja") and not side.name.startswith("quant_model_"):
+            shutil.copy2(side, target / side.name)
+    config_file = target / "config.json"
+    if config_file.is_file():
+        data = json.loads(config_file.read_text())
+        data["quantize"] = "w8a8sc"
+        config_file.write_text(json.dumps(data, indent=2) + "\n")
+    (target / "compression.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
 
 
 def write_compressed(artifacts: Artifacts, out_dir: Path, tp: int, progress: bool = True) -> dict:
@@ -406,7 +423,7 @@ def open_compressed(directory: str | Path) -> Artifacts:
     merged = DecompressedStore(metadata={**stores[0].metadata, "scheme": "w8a8s"},
                                part_files=[f for s in stores for f in s.files])
     out_types: dict[str, str] = {}
-    layer_names = sorted({name.rsplit(".", 1)[0] for name, kind in types.items() if kind == TYPE})
+    layer_names = list(dict.fromkeys(name.rsplit(".", 1)[0] for name, kind in types.items() if kind == TYPE))
     for name, kind in types.items():
         if kind == FLOAT:
             out_types[name] = FLOAT
@@ -454,3 +471,30 @@ def open_compressed(directory: str | Path) -> Artifacts:
         artifacts.layer_schemes[layer] = "w8a8s"
         artifacts.layers[layer] = check_layer(layer, "w8a8s", merged.specs, False)
     return artifacts
+
+
+def inspect_compressed(directory: Path, inspection_class):
+    """graphq inspect on a W8A8SC folder: per layer the measured zeros (from ``info``) and the compressed bytes."""
+    artifacts_dirs = sorted(directory.glob("part*-of-*"))
+    stores = [SafetensorsStore(part, STEM) for part in artifacts_dirs]
+    result = inspection_class(path=directory, kind="artifacts", files=[
+        f"{part.name}/{f.name}" for part, store in zip(artifacts_dirs, stores) for f in store.files])
+    types = {k: v for k, v in json.loads((artifacts_dirs[0] / DESCRIPTION).read_text()).items()
+             if k not in ("model_quant_type", "version")}
+    layers = list(dict.fromkeys(name.rsplit(".", 1)[0] for name, kind in types.items() if kind == TYPE))
+    for layer in layers:
+        infos = [store.get(f"{layer}.info") for store in stores]
+        weights = sum(int(i[0]) * int(i[1]) for i in infos)
+        stored = sum(store.nbytes(f"{layer}.{s}") for store in stores for s in ("weight", "index", "info", "deq_scale",
+                                                                              "input_scale", "input_offset"))
+        result.add(layer, "w8a8sc", weights, stored * 8)
+        result.sparsity[layer] = 1.0 - sum(int(i[6]) for i in infos) / weights
+    result.float_tensors = sum(1 for kind in types.values() if kind == FLOAT)
+    result.float_bytes = sum(store.nbytes(n) for store in stores for n, kind in types.items() if kind == FLOAT)
+    result.total_bytes = sum(f.stat().st_size for part in artifacts_dirs for f in part.iterdir() if f.is_file())
+    report = directory / "compression.json"
+    if report.is_file():
+        data = json.loads(report.read_text())
+        result.notes.append(f"W8A8SC over {data['tp_size']} rank(s): quantized weights compressed to "
+                            f"{data['compression_ratio']:.3f} of int8")
+    return result
