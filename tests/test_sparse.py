@@ -412,3 +412,25 @@ def test_a_layer_pruned_to_nothing_is_named_in_a_warning(tiny_models, tmp_path, 
     assert any(e["sparsity"] == 1.0 for e in layer_entries(result.report))
     err = capsys.readouterr().err
     assert "graphq: warning:" in err and "became all zero" in err and "model.layers." in err
+
+
+def test_verify_and_html_show_sparsity_next_to_sqnr(tiny_models, tmp_path, tiny_text):
+    from graphq.evaluate import read_text, token_windows
+    from graphq.report_html import render_html
+    from graphq.tokenizer import load_tokenizer
+    from graphq.verify import format_table, verify
+
+    float_dir = tiny_models["llama"]["onnx"]
+    out = tmp_path / "q"
+    result = quantize(float_dir, QuantConfig(scheme="w8a16", method="sparsegpt", sparsity=0.5, **CALIB), out,
+                      progress=False)
+    measured = {e["name"]: e["sparsity"] for e in layer_entries(result.report)}
+    windows = token_windows(load_tokenizer(float_dir), read_text(tiny_text), 64, 256)
+    checked = verify(float_dir, out, windows)
+    assert {e.name: e.sparsity for e in checked.layers} == measured
+    table = format_table(checked, worst=3)
+    assert "sparsity" in table.splitlines()[3]
+    worst = checked.worst(1)[0]
+    assert f"{worst.sparsity:8.2%}" in table.splitlines()[4]
+    page = render_html(checked)
+    assert "<th>sparsity</th>" in page and f"<td>{worst.sparsity:.2%}</td>" in page
