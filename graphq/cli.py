@@ -102,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("-o", "--output", required=True, help="output folder (must not exist)")
     compress.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks to split the weights over (default 1)")
     compress.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    compress.add_argument("--quiet", action="store_true", help="no progress bar")
 
     rebuild = commands.add_parser("load-artifacts", help="rebuild a fake-quant ONNX model from safetensors + description")
     rebuild.add_argument("artifacts", help="folder with quant_model_description_*.json and its safetensors")
@@ -168,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "compress":
         from graphq.artifacts.w8a8sc import compress
 
-        print(compress(args.artifacts, args.output, tp=args.tp, overwrite=args.overwrite))
+        print(compress(args.artifacts, args.output, tp=args.tp, overwrite=args.overwrite, progress=not args.quiet))
         return 0
     if args.command == "load-artifacts":
         from graphq.artifacts.rebuild import load_artifacts
