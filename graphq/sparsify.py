@@ -92,6 +92,10 @@ def prune(model_path: str | Path, config: QuantConfig, output_dir: str | Path, o
     config.validate()
     if pruning_method(config) is None:
         raise GraphqError("graphq prune needs a pruning --method: magnitude, wanda or sparsegpt")
+    others = [m.name for m in resolve_methods(config.method) if not m.prunes and m.name != "rtn"]
+    if others:
+        raise GraphqError(f"graphq prune runs one pruning method on the float weights; --method {config.method} also "
+                          f"names {others[0]}: use graphq quantize for sequences")
     started = time.perf_counter()
     model_file = resolve_model_file(model_path)
     with atomic_output_dir(output_dir, overwrite=overwrite,

@@ -383,6 +383,14 @@ def test_bad_sparsity_input_is_one_line_and_writes_nothing(tiny_models, tmp_path
     assert not out.exists() and not list(tmp_path.iterdir())
 
 
+def test_prune_refuses_sequences(tiny_models, tmp_path, capsys):
+    code = main(["prune", str(tiny_models["llama"]["onnx"]), "-o", str(tmp_path / "p"), "--method", "awq+wanda",
+                 "--sparsity", "0.5", "--quiet"])
+    captured = capsys.readouterr()
+    assert_one_error(code, captured.out, captured.err, "awq", "graphq quantize")
+    assert not (tmp_path / "p").exists()
+
+
 def test_compress_refuses_missing_tensors_and_bad_tp(w8a8s, tmp_path, capsys):
     from safetensors.numpy import load_file, save_file
 
