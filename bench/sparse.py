@@ -114,6 +114,20 @@ def markdown(bench: Bench, header: str) -> str:
     return "\n".join(lines)
 
 
+def render_from_log(args) -> None:
+    """The table of the rows WORK/rows.jsonl holds (each row is appended there as soon as it is measured)."""
+    bench = Bench(args.work, None, args.work / "rows.jsonl")
+    for line in (args.work / "rows.jsonl").read_text().splitlines():
+        bench.rows.append(Row(**json.loads(line)))
+    bench.float_ppl = bench.rows[0].ppl
+    header = (f"# bench.sparse — rows from {args.work / 'rows.jsonl'} (rendered {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})\n\n"
+              f"Command: `.venv/bin/python -m bench.sparse` (graphq {args.num_samples} samples x {args.seq_len} tokens of "
+              f"{args.calib.name}, seed 0; eval {args.eval_text.name}, first {args.max_tokens} tokens, windows of {args.ctx}), "
+              f"rendered with `--from-log`.")
+    args.results.write_text(markdown(bench, header) + "\n")
+    print(markdown(bench, header))
+
+
 def main() -> None:
     parser = bench_arguments(__doc__.splitlines()[0])
     parser.set_defaults(work=Path("/tmp/sparse/bench"), decode_tokens=0)
@@ -125,7 +139,12 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--skip-llmc", action="store_true")
     parser.add_argument("--results", type=Path, default=REPO / "bench" / "results" / "sparse.md")
+    parser.add_argument("--from-log", action="store_true", help="only render the table from WORK/rows.jsonl (the rows "
+                        "a run measured so far, e.g. one stopped before its end)")
     args = parser.parse_args()
+    if args.from_log:
+        render_from_log(args)
+        return
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
