@@ -29,8 +29,14 @@ from graphq.runtimes.activation_capture import ActivationCapture, CalibrationRes
 FinishLayer = Callable[[LinearLayer, QuantizedWeight, dict], None]
 
 
-def int8_weight(layer: LinearLayer) -> tuple[np.ndarray, QuantizedWeight, float]:
+def int8_weight(layer: LinearLayer, config: QuantConfig | None = None) -> tuple[np.ndarray, QuantizedWeight, float]:
+    """The layer's int8 per-channel weight: RTN, or W8A8S's lowbit levels for layers of scheme w8a8s."""
     weight = layer.weight_kn()
+    if config is not None and config.scheme_for(layer.name) == "w8a8s":
+        from graphq.algorithms.lowbit import quantize_lowbit
+
+        qw, _ = quantize_lowbit(weight, config.sigma_factor, config.fraction)
+        return weight, qw, weight_relative_mse(weight, qw)
     qw = quantize_rtn(weight, bits=8, group_size=-1, symmetric=True)
     error = weight_relative_mse(weight, qw)
     return weight, qw, error
@@ -178,7 +184,7 @@ def _emit_static(
         stats = result.stats[group[0].input.name]
         if stats.rows_seen == 0:
             raise GraphqError(f"calibration never produced the input of {group[0].name}")
-        weights = [int8_weight(layer) for layer in group]
+        weights = [int8_weight(layer, config) for layer in group]
         pairs = [(w, qw.dequantize()) for w, qw, _ in weights]
         choice = choose_range(stats, config.act_method, config.percentile,
                               weights=pairs if config.act_method == "auto" else None)

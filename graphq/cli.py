@@ -35,6 +35,17 @@ def _add_eval_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
 
 
+def _add_sparsity_args(parser: argparse.ArgumentParser, lowbit: bool = True) -> None:
+    """Sparsity (issue 10): pruning targets, and the W8A8S lowbit options."""
+    parser.add_argument("--sparsity", type=float, help="fraction of each linear's weights to zero, in [0, 1) "
+                        "(with a pruning --method: magnitude, wanda, sparsegpt)")
+    parser.add_argument("--sparsity-pattern", help="N:M, e.g. 2:4 or 4:8: keep N of every M input channels")
+    if lowbit:
+        parser.add_argument("--sigma-factor", type=float, help="w8a8s: outliers beyond this many std (3 to 4, default 3)")
+        parser.add_argument("--fraction", type=float, help="w8a8s: at most this fraction of a channel kept on 8 bits "
+                            "as outliers (0.01 to 0.1, default 0.01)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from graphq.version import __version__
 
@@ -111,6 +122,31 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--overwrite", action="store_true", help="replace existing output files")
     analyze.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    _add_sparsity_args(quantize)
+    quantize.add_argument("--compress", action="store_const", const=True,
+                          help="w8a8s: also write the compressed W8A8SC folders under OUT_DIR/w8a8sc (see graphq compress)")
+    quantize.add_argument("--tp", dest="tp_size", type=int, help="with --compress: tensor-parallel ranks (default 1)")
+
+    prune = commands.add_parser("prune", help="prune the linear layers of an export, weights left float (zeros in place)")
+    prune.add_argument("model", help="export folder or model.onnx (tokenizer beside it)")
+    prune.add_argument("-o", "--output", required=True, help="output folder (must not exist)")
+    prune.add_argument("--method", required=True, help="magnitude (no data), wanda or sparsegpt (awq+wanda is not float)")
+    for flag, kwargs in (("--calib", {}), ("--num-samples", {"type": int}), ("--seq-len", {"type": int}),
+                         ("--damp", {"type": float}), ("--seed", {"type": int})):
+        prune.add_argument(flag, **kwargs)
+    prune.add_argument("--exclude", nargs="+", metavar="PATTERN", help="keep layers matching these patterns dense")
+    prune.add_argument("--quantize-lm-head", action="store_const", const=True, help="prune lm_head too")
+    prune.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    prune.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_sparsity_args(prune, lowbit=False)
+
+    compress = commands.add_parser("compress", help="W8A8S artifacts -> W8A8SC: per tensor-parallel rank, compressed tiles")
+    compress.add_argument("artifacts", help="the output folder of 'graphq quantize --scheme w8a8s'")
+    compress.add_argument("-o", "--output", required=True, help="output folder (must not exist)")
+    compress.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks to split the weights over (default 1)")
+    compress.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    compress.add_argument("--quiet", action="store_true", help="no progress bar")
+
     rebuild = commands.add_parser("load-artifacts", help="rebuild a fake-quant ONNX model from safetensors + description")
     rebuild.add_argument("artifacts", help="folder with quant_model_description_*.json and its safetensors")
     rebuild.add_argument("-o", "--output", required=True, help="output folder (must not exist)")
@@ -146,7 +182,7 @@ def _quant_config(args: argparse.Namespace):
     from graphq.config import QuantConfig
 
     data = {}
-    if args.config:
+    if getattr(args, "config", None):
         data = QuantConfig.from_yaml(args.config).__dict__.copy()
     # Every config field the parser has a flag for; flags left unset (None) keep the YAML's or the default value.
     for field in dataclasses.fields(QuantConfig):
@@ -216,6 +252,17 @@ def run(args: argparse.Namespace) -> int:
         print(report.save(args.output))
         if args.html:
             print(write_text_atomically(args.html, render_sensitivity_html(report)))
+        return 0
+    if args.command == "prune":
+        from graphq.sparsify import prune
+
+        prune(args.model, _quant_config(args), args.output, overwrite=args.overwrite, progress=not args.quiet)
+        print(args.output)
+        return 0
+    if args.command == "compress":
+        from graphq.artifacts.w8a8sc import compress
+
+        print(compress(args.artifacts, args.output, tp=args.tp, overwrite=args.overwrite, progress=not args.quiet))
         return 0
     if args.command == "load-artifacts":
         from graphq.artifacts.rebuild import load_artifacts

@@ -15,7 +15,9 @@ from graphq.errors import GraphqError
 #: Weight-only schemes and their weight bit width.
 WEIGHT_ONLY_SCHEMES = {"w4a16": 4, "w8a16": 8}
 #: Schemes that quantize activations too (int8 weights per channel, symmetric).
-ACTIVATION_SCHEMES = {"w8a8": 8, "w8a8-dynamic": 8}
+ACTIVATION_SCHEMES = {"w8a8": 8, "w8a8-dynamic": 8, "w8a8s": 8}
+#: Activation schemes with static per-tensor activation ranges (calibrated); w8a8s: msModelSlim's sparse "lowbit".
+STATIC_ACTIVATION_SCHEMES = ("w8a8", "w8a8s")
 SCHEMES = {**WEIGHT_ONLY_SCHEMES, **ACTIVATION_SCHEMES}
 ACT_METHODS = ("minmax", "percentile", "entropy", "mse", "auto")
 KV_CACHE_TYPES = ("int8",)
@@ -81,6 +83,16 @@ class QuantConfig:
     target_bits: float | None = None
     sensitivity_file: str | None = None
     sensitivity_windows: int = 2
+    # Sparsity (issue 10): pruning methods (magnitude, wanda, sparsegpt in --method) zero this fraction of each
+    # linear's weights, or keep N of every M input channels (sparsity_pattern "2:4"); w8a8s keeps outliers beyond
+    # sigma_factor standard deviations (at most a fraction ``fraction`` of a channel) on the 8-bit grid; compress
+    # also writes the W8A8SC folders, split over tp_size tensor-parallel ranks.
+    sparsity: float = 0.0
+    sparsity_pattern: str | None = None
+    sigma_factor: float = 3.0
+    fraction: float = 0.01
+    compress: bool = False
+    tp_size: int = 1
 
     def group_size_for(self, in_features: int) -> int:
         """The group size for a layer with ``in_features`` inputs: a group covering all of K is per-channel (-1)."""
@@ -135,10 +147,13 @@ class QuantConfig:
                     f"unknown scheme '{scheme}' for pattern '{pattern}' in scheme_overrides: choose one of {', '.join(SCHEMES)}"
                 )
         if self.scheme in ACTIVATION_SCHEMES and self.method != "rtn":
-            raise GraphqError(
-                f"--method {self.method} applies to weight-only schemes; {self.scheme} quantizes weights by RTN "
-                "(use --smooth for activation outliers)"
-            )
+            from graphq.sparsity_config import activation_scheme_method_ok
+
+            if not activation_scheme_method_ok(self.method):
+                raise GraphqError(
+                    f"--method {self.method} applies to weight-only schemes; {self.scheme} quantizes weights by RTN "
+                    "(use --smooth for activation outliers; pruning methods magnitude, wanda, sparsegpt apply)"
+                )
         if self.scheme in ACTIVATION_SCHEMES and self.symmetric is False:
             raise GraphqError(f"{self.scheme} weights are symmetric int8: drop --asym")
         if self.act_method not in ACT_METHODS:
@@ -211,7 +226,17 @@ class QuantConfig:
             raise GraphqError(f"sensitivity_windows must be >= 1, got {self.sensitivity_windows!r}")
         if self.num_samples < 1 or self.seq_len < 2:
             raise GraphqError("--num-samples must be >= 1 and --seq-len >= 2")
+        from graphq.sparsity_config import validate_sparsity
+
+        validate_sparsity(self)
         return self
+
+    @property
+    def prunes(self) -> bool:
+        """Some method of the sequence prunes (magnitude, wanda, sparsegpt)."""
+        from graphq.weight_methods import resolve_methods
+
+        return any(getattr(method, "prunes", False) for method in resolve_methods(self.method))
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

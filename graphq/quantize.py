@@ -16,9 +16,10 @@ import onnx_ir as ir
 from tqdm import tqdm
 
 from graphq.algorithms.rtn import QuantizedWeight
+from graphq.algorithms.sparsity import keep_pruned_zero, zero_fraction
 from graphq.activation_quantize import activation_quantize
 from graphq.artifacts.records import ArtifactCollector
-from graphq.config import ACTIVATION_SCHEMES, QuantConfig
+from graphq.config import ACTIVATION_SCHEMES, STATIC_ACTIVATION_SCHEMES, QuantConfig
 from graphq.errors import GraphqError
 from graphq.calibration_data import calibration_samples
 from graphq.tokenizer import load_tokenizer
@@ -40,6 +41,8 @@ from graphq.model_io import (
 from graphq.passes.emitters import emitter_for
 from graphq.precision_plan import needs_plan, plan_precision
 from graphq.selection import matches, skip_reason
+from graphq.sparsify import prune_float_layers, warn_all_zero
+from graphq.sparsity_config import check_layers_fit
 from graphq.version import __version__
 from graphq.weight_methods import quantize_region, resolve_methods, rounding_method, statistics_needed
 
@@ -66,9 +69,17 @@ FinishLayer = Callable[[LinearLayer, QuantizedWeight, dict], None]
 
 def data_free_quantize(layers: list[LinearLayer], config: QuantConfig, progress: bool, finish: FinishLayer) -> None:
     """Methods that need no data (rtn): each linear alone, from its float weight."""
-    rounder = rounding_method(resolve_methods(config.method))
+    methods = resolve_methods(config.method)
+    rounder = rounding_method(methods)
     for layer in tqdm(layers, desc=f"{config.method} {config.scheme}", unit="layer", disable=not progress, file=sys.stderr):
-        result = rounder.round_data_free(layer, layer.weight_kn(), config)
+        weight, keep = layer.weight_kn(), None
+        for method in methods:  # data-free pruning (magnitude) before rounding
+            keep = method.prune_data_free(layer, weight, config) if keep is None else keep
+        if keep is not None:
+            weight = np.where(keep, weight, 0.0).astype(np.float32)
+        result = rounder.round_data_free(layer, weight, config)
+        if keep is not None:
+            result.weight = keep_pruned_zero(result.weight, keep)
         finish(layer, result.weight, result.entry)
 
 
@@ -175,13 +186,15 @@ def mark_config(output_dir: Path, scheme: str) -> None:
 
 
 def describe(config: QuantConfig) -> str:
-    if config.scheme == "w8a8":
-        text = f"w8a8, activations {config.act_method}"
+    if config.scheme in STATIC_ACTIVATION_SCHEMES:
+        text = f"{config.scheme}, activations {config.act_method}"
     elif config.scheme == "w8a8-dynamic":
         text = "w8a8-dynamic, per-token activations"
     else:
         text = (f"{config.scheme}, {config.format}, {config.method}, group {config.group_size}, "
                 f"{'sym' if config.is_symmetric else 'asym'}")
+    if config.sparsity or config.sparsity_pattern:
+        text += f", pruned {config.sparsity_pattern or config.sparsity}"
     if config.scheme_overrides:
         text += f", overrides {config.scheme_overrides}"
     if config.smooth:
@@ -255,6 +268,10 @@ def quantize(
         configs = {scheme: config.for_scheme(scheme) for scheme in {e["scheme"] for _, e in chosen}}
         spill_dir = staging / ".artifact-layers"
         collector = ArtifactCollector(config.scheme, config.group_size, config.is_symmetric, config.pack, spill_dir)
+        prunes = config.prunes
+        if prunes:
+            check_layers_fit([layer for layer, _ in chosen], config)
+        all_zero: list[str] = []
 
         def finish(layer: LinearLayer, qw: QuantizedWeight, details: dict) -> None:
             scheme = entries[layer.name]["scheme"]
@@ -269,6 +286,10 @@ def quantize(
                 weight_bytes_after=quantized_weight_bytes(qw),
                 **details,
             )
+            if prunes:  # measured on the emitted integers, not the requested fraction
+                entries[layer.name]["sparsity"] = zero_fraction(qw)
+                if entries[layer.name]["sparsity"] == 1.0:
+                    all_zero.append(layer.name)
             output_format = layer_config.format
             if "activation_fallback" in details:
                 # The int8 weight stays, the activations stay float: W8A16, QDQ.
@@ -291,10 +312,15 @@ def quantize(
                                     samples)
             else:
                 data_free_quantize(scheme_layers, configs[scheme], progress, finish)
+        static_layers = [layer for scheme in STATIC_ACTIVATION_SCHEMES for layer in by_scheme.get(scheme, [])]
+        if prunes:  # the W8A8 schemes round by RTN inside activation_quantize: their float weights are pruned first
+            prune_float_layers(model, model_file, static_layers + by_scheme.get("w8a8-dynamic", []), config, progress,
+                               lambda: load_calibration_samples(model_file, config))
         extra_report = activation_quantize(
-            model, model_file, by_scheme.get("w8a8", []), by_scheme.get("w8a8-dynamic", []), config, progress,
+            model, model_file, static_layers, by_scheme.get("w8a8-dynamic", []), config, progress,
             finish, lambda: samples if samples is not None else load_calibration_samples(model_file, config),
         )
+        warn_all_zero(all_zero)
         for entry in layer_reports:
             if entry["name"] in rescaled and "skipped" not in entry:
                 entry.setdefault("output_rescaled", rescaled[entry["name"]])
@@ -331,6 +357,11 @@ def quantize(
         report["artifacts"] = {path.name: path.stat().st_size for path in artifact_files}
         shutil.rmtree(spill_dir, ignore_errors=True)
         (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        if config.compress:  # W8A8SC beside the W8A8S artifacts it compresses
+            from graphq.artifacts.w8a8sc import compress_artifacts_dir
+
+            report["compression"] = compress_artifacts_dir(staging, staging / "w8a8sc", config.tp_size, progress)
+            (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     final_file = output_dir / MODEL_FILENAME
     print(
         f"graphq: quantized {len(quantized)} of {len(layer_reports)} linear layers ({describe(config)}) in {elapsed:.1f}s; "

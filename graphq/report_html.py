@@ -76,7 +76,7 @@ def render_html(result: VerifyResult) -> str:
     ]
     sizes += [["artifact", name, _mib(size)] for name, size in sorted((result.artifacts or {}).items())]
     layers = [[e.name, e.role, "" if e.layer_index is None else e.layer_index, f"{e.sqnr_db:.2f}", f"{e.cosine:.5f}",
-               "up to a per-channel factor (fold)" if e.rescaled else "as is"]
+               "" if e.sparsity is None else f"{e.sparsity:.2%}", "up to a per-channel factor (fold)" if e.rescaled else "as is"]
               for e in sorted(result.layers, key=lambda e: e.sqnr_db)]
     config = html.escape(json.dumps(result.config, indent=2)) if result.config else "(no report.json beside the quantized model)"
     return f"""<!DOCTYPE html>
@@ -97,7 +97,7 @@ pre {{ background: #f7f7f7; padding: 1em; }}
 <h2>Per-layer SQNR</h2>
 <img id="sqnr-plot" alt="per-layer SQNR chart" src="data:image/png;base64,{png}">
 <h2>Layers, worst first</h2>
-<table id="layers"><tr><th>layer</th><th>role</th><th>index</th><th>SQNR dB</th><th>cosine</th><th>compared</th></tr>
+<table id="layers"><tr><th>layer</th><th>role</th><th>index</th><th>SQNR dB</th><th>cosine</th><th>sparsity</th><th>compared</th></tr>
 {_rows(layers)}
 </table>
 <h2>Sizes</h2>

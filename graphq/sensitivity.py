@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from graphq.algorithms.grid import fake_quantize, fake_quantize_per_token, fake_quantize_weight, range_to_qparams
 from graphq.algorithms.rtn import quantize_rtn
-from graphq.config import ACTIVATION_SCHEMES, QuantConfig
+from graphq.config import ACTIVATION_SCHEMES, STATIC_ACTIVATION_SCHEMES, QuantConfig
 from graphq.decoder_layers import decoder_regions
 from graphq.errors import GraphqError
 from graphq.evaluate import log_softmax
@@ -107,7 +107,7 @@ def _switch_for(layer: LinearLayer, scheme: str, config: QuantConfig, stats) -> 
     x = stats.tokens[:PROXY_ROWS]
     activation = None
     x_q = x
-    if scheme == "w8a8":
+    if scheme in STATIC_ACTIVATION_SCHEMES:
         activation = range_to_qparams(stats.min, stats.max)
         x_q = fake_quantize(x, activation.scale, activation.offset)
     elif scheme == "w8a8-dynamic":

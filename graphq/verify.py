@@ -41,6 +41,7 @@ class LayerError:
     sqnr_db: float
     cosine: float
     rescaled: bool = False  # compared up to a per-output-channel factor (AWQ / smoothing fold)
+    sparsity: float | None = None  # measured fraction of zero weights (report.json of a pruned model)
 
 
 class _ChannelSums:
@@ -202,6 +203,9 @@ def verify(
         del reference, candidate
     rescaled = {entry["name"] for entry in report.get("layers", []) if entry.get("output_rescaled")}
     layers = [entry.error(layer, rows, layer.name in rescaled) for entry, (layer, _, _) in zip(sums, pairs)]
+    sparsity = {entry["name"]: entry["sparsity"] for entry in report.get("layers", []) if "sparsity" in entry}
+    for error in layers:
+        error.sparsity = sparsity.get(error.name)
     return VerifyResult(
         float_ppl=metrics.reference_ppl,
         quant_ppl=metrics.ppl,
@@ -221,15 +225,17 @@ def verify(
 
 
 def format_table(result: VerifyResult, worst: int) -> str:
+    sparse = any(e.sparsity is not None for e in result.layers)  # a pruned model: measured zeros next to SQNR
     lines = [
         f"perplexity float {result.float_ppl:.4f}  quantized {result.quant_ppl:.4f}  "
         f"({100 * (result.quant_ppl / result.float_ppl - 1):+.2f}%) over {result.tokens} tokens, {result.windows} windows",
         f"mean KL {result.mean_kl:.5f}  top-1 agreement {result.top1_agreement:.4f}",
         f"{len(result.layers)} quantized layers; the {min(worst, len(result.layers))} with the lowest SQNR:",
-        f"  {'layer':45s} {'role':8s} {'SQNR dB':>8s} {'cosine':>8s}",
+        f"  {'layer':45s} {'role':8s} {'SQNR dB':>8s} {'cosine':>8s}" + (f" {'sparsity':>8s}" if sparse else ""),
     ]
     for e in result.worst(worst):
-        lines.append(f"  {e.name:45s} {e.role:8s} {e.sqnr_db:8.2f} {e.cosine:8.5f}" + ("  *" if e.rescaled else ""))
+        zeros = (f" {e.sparsity:8.2%}" if e.sparsity is not None else f" {'-':>8s}") if sparse else ""
+        lines.append(f"  {e.name:45s} {e.role:8s} {e.sqnr_db:8.2f} {e.cosine:8.5f}{zeros}" + ("  *" if e.rescaled else ""))
     rescaled = sum(e.rescaled for e in result.layers)
     if rescaled:
         lines.append(

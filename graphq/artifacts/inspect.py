@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx_ir as ir
 
 from graphq.artifacts.description import find_descriptions
@@ -17,6 +18,8 @@ from graphq.errors import GraphqError
 from graphq.linear_layers import find_linear_layers, module_path_from_node_name
 from graphq.model_io import load_model, model_size_bytes, resolve_model_file
 
+# Per-layer sparsity is listed once some layer has at least this fraction of zeros (RTN alone rounds a few to 0).
+SPARSE_NOTE = 0.05
 _INT_BITS = {ir.DataType.INT4: 4, ir.DataType.UINT4: 4, ir.DataType.INT8: 8, ir.DataType.UINT8: 8}
 
 
@@ -43,6 +46,7 @@ class Inspection:
     files: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     layers: dict[str, str] = field(default_factory=dict)  # layer name -> scheme
+    sparsity: dict[str, float] = field(default_factory=dict)  # layer name -> measured fraction of zero weights
 
     def add(self, name: str, scheme: str, weights: int, stored_bits: int) -> None:
         summary = self.schemes.setdefault(scheme, SchemeSummary())
@@ -63,8 +67,53 @@ class Inspection:
         else:
             lines.append(f"  {'FLOAT':12s} {self.float_tensors:4d} tensors  {self.float_bytes / 2**20:9.2f} MiB")
         lines.extend(f"  {note}" for note in self.notes)
+        if any(fraction >= SPARSE_NOTE for fraction in self.sparsity.values()):
+            fractions = list(self.sparsity.values())
+            lines.append(f"  sparsity (measured zeros): mean {np.mean(fractions):.2%}, min {min(fractions):.2%}, "
+                         f"max {max(fractions):.2%} over {len(fractions)} layers")
+            lines.extend(f"    {name:48s} {fraction:7.2%}" for name, fraction in self.sparsity.items())
         lines.append(f"  total {self.total_bytes / 2**20:.2f} MiB in {', '.join(self.files)}")
         return "\n".join(lines)
+
+
+def _zero_fraction(values: np.ndarray, zero: np.ndarray | int = 0) -> float:
+    return float(np.mean(np.asarray(values) == zero)) if np.size(values) else 0.0
+
+
+def _matmulnbits_zero_fraction(node: ir.Node) -> float:
+    """Codes equal to their block's zero point (the default 2^(bits-1) when there is none), over the first K."""
+    k, bits, block = (node.attributes[a].as_int() for a in ("K", "bits", "block_size"))
+    packed = node.inputs[1].const_value.numpy()
+    n, n_blocks = packed.shape[0], packed.shape[1]
+    if bits == 4:
+        codes = np.empty((n, n_blocks, block), dtype=np.uint8)
+        codes[..., 0::2] = packed & 0x0F
+        codes[..., 1::2] = packed >> 4
+    else:
+        codes = packed.reshape(n, n_blocks, block)
+    zero = np.full((n, n_blocks), 1 << (bits - 1), dtype=np.uint8)
+    if len(node.inputs) > 3 and node.inputs[3] is not None and node.inputs[3].const_value is not None:
+        zp = node.inputs[3].const_value.numpy().reshape(n, -1)
+        if bits == 4:
+            unpacked = np.empty((n, zp.shape[1] * 2), dtype=np.uint8)
+            unpacked[:, 0::2] = zp & 0x0F
+            unpacked[:, 1::2] = zp >> 4
+            zp = unpacked
+        zero = zp[:, :n_blocks]
+    return _zero_fraction(codes.reshape(n, -1)[:, :k], np.repeat(zero, block, axis=1)[:, :k])
+
+
+def _dequantize_zero_fraction(node: ir.Node) -> float:
+    weight = node.inputs[0].const_value.numpy()
+    zp_value = node.inputs[2] if len(node.inputs) > 2 else None
+    if zp_value is None or zp_value.const_value is None:
+        return _zero_fraction(weight)
+    zp = zp_value.const_value.numpy()
+    if zp.ndim == 1 and zp.size == weight.shape[1]:
+        return _zero_fraction(weight, zp[None, :])
+    if zp.ndim == 2 and zp.shape[1] == weight.shape[1]:  # blocked along K
+        return _zero_fraction(weight, np.repeat(zp, -(-weight.shape[0] // zp.shape[0]), axis=0)[: weight.shape[0]])
+    return _zero_fraction(weight, zp)
 
 
 def inspect_path(path: str | Path) -> list[Inspection]:
@@ -77,6 +126,11 @@ def inspect_path(path: str | Path) -> list[Inspection]:
         results.append(inspect_onnx(path))
     if path.is_dir() and find_descriptions(path):
         results.append(inspect_artifacts(path))
+    from graphq.artifacts.w8a8sc import inspect_compressed, is_compressed
+
+    for folder in [path, path / "w8a8sc"] if path.is_dir() else []:
+        if is_compressed(folder):
+            results.append(inspect_compressed(folder, Inspection))
     if not results:
         raise GraphqError(f"{path} holds neither an ONNX model nor quant_model_description_*.json")
     return results
@@ -90,6 +144,7 @@ def inspect_artifacts(directory: Path) -> Inspection:
         names = [f"{name}.{s}" for s in ("weight", "weight_scale", "weight_offset", "deq_scale", "input_scale", "input_offset")]
         stored = sum(store.nbytes(t) for t in names if t in store.specs) * 8
         result.add(name, artifacts.layer_schemes[name], n * k, stored)
+        result.sparsity[name] = _artifact_zero_fraction(artifacts, name, k)
     result.float_tensors = len(artifacts.float_names)
     result.float_bytes = sum(store.nbytes(t) for t in artifacts.float_names)
     result.total_bytes = sum(f.stat().st_size for f in store.files) + artifacts.description.stat().st_size
@@ -98,6 +153,19 @@ def inspect_artifacts(directory: Path) -> Inspection:
     if artifacts.kv_cache_type:
         result.notes.append(f"KV cache {artifacts.kv_cache_type}: {len(artifacts.kv_names)} scale/offset tensors")
     return result
+
+
+def _artifact_zero_fraction(artifacts, name: str, k: int) -> float:
+    """Measured zeros of one stored layer (reads its weight tensors only)."""
+    from graphq.artifacts.layout import W8A8_LAYOUT_SCHEMES, decode_weight_only
+    from graphq.algorithms.sparsity import zero_fraction
+
+    scheme = artifacts.layer_schemes[name]
+    tensors = artifacts.layer_tensors(name)
+    if scheme in W8A8_LAYOUT_SCHEMES or scheme == "w8a8-dynamic" and not tensors["weight_offset"].any():
+        return _zero_fraction(tensors["weight"])
+    packed = artifacts.packed and scheme == "w4a16"
+    return zero_fraction(decode_weight_only(tensors, artifacts.bits(name), k, artifacts.group_size, packed))
 
 
 def _nbytes(value: ir.Value | None) -> int:
@@ -121,6 +189,7 @@ def inspect_onnx(path: Path) -> Inspection:
             stored = sum(_nbytes(v) for v in node.inputs[1:4]) * 8
             name = (node.outputs[0].name or "").removesuffix(".quantized_output") or module_path_from_node_name(node.name) or node.name
             result.add(name, f"w{bits}a16", k * n, stored)
+            result.sparsity[name] = _matmulnbits_zero_fraction(node)
         elif node.op_type == "DequantizeLinear":
             weight = node.inputs[0]
             if weight is None or weight.const_value is None or weight.dtype not in _INT_BITS:
@@ -137,6 +206,7 @@ def inspect_onnx(path: Path) -> Inspection:
             stored = sum(_nbytes(v) for v in node.inputs[:3]) * 8
             name = (node.name or "").removesuffix(".weight_dequantize") or module_path_from_node_name(matmul.name) or matmul.name
             result.add(name, scheme, k * n, stored)
+            result.sparsity[name] = _dequantize_zero_fraction(node)
         elif node.op_type == "MatMulInteger":
             weight = node.inputs[1]
             if weight is None or weight.const_value is None or len(weight.const_value.shape) != 2:
@@ -147,6 +217,9 @@ def inspect_onnx(path: Path) -> Inspection:
             scale = model.graph.initializers.get(f"{name}.weight_scale")
             stored = (_nbytes(weight) + _nbytes(node.inputs[3] if len(node.inputs) > 3 else None) + _nbytes(scale)) * 8
             result.add(name or node.name, "w8a8-dynamic", k * n, stored)
+            zp = node.inputs[3] if len(node.inputs) > 3 else None
+            result.sparsity[name or node.name] = _zero_fraction(
+                weight.const_value.numpy(), 0 if zp is None or zp.const_value is None else zp.const_value.numpy())
     result.float_linear_layers = len(find_linear_layers(model))
     result.total_bytes = model_size_bytes(model_file)
     result.files = sorted(p.name for p in model_file.parent.iterdir() if p.name.startswith(model_file.name))

@@ -14,6 +14,9 @@ computed at run time: the same tensors as W8A16, weight_offset zeros)
                        point z are stored as q - 2^(b-1) and z - 2^(b-1).
     ``bias``           the float bias [n] in the model's float type, when the layer has one.
 
+W8A8S (sparse "lowbit", msModelSlim): exactly the W8A8 tensors; the int8 weight holds the pruned zeros and the
+4-bit inlier levels (graphq.algorithms.lowbit). ``graphq compress`` turns it into W8A8SC (graphq.artifacts.w8a8sc).
+
 W8A8 (per-channel symmetric int8 weights, per-tensor int8 activations x_q = round(x / input_scale) + input_offset)
     ``weight``         int8 [n, k].
     ``input_scale``    [1] float16 for fp16 models, float32 otherwise.
@@ -31,7 +34,9 @@ from graphq.algorithms.rtn import QuantizedWeight
 from graphq.errors import GraphqError
 
 # graphq scheme -> the tensor type the description gives its tensors (MindIE's names).
-TYPES = {"w4a16": "W4A16", "w8a16": "W8A16", "w8a8": "W8A8", "w8a8-dynamic": "W8A8_DYNAMIC"}
+TYPES = {"w4a16": "W4A16", "w8a16": "W8A16", "w8a8": "W8A8", "w8a8-dynamic": "W8A8_DYNAMIC", "w8a8s": "W8A8S"}
+# Schemes stored with the W8A8 tensors (weight, input_scale, input_offset, deq_scale, quant_bias).
+W8A8_LAYOUT_SCHEMES = ("w8a8", "w8a8s")
 SCHEME_OF_TYPE = {kind: scheme for scheme, kind in TYPES.items()}
 SCHEMES = tuple(TYPES)
 WEIGHT_ONLY_SUFFIXES = ("weight", "weight_scale", "weight_offset")
@@ -41,7 +46,7 @@ PACKING = "int4_pairs_low_nibble_first"
 
 def suffixes_for(scheme: str) -> tuple[str, ...]:
     """The tensors a layer of ``scheme`` must have (a float bias may come with all but W8A8)."""
-    return W8A8_SUFFIXES if scheme == "w8a8" else WEIGHT_ONLY_SUFFIXES
+    return W8A8_SUFFIXES if scheme in W8A8_LAYOUT_SCHEMES else WEIGHT_ONLY_SUFFIXES
 
 
 def bits_of(scheme: str) -> int:
@@ -167,7 +172,7 @@ def check_layer(prefix: str, scheme: str, specs: dict[str, tuple[str, tuple[int,
     n, k = shape
     if scheme == "w4a16" and packed:
         k *= 2
-    if scheme == "w8a8":
+    if scheme in W8A8_LAYOUT_SCHEMES:
         act_dtype, act_shape = spec("input_scale")
         if act_dtype not in ("F16", "F32") or act_shape != (1,):
             raise fail("input_scale", f"dtype {act_dtype} shape {list(act_shape)}", "float16/float32 [1]")

@@ -20,7 +20,15 @@ from graphq.artifacts.description import (
     read_description,
     weight_stem,
 )
-from graphq.artifacts.layout import PACKING, SCHEME_OF_TYPE, TYPES, bits_of, check_layer, suffixes_for
+from graphq.artifacts.layout import (
+    PACKING,
+    SCHEME_OF_TYPE,
+    TYPES,
+    W8A8_LAYOUT_SCHEMES,
+    bits_of,
+    check_layer,
+    suffixes_for,
+)
 from graphq.artifacts.numpy_io import NumpyStore
 from graphq.artifacts.safetensors_io import SafetensorsStore
 from graphq.errors import GraphqError
@@ -91,7 +99,7 @@ def open_artifacts(directory: str | Path, scheme: str | None = None, numpy: bool
         elif tensor_type in SCHEME_OF_TYPE:
             layer_scheme = SCHEME_OF_TYPE[tensor_type]
             prefix, _, suffix = name.rpartition(".")
-            allowed = suffixes_for(layer_scheme) + (() if layer_scheme == "w8a8" else ("bias",))
+            allowed = suffixes_for(layer_scheme) + (() if layer_scheme in W8A8_LAYOUT_SCHEMES else ("bias",))
             if suffix not in allowed:
                 raise GraphqError(f"{name}: {tensor_type} layers have no '{suffix}' tensor (expected {', '.join(allowed)})")
             other = artifacts.layer_schemes.setdefault(prefix, layer_scheme)

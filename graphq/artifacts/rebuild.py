@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from graphq.artifacts.layout import decode_w8a8, decode_weight_only
+from graphq.artifacts.layout import W8A8_LAYOUT_SCHEMES, decode_w8a8, decode_weight_only
 from graphq.artifacts.naming import float_tensor_sources
 from graphq.artifacts.reader import Artifacts, open_artifacts
 from graphq.errors import GraphqError
@@ -57,7 +57,12 @@ def load_artifacts(
 ) -> Path:
     """Write ``output_dir/model.onnx``: the float export with the artifacts' quantized layers and float tensors."""
     artifact_dir = Path(artifact_dir)
-    artifacts = open_artifacts(artifact_dir, scheme=scheme, numpy=numpy)
+    from graphq.artifacts.w8a8sc import is_compressed, open_compressed
+
+    if is_compressed(artifact_dir):  # W8A8SC: decompressed and merged over the ranks, then rebuilt as W8A8S
+        artifacts = open_compressed(artifact_dir)
+    else:
+        artifacts = open_artifacts(artifact_dir, scheme=scheme, numpy=numpy)
     model_file = resolve_model_file(float_model) if float_model is not None else _source_model_of(artifact_dir)
     format = format or _format_of(artifact_dir)
     if format not in formats_of("w4a16"):
@@ -121,7 +126,7 @@ def apply_artifacts(model, artifacts: Artifacts, format: str) -> None:
         for suffix, array in tensors.items():
             if suffix not in ("weight", "quant_bias"):  # integers are finite; deq_scale may hold float32 bits
                 check_finite(f"{name}.{suffix}", array.astype(np.uint32).view(np.float32) if suffix == "deq_scale" and array.dtype == np.int64 else array)
-        if scheme == "w8a8":
+        if scheme in W8A8_LAYOUT_SCHEMES:
             qw, input_scale, input_offset, bias = decode_w8a8(tensors)
             _check_w8a8_bias(name, layer, bias, tensors)
             emitter.emit(model, layer, qw, {"input_scale": input_scale, "input_offset": input_offset})

@@ -17,7 +17,7 @@ import onnx_ir as ir
 
 from graphq.algorithms.rtn import QuantizedWeight
 from graphq.artifacts.description import FLOAT, KV_CACHE_TYPE, description_name, weight_stem, write_description
-from graphq.artifacts.layout import PACKING, TYPES, encode_w8a8, encode_weight_only
+from graphq.artifacts.layout import PACKING, TYPES, W8A8_LAYOUT_SCHEMES, encode_w8a8, encode_weight_only
 from graphq.artifacts.naming import float_tensor_sources
 from graphq.artifacts.numpy_io import write_numpy
 from graphq.artifacts.safetensors_io import GB, write_safetensors
@@ -59,7 +59,7 @@ class ArtifactCollector:
             raise GraphqError(f"{layer.name}: no artifact layout for scheme {scheme}")
         bias = None if layer.bias is None else layer.bias.const_value.numpy()
         float_dtype = np.dtype(layer.dtype.numpy())
-        if scheme == "w8a8":
+        if scheme in W8A8_LAYOUT_SCHEMES:
             missing = [key for key in ("input_scale", "input_offset") if key not in details]
             if missing:
                 raise GraphqError(f"{layer.name}: W8A8 artifacts need {' and '.join(missing)} from the quantizer")

@@ -97,4 +97,6 @@ for _scheme in ("w4a16", "w8a16"):
     register_emitter(_scheme, "matmulnbits", _emit_matmulnbits, "com.microsoft.MatMulNBits (onnxruntime CPU/GPU)")
     register_emitter(_scheme, "qdq", _emit_qdq_weight, "DequantizeLinear on the integer weight, then MatMul")
 register_emitter("w8a8", "qdq", _emit_w8a8_static, "QuantizeLinear/DequantizeLinear on the input, DequantizeLinear on the weight")
+# W8A8S (sparse lowbit) runs as W8A8: its int8 weight holds the zeros and the 4-bit levels.
+register_emitter("w8a8s", "qdq", _emit_w8a8_static, "as w8a8: the pruned, lowbit int8 weight through DequantizeLinear")
 register_emitter("w8a8-dynamic", "qdq", _emit_w8a8_dynamic, "per-token scales in the graph, then MatMulInteger")

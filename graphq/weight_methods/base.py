@@ -38,6 +38,9 @@ class RegionWork:
     captured (before any fold). ``input_scale``: the per-channel factor folded into each input so far (the
     linears now read x / s). ``notes``: per-layer report fields; ``rescaled``: linears anywhere in the model
     whose output channels a fold rescaled on purpose (``graphq verify`` compares them up to that factor).
+    ``keep_masks``: what a pruning method kept of each linear (its float weight already holds the zeros); every
+    rounder's result is put back on the exact-zero code there, so rounding never revives a pruned weight;
+    ``dense_weights`` keeps the weight just before pruning (GPTQ after Wanda compensates the pruning error from it).
     """
 
     model: ir.Model
@@ -50,6 +53,8 @@ class RegionWork:
     input_scale: dict[str, np.ndarray] = field(default_factory=dict)
     notes: dict[str, dict] = field(default_factory=dict)
     rescaled: dict[str, str] = field(default_factory=dict)
+    keep_masks: dict[str, np.ndarray] = field(default_factory=dict)  # pruned linears: bool [K, N], True = kept
+    dense_weights: dict[str, np.ndarray] = field(default_factory=dict)  # pruned linears: the weight before pruning
 
     def __post_init__(self) -> None:
         for layer in self.layers:
@@ -74,6 +79,7 @@ class WeightMethod:
     statistics: ClassVar[dict[str, Callable[[], Any]]] = {}
     calibrated: ClassVar[bool] = True
     rounds: ClassVar[bool] = False
+    prunes: ClassVar[bool] = False  # zeroes weights (needs --sparsity or --sparsity-pattern)
 
     def transform(self, work: RegionWork) -> None:
         """Rewrite the float weights of the region (and fold what that needs); the float function must not change."""
@@ -81,6 +87,15 @@ class WeightMethod:
     def round_group(self, work: RegionWork, input_name: str, group: list[LinearLayer]) -> dict[str, LayerResult]:
         """Quantized weights of the linears reading one input, from their current float weights."""
         raise NotImplementedError(f"{self.name} does not round weights")
+
+    def prune_float(self, work: RegionWork) -> None:
+        """Pruning methods: zero (and for SparseGPT update) the float weights of the region in the graph, recording
+        ``work.keep_masks``; used where the weights are rounded later by another pipeline (the W8A8 schemes, prune)."""
+        raise NotImplementedError(f"{self.name} does not prune")
+
+    def prune_data_free(self, layer: LinearLayer, weight: np.ndarray, config: Any) -> np.ndarray | None:
+        """Data-free pruning (magnitude): the keep mask of one linear, or None for methods that do not prune so."""
+        return None
 
     def round_data_free(self, layer: LinearLayer, weight: np.ndarray, config: Any) -> LayerResult:
         """Quantized weight of one linear without calibration data (only for methods with calibrated=False)."""

@@ -22,6 +22,13 @@ class Gptq(WeightMethod):
         the same codes as quantizing each linear alone while the Hessian is factored and the K-step loop runs once.
         """
         config = work.config
+        if any(layer.name in work.keep_masks for layer in group):
+            # A pruning method ran first (wanda+gptq): GPTQ with the mask held fixed is SparseGPT's joint pass.
+            from graphq.weight_methods.sparsegpt import joint_prune, split_results
+
+            masks = [work.keep_masks.get(layer.name, np.ones((layer.in_features, layer.out_features), dtype=bool))
+                     for layer in group]
+            return split_results(group, work, *joint_prune(work, group, config.bits, masks))
         stats = work.stats[input_name].hessian
         s = work.input_scale[input_name]
         hessian = stats.hessian() / np.outer(s, s)  # H of x / s

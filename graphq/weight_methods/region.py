@@ -8,6 +8,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphq.algorithms.rtn import quantize_rtn
+from graphq.algorithms.sparsity import keep_pruned_zero
 from graphq.linear_layers import LinearLayer
 from graphq.weight_methods.base import LayerResult, RegionWork, WeightMethod
 from graphq.weight_methods.registry import rounding_method
@@ -38,12 +39,15 @@ def quantize_region(
     ``known_layers``: the caller's objects for every linear of the model, so folds that rescale a linear outside
     ``region_layers`` (left float, or under another scheme) update the objects the caller holds.
     The report fields ``output_error`` (the quantized layer on its current input) and ``output_error_rtn`` (RTN on
-    the original weight and input) are relative squared errors on the token sample.
+    the original weight and input) are relative squared errors on the token sample; for pruned linears the error
+    is against the weight before pruning (so it counts the zeros too).
     """
     work = RegionWork(model, region_layers, stats, config, known_layers or region_layers)
     originals = {layer.name: layer.weight_kn() for layer in region_layers}
     for method in methods:
         method.transform(work)
+        if method.prunes:  # the output error is then measured against the weight before pruning
+            work.dense_weights.update({l.name: l.weight_kn() for l in region_layers if l.name not in work.dense_weights})
     rounder = rounding_method(methods)
     results: dict[str, LayerResult] = {}
     for input_name, group in work.groups.items():
@@ -52,10 +56,13 @@ def quantize_region(
         for layer in group:
             result = rounded[layer.name]
             result.entry = {**work.notes[layer.name], **result.entry}
+            if layer.name in work.keep_masks:
+                result.weight = keep_pruned_zero(result.weight, work.keep_masks[layer.name])
             group_size = config.group_size_for(layer.in_features)
             original = originals[layer.name]
             rtn = quantize_rtn(original, config.bits, group_size, config.is_symmetric).dequantize()
             result.entry["output_error_rtn"] = relative_output_error(x_original, original, rtn)
-            result.entry["output_error"] = relative_output_error(x, layer.weight_kn(), result.weight.dequantize())
+            dense = work.dense_weights.get(layer.name, layer.weight_kn())
+            result.entry["output_error"] = relative_output_error(x, dense, result.weight.dequantize())
             results[layer.name] = result
     return RegionResult(results, work.rescaled)

@@ -17,7 +17,8 @@ def register_weight_method(method: WeightMethod) -> WeightMethod:
 
 
 def resolve_methods(spec: str) -> list[WeightMethod]:
-    """``"awq+gptq"`` -> [awq, gptq]: known names, each once, and at least one that rounds."""
+    """``"awq+gptq"`` -> [awq, gptq]: known names, each once, and at least one that rounds (a sequence that only
+    prunes, ``wanda`` or ``awq+wanda``, is rounded by rtn)."""
     if not isinstance(spec, str) or not spec.strip():
         raise GraphqError(f"--method must name a weight method, got {spec!r}: choose from {', '.join(WEIGHT_METHODS)}")
     names = [part.strip() for part in spec.split("+")]
@@ -30,6 +31,8 @@ def resolve_methods(spec: str) -> list[WeightMethod]:
     if len(set(names)) != len(names):
         raise GraphqError(f"--method {spec} names a method twice")
     methods = [WEIGHT_METHODS[name] for name in names]
+    if not any(method.rounds for method in methods) and any(method.prunes for method in methods):
+        methods.append(WEIGHT_METHODS["rtn"])  # a pruning method alone: the kept weights are rounded to nearest
     if not any(method.rounds for method in methods):
         raise GraphqError(f"--method {spec} never rounds the weights: end it with one of "
                           f"{', '.join(n for n, m in WEIGHT_METHODS.items() if m.rounds)}")
