@@ -73,6 +73,12 @@ class QuantConfig:
     save_format: list[str] = field(default_factory=lambda: ["onnx", "safetensors"])
     part_file_size: float | None = None
     pack: bool = True
+    # Artifact targets and dtypes (issue 13)
+    # target: the runtime whose layout the artifacts follow (graphq.artifacts.targets: mindie, vllm-ascend, ...).
+    # dtype: the serving dtype (fp32, fp16, bf16) of float tensors and config.json torch_dtype; None takes the
+    # source's (config.json torch_dtype from 'graphq export --dtype', else the ONNX float type).
+    target: str = "mindie"
+    dtype: str | None = None
 
     def group_size_for(self, in_features: int) -> int:
         """The group size for a layer with ``in_features`` inputs: a group covering all of K is per-channel (-1)."""
@@ -183,6 +189,17 @@ class QuantConfig:
             raise GraphqError(f"--part-file-size must be a positive number of GB, got {self.part_file_size!r}")
         if self.part_file_size is not None and "safetensors" not in self.save_format:
             raise GraphqError("--part-file-size shards the safetensors: add safetensors to --save-format")
+        from graphq.artifacts.dtypes import SERVING_DTYPES
+        from graphq.artifacts.targets import target_for
+
+        target = target_for(self.target)
+        if self.dtype is not None and self.dtype not in SERVING_DTYPES:
+            raise GraphqError(f"unknown --dtype '{self.dtype}': choose one of {', '.join(SERVING_DTYPES)}")
+        if self.dtype is not None:
+            target.check_dtype(self.dtype)
+        unsupported = [f for f in self.save_format if f not in target.save_formats]
+        if unsupported:
+            raise GraphqError(f"--target {self.target} writes {', '.join(target.save_formats)}, not {unsupported[0]}")
         if self.num_samples < 1 or self.seq_len < 2:
             raise GraphqError("--num-samples must be >= 1 and --seq-len >= 2")
         return self

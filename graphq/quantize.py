@@ -17,7 +17,9 @@ from tqdm import tqdm
 
 from graphq.algorithms.rtn import QuantizedWeight
 from graphq.activation_quantize import activation_quantize
+from graphq.artifacts.dtypes import resolve_serving_dtype
 from graphq.artifacts.records import ArtifactCollector
+from graphq.artifacts.targets import target_for
 from graphq.config import ACTIVATION_SCHEMES, QuantConfig
 from graphq.errors import GraphqError
 from graphq.calibration_data import calibration_samples
@@ -34,6 +36,7 @@ from graphq.model_io import (
     save_model,
 )
 from graphq.passes.emitters import emitter_for
+from graphq.passes.serving_dtype import round_initializers
 from graphq.selection import skip_reason
 from graphq.version import __version__
 from graphq.weight_methods import quantize_region, resolve_methods, rounding_method, statistics_needed
@@ -138,13 +141,17 @@ def load_calibration_samples(model_file: Path, config: QuantConfig) -> list[np.n
     )
 
 
-def mark_config(output_dir: Path, scheme: str) -> None:
-    """Add ``"quantize": "<scheme>"`` to the output's config.json (deployment runtimes read it)."""
+def mark_config(output_dir: Path, collector: ArtifactCollector) -> None:
+    """Let the artifact target edit the output's config.json (MindIE reads ``quantize`` and ``torch_dtype``)."""
     config_file = output_dir / "config.json"
     if config_file.is_file():
-        data = json.loads(config_file.read_text())
-        data["quantize"] = scheme
+        data = collector.target.edit_config(json.loads(config_file.read_text()), collector)
         config_file.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def source_config(model_file: Path) -> dict:
+    config_file = model_file.parent / "config.json"
+    return json.loads(config_file.read_text()) if config_file.is_file() else {}
 
 
 def model_context_length(model_dir: Path) -> int | None:
@@ -209,10 +216,23 @@ def quantize(
             raise GraphqError("every linear layer was excluded: loosen --exclude or pass --quantize-lm-head")
         entries = {layer.name: entry for layer, entry in chosen}
         configs = {scheme: config.for_scheme(scheme) for scheme in {e["scheme"] for _, e in chosen}}
+        target = target_for(config.target)
+        target.check({e["name"]: e["scheme"] for e in layer_reports},
+                     {layer.name: configs[e["scheme"]].group_size_for(layer.in_features) for layer, e in chosen},
+                     {layer.name: configs[e["scheme"]].is_symmetric for layer, e in chosen})
+        onnx_dtype = np.dtype(layers[0].dtype.numpy())
+        serving_dtype, dtype_warning = resolve_serving_dtype(config.dtype, source_config(model_file), onnx_dtype,
+                                                             target.dtypes, target.name)
+        if dtype_warning:
+            print(f"graphq: warning: {dtype_warning}", file=sys.stderr)
+        if serving_dtype != "fp32" and onnx_dtype == np.float32:
+            round_initializers(model, serving_dtype)  # quantize the weights the served checkpoint holds
         spill_dir = staging / ".artifact-layers"
-        collector = ArtifactCollector(config.scheme, config.group_size, config.is_symmetric, config.pack, spill_dir)
+        collector = ArtifactCollector(config.scheme, config.group_size, config.is_symmetric, config.pack, spill_dir,
+                                      target=target, dtype=serving_dtype)
 
         def finish(layer: LinearLayer, qw: QuantizedWeight, details: dict) -> None:
+            qw, details = target.prepare(qw, details, serving_dtype)
             scheme = entries[layer.name]["scheme"]
             layer_config = configs[scheme]
             entries[layer.name].update(
@@ -257,7 +277,7 @@ def quantize(
         if "onnx" in config.save_format:
             save_model(model, out_model_file)
         copy_side_files(model_file.parent, staging)
-        mark_config(staging, config.scheme)
+        mark_config(staging, collector)
         size_before = model_size_bytes(model_file)
         size_after = model_size_bytes(out_model_file) if out_model_file.is_file() else 0
         elapsed = time.perf_counter() - started
@@ -274,6 +294,9 @@ def quantize(
             "linear_weight_bytes_before": sum(e["weight_bytes_before"] for e in quantized),
             "linear_weight_bytes_after": sum(e["weight_bytes_after"] for e in quantized),
             "elapsed_seconds": round(elapsed, 3),
+            "target": target.name,
+            "serving_dtype": serving_dtype,
+            **({"dtype_warning": dtype_warning} if dtype_warning else {}),
             "peak_rss_bytes": peak_rss,
             **extra_report,
             "layers": layer_reports,

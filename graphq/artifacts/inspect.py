@@ -93,8 +93,13 @@ def inspect_artifacts(directory: Path) -> Inspection:
     result.float_tensors = len(artifacts.float_names)
     result.float_bytes = sum(store.nbytes(t) for t in artifacts.float_names)
     result.total_bytes = sum(f.stat().st_size for f in store.files) + artifacts.description.stat().st_size
+    result.notes.append(f"written by {artifacts.producer}"
+                        + (f", serving dtype {store.metadata['serving_dtype']}" if "serving_dtype" in store.metadata else ""))
     if "w4a16" in artifacts.layer_schemes.values():
-        result.notes.append("int4 weights " + ("packed two per byte" if artifacts.packed else "unpacked, one per int8"))
+        packings = set(artifacts.packing.values())
+        result.notes.append("int4 weights " + ("packed two per byte" + (" along n (msModelSlim)" if "n" in packings else " along k")
+                                               if artifacts.packed else "unpacked, one per int8"))
+    result.notes.extend(artifacts.notes)
     if artifacts.kv_cache_type:
         result.notes.append(f"KV cache {artifacts.kv_cache_type}: {len(artifacts.kv_names)} scale/offset tensors")
     return result

@@ -22,7 +22,8 @@ from graphq.linear_layers import find_linear_layers
 from graphq.model_io import MODEL_FILENAME, atomic_output_dir, copy_side_files, load_model, resolve_model_file, save_model
 from graphq.passes.emitters import emitter_for, formats_of
 from graphq.passes.weights import set_layer_bias
-_SAFETENSORS_DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64}
+
+_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 
 
 def _source_model_of(directory: Path) -> Path:
@@ -83,20 +84,29 @@ def apply_artifacts(model, artifacts: Artifacts, format: str) -> None:
     if missing is not None:
         raise GraphqError(f"the artifacts quantize {missing}, which the float model has no linear layer for: wrong --float model?")
     sources = float_tensor_sources(model, layers, set(artifacts.layers))
+    float_names = []
     for name in artifacts.float_names:
         source = sources.get(name)
         if source is None:
+            if name.endswith(".bias") and not np.any(artifacts.store.get(name)):
+                # msModelSlim's anti-outlier pass gives norms an all-zero bias the float model lacks: nothing lost.
+                continue
+            if name.endswith(".bias"):
+                raise GraphqError(f"cannot rebuild {name}: the artifacts give it a non-zero bias (msModelSlim's "
+                                  "anti-outlier shift) but the float model's module has none")
             raise GraphqError(f"the artifacts hold float tensor {name}, which the float model does not have: wrong --float model?")
         dtype, shape = artifacts.store.specs[name]
-        if tuple(shape) != tuple(source.shape) or _SAFETENSORS_DTYPES.get(dtype) != source.dtype:
+        # The serving dtype may differ from the ONNX's (fp16 artifacts of an fp32-computing export): any float fits.
+        if tuple(shape) != tuple(source.shape) or dtype not in _FLOAT_DTYPES:
             raise GraphqError(
                 f"{name} is {dtype} {list(shape)} in the artifacts but {source.dtype} {list(source.shape)} in the float model"
             )
+        float_names.append(name)
     unsaved = next((name for name in sources if name not in artifacts.types), None)
     if unsaved is not None:
         raise GraphqError(f"the float model has {unsaved}, which the artifacts do not hold: wrong --float model?")
-    for name in artifacts.float_names:
-        sources[name].store(model, artifacts.store.get(name))
+    for name in float_names:
+        sources[name].store(model, np.asarray(artifacts.store.get(name)).astype(sources[name].dtype))
     # Activation schemes have one form (QDQ); weight-only layers take the requested format.
     emitters = {scheme: emitter_for(scheme, format if format in formats_of(scheme) else "qdq")
                 for scheme in set(artifacts.layer_schemes.values())}
@@ -119,13 +129,14 @@ def apply_artifacts(model, artifacts: Artifacts, format: str) -> None:
             raise GraphqError(f"{name}: the float model's layer {'has' if layer.bias is not None else 'has no'} bias "
                               f"but the artifacts {'do not hold' if 'bias' not in tensors else 'hold'} {name}.bias")
         if "bias" in tensors:
-            set_layer_bias(model, layer, tensors["bias"].astype(layer.bias.const_value.dtype.numpy()))
+            set_layer_bias(model, layer, np.asarray(tensors["bias"]).astype(layer.bias.const_value.dtype.numpy()))
         bits = artifacts.bits(name)
-        packed = artifacts.packed and scheme == "w4a16"
+        packing = artifacts.packing.get(name, "none")
         weight = tensors["weight"]
-        if bits == 4 and not packed and (weight.min() < -8 or weight.max() > 7):
+        if bits == 4 and packing == "none" and (weight.min() < -8 or weight.max() > 7):
             raise GraphqError(f"{name}.weight holds values outside the int4 range [-8, 7]: not W4A16 data")
-        qw = decode_weight_only(tensors, bits, k, artifacts.group_size, packed)
+        qw = decode_weight_only(tensors, bits, k, artifacts.group_size_of(name), packing != "none",
+                                pack_along="n" if packing == "n" else "k")
         emitter.emit(model, layer, qw, {})
     if artifacts.kv_names:
         apply_kv_cache(model, artifacts)
@@ -146,8 +157,21 @@ def apply_kv_cache(model, artifacts: Artifacts) -> None:
         output = f"present.{index}.{'key' if prefix.endswith('k_proj') else 'value'}"
         if output not in outputs:
             raise GraphqError(f"{name} is for {output}, which the float model does not output")
-        offsets = artifacts.store.get(f"{prefix}.kv_cache_offset").round().astype(np.int64)
-        emit_kv_qdq(model, output, artifacts.store.get(name).astype(np.float32), offsets)
+        scales = np.asarray(artifacts.store.get(name)).astype(np.float32).reshape(-1)
+        offsets = np.asarray(artifacts.store.get(f"{prefix}.kv_cache_offset")).astype(np.float32).round().reshape(-1)
+        value = next(v for v in model.graph.outputs if v.name == output)
+        heads = value.shape[1] if value.shape is not None and len(value.shape) == 4 else None
+        if isinstance(heads, int) and len(scales) != heads:
+            # Per channel [heads * head_dim] (msModelSlim's C8): graphq's KV QDQ is per head, so each head's
+            # channels must share one scale.
+            if len(scales) % heads:
+                raise GraphqError(f"{name} has {len(scales)} values, which is neither per head nor per channel for {heads} heads")
+            per_head, per_head_offsets = scales.reshape(heads, -1), offsets.reshape(heads, -1)
+            if np.any(per_head != per_head[:, :1]) or np.any(per_head_offsets != per_head_offsets[:, :1]):
+                raise GraphqError(f"cannot rebuild {name}: its per-channel scales differ within a head, and graphq's "
+                                  "int8 KV cache is per head")
+            scales, offsets = per_head[:, 0].copy(), per_head_offsets[:, 0].copy()
+        emit_kv_qdq(model, output, scales, offsets.astype(np.int64))
 
 
 def _check_w8a8_bias(name, layer, bias: np.ndarray, tensors: dict) -> None:
