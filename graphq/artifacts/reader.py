@@ -91,6 +91,20 @@ class Artifacts:
             raise GraphqError(f"{name}.weight_scale has {groups} groups, which no group size gives for k = {k}")
         return size
 
+    @property
+    def serving_dtype(self) -> str:
+        """graphq's metadata, else the dtype of the float tensors (msModelSlim writes them in the model's)."""
+        from graphq.artifacts.dtypes import dtype_of_numpy
+        from graphq.artifacts.safetensors_io import NUMPY_OF_NAME
+
+        if "serving_dtype" in self.store.metadata:
+            return self.store.metadata["serving_dtype"]
+        for name in self.float_names:
+            dtype = self.store.specs[name][0]
+            if dtype in ("F16", "BF16", "F32"):
+                return dtype_of_numpy(NUMPY_OF_NAME[dtype])
+        return "fp32"
+
     def bits(self, name: str) -> int:
         return bits_of(self.layer_schemes[name])
 

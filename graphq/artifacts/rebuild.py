@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx_ir as ir
 
 from graphq.artifacts.layout import decode_w8a8, decode_weight_only
 from graphq.artifacts.naming import float_tensor_sources
@@ -80,6 +81,12 @@ def apply_artifacts(model, artifacts: Artifacts, format: str) -> None:
     """Rewrite a float model in place from checked artifacts (shapes are checked against the model here)."""
     layers = find_linear_layers(model)
     by_name = {layer.name: layer for layer in layers}
+    if layers and artifacts.serving_dtype != "fp32" and layers[0].dtype == ir.DataType.FLOAT:
+        # quantize rounded the float32 graph to the serving dtype before quantizing; so does the rebuild, so that
+        # tensors the artifacts do not hold (rotary tables, constants) match too.
+        from graphq.passes.serving_dtype import round_initializers
+
+        round_initializers(model, artifacts.serving_dtype)
     missing = next((name for name in artifacts.layers if name not in by_name), None)
     if missing is not None:
         raise GraphqError(f"the artifacts quantize {missing}, which the float model has no linear layer for: wrong --float model?")
