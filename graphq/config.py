@@ -197,6 +197,8 @@ class QuantConfig:
             raise GraphqError(f"unknown --dtype '{self.dtype}': choose one of {', '.join(SERVING_DTYPES)}")
         if self.dtype is not None:
             target.check_dtype(self.dtype)
+        if self.kv_cache is not None and not target.kv_cache:
+            raise GraphqError(f"--target {self.target} has no place for graphq's per-head int8 KV cache: drop --kv-cache")
         unsupported = [f for f in self.save_format if f not in target.save_formats]
         if unsupported:
             raise GraphqError(f"--target {self.target} writes {', '.join(target.save_formats)}, not {unsupported[0]}")

@@ -219,7 +219,8 @@ def quantize(
         target = target_for(config.target)
         target.check({e["name"]: e["scheme"] for e in layer_reports},
                      {layer.name: configs[e["scheme"]].group_size_for(layer.in_features) for layer, e in chosen},
-                     {layer.name: configs[e["scheme"]].is_symmetric for layer, e in chosen})
+                     {layer.name: configs[e["scheme"]].is_symmetric for layer, e in chosen},
+                     {layer.name: (layer.out_features, layer.in_features) for layer in layers})
         onnx_dtype = np.dtype(layers[0].dtype.numpy())
         serving_dtype, dtype_warning = resolve_serving_dtype(config.dtype, source_config(model_file), onnx_dtype,
                                                              target.dtypes, target.name)
@@ -277,7 +278,6 @@ def quantize(
         if "onnx" in config.save_format:
             save_model(model, out_model_file)
         copy_side_files(model_file.parent, staging)
-        mark_config(staging, collector)
         size_before = model_size_bytes(model_file)
         size_after = model_size_bytes(out_model_file) if out_model_file.is_file() else 0
         elapsed = time.perf_counter() - started
@@ -305,6 +305,7 @@ def quantize(
             model, layers, staging, config.save_format, config.part_file_size, __version__, report.get("kv_cache")
         )
         report["artifacts"] = {path.name: path.stat().st_size for path in artifact_files}
+        mark_config(staging, collector)  # after write: the target's config may name what write saw (float linears)
         shutil.rmtree(spill_dir, ignore_errors=True)
         (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     final_file = output_dir / MODEL_FILENAME

@@ -301,3 +301,71 @@ def test_export_dtype_rounds_weights_and_quantize_follows(tiny_models, tmp_path)
     assert not np.array_equal(logits(out), logits(tiny_models["llama"]["onnx"]))  # the rounding is real
     result = quantize(out, QuantConfig(scheme="w8a16"), tmp_path / "q", progress=False)
     assert result.report["serving_dtype"] == "fp16" and "dtype_warning" not in result.report
+
+
+# ---------------------------------------------------------------------------------------- compressed-tensors
+
+
+@pytest.mark.parametrize("kind,scheme", [("qwen2", "w4a16"), ("llama", "w8a8")])
+def test_compressed_tensors_loads_in_transformers(tiny_models, tiny_text, tmp_path, kind, scheme):
+    """The real consumer: transformers + compressed-tensors load the folder on CPU, and its torch perplexity (and
+    logits) equal graphq's ONNX ones of the same model."""
+    pytest.importorskip("compressed_tensors")
+    from compressed_tensors.linear.compressed_linear import CompressedLinear
+
+    from graphq.evaluate import perplexity, read_text, token_windows
+    from graphq.runtimes.torch_lm import TorchCausalLM
+    from graphq.tokenizer import load_tokenizer
+
+    source = tiny_models[kind]["onnx"]
+    if scheme == "w4a16":
+        config = QuantConfig(scheme="w4a16", group_size=32, symmetric=True, format="qdq", target="compressed-tensors",
+                             dtype="fp16")
+    else:
+        config = QuantConfig(scheme="w8a8", target="compressed-tensors", **CALIB)
+    out = quantize(source, config, tmp_path / "q", progress=False).output_dir
+    quantization = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert quantization["quant_method"] == "compressed-tensors"
+    assert quantization["format"] == ("pack-quantized" if scheme == "w4a16" else "int-quantized")
+    assert quantization["ignore"] == ["lm_head"]  # left float (tied to the embedding in qwen2)
+    torch_model = TorchCausalLM(out)
+    assert isinstance(torch_model.model.model.layers[0].mlp.down_proj, CompressedLinear)
+    windows = token_windows(load_tokenizer(source), read_text(tiny_text), 64, 256)
+    onnx_ppl = perplexity(OrtCausalLM(out), windows).ppl
+    torch_ppl = perplexity(torch_model, windows).ppl
+    assert abs(torch_ppl / onnx_ppl - 1) < 0.005
+    onnx_logits, torch_logits = logits(out), torch_model.logits(IDS)
+    assert np.abs(onnx_logits - torch_logits).max() < 1e-4
+    assert np.abs(onnx_logits - logits(source)).max() > 1e-3  # and it is not the float model
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("axis", [0, 1])
+def test_int32_packing_matches_compressed_tensors(bits, axis):
+    pytest.importorskip("compressed_tensors")
+    from compressed_tensors.compressors.quantized_compressors.pack_quantized import pack_to_int32 as reference
+
+    from graphq.artifacts.targets.compressed_tensors import pack_to_int32, unpack_from_int32
+
+    half = 1 << (bits - 1)
+    values = np.random.default_rng(bits).integers(-half, half, size=(13, 21)).astype(np.int8)
+    packed = pack_to_int32(values, bits, axis=axis)
+    expected = reference(torch.from_numpy(values), bits, packed_dim=axis).numpy()
+    assert packed.dtype == np.int32 and np.array_equal(packed, expected)
+    assert np.array_equal(unpack_from_int32(packed, bits, values.shape, axis=axis), values)
+
+
+CT_REFUSALS = {
+    "asymmetric": (["--scheme", "w4a16", "--group-size", "32", "--asym"], ["asymmetric", "--sym"]),
+    "partial-group": (["--scheme", "w4a16", "--group-size", "64", "--sym"], ["divisible", "96"]),
+    "kv-cache": (["--scheme", "w8a8", "--kv-cache", "int8"], ["kv cache"]),
+}
+
+
+@pytest.mark.parametrize("case", list(CT_REFUSALS))
+def test_compressed_tensors_refusals(capsys, tiny_models, tmp_path, case):
+    flags, fragments = CT_REFUSALS[case]
+    code, out, err = run_cli(capsys, "quantize", tiny_models["llama"]["onnx"], "-o", tmp_path / "q",
+                             "--target", "compressed-tensors", *flags)
+    assert_one_error(code, out, err, *fragments)
+    assert not (tmp_path / "q").exists()

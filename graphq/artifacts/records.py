@@ -45,6 +45,7 @@ class ArtifactCollector:
         self.layer_schemes: dict[str, str] = {}
         self.layer_group_sizes: dict[str, int] = {}  # -1 per channel
         self.layer_shapes: dict[str, tuple[int, int]] = {}  # (n, k) = (out, in)
+        self.float_linears: list[str] = []  # linears left float, known once write() sees the graph's layers
 
     def serving_dtype(self, model_dtype: np.dtype | None = None) -> str:
         if self.dtype is not None:
@@ -90,6 +91,7 @@ class ArtifactCollector:
         kv_cache: dict | None = None,
     ) -> list[Path]:
         """Write the target's files into ``out_dir``; returns the files written."""
+        self.float_linears = [layer.name for layer in layers if layer.name not in self.layers]
         if not set(formats) & {"safetensors", "numpy"}:
             return []
         return self.target.write(WriteJob(model, layers, out_dir, formats, part_file_size_gb, version, kv_cache, self))

@@ -48,6 +48,8 @@ class ArtifactTarget:
     #: serving dtypes the runtime accepts (config.json torch_dtype); the first is the default for fp32 models.
     dtypes: tuple[str, ...] = ("fp32", "fp16", "bf16")
     save_formats: tuple[str, ...] = ("onnx", "safetensors")
+    #: whether the layout has a place for graphq's int8 KV cache (--kv-cache int8)
+    kv_cache: bool = False
 
     def default_dtype(self, model_dtype: str) -> str:
         return model_dtype if model_dtype in self.dtypes else self.dtypes[0]
@@ -56,9 +58,10 @@ class ArtifactTarget:
         if dtype not in self.dtypes:
             raise GraphqError(f"--target {self.name}: {self.loaded_by} serves {' or '.join(self.dtypes)}, not {dtype}")
 
-    def check(self, layer_schemes: dict[str, str], group_sizes: dict[str, int], symmetric: dict[str, bool]) -> None:
+    def check(self, layer_schemes: dict[str, str], group_sizes: dict[str, int], symmetric: dict[str, bool],
+              shapes: dict[str, tuple[int, int]] | None = None) -> None:
         """Refuse (one GraphqError saying why) a plan the runtime cannot serve. ``layer_schemes`` maps every linear
-        to its scheme ("float" when left float); group sizes are -1 per channel."""
+        to its scheme ("float" when left float); group sizes are -1 per channel; shapes are (out, in)."""
         unknown = sorted({s for s in layer_schemes.values() if s != "float" and s not in self.schemes})
         if unknown:
             raise GraphqError(f"--target {self.name} has no layout for {unknown[0]}: it writes {', '.join(self.schemes)}")
@@ -103,4 +106,4 @@ def target_for(name: str) -> ArtifactTarget:
 
 ReadBack = Callable[[Path], dict[str, np.ndarray]]
 
-from graphq.artifacts.targets import mindie, vllm_ascend  # noqa: E402,F401  (registration)
+from graphq.artifacts.targets import compressed_tensors, mindie, vllm_ascend  # noqa: E402,F401  (registration)

@@ -62,6 +62,7 @@ class MsModelSlimTarget(ArtifactTarget):
     #: MindIE and vllm-ascend take float16 or bfloat16 only (config.json torch_dtype).
     dtypes = ("fp16", "bf16")
     save_formats = ("onnx", "safetensors", "numpy")
+    kv_cache = True
 
     # --- what the subclasses set ---
     def description_name(self, scheme: str) -> str:

@@ -23,8 +23,9 @@ class VllmAscendTarget(MsModelSlimTarget):
     name = "vllm-ascend"
     loaded_by = "vllm-ascend (msModelSlim ascendV1 layout)"
 
-    def check(self, layer_schemes: dict[str, str], group_sizes: dict[str, int], symmetric: dict[str, bool]) -> None:
-        super().check(layer_schemes, group_sizes, symmetric)
+    def check(self, layer_schemes: dict[str, str], group_sizes: dict[str, int], symmetric: dict[str, bool],
+              shapes: dict[str, tuple[int, int]] | None = None) -> None:
+        super().check(layer_schemes, group_sizes, symmetric, shapes)
         for name, scheme in layer_schemes.items():
             group = group_sizes.get(name, -1)
             if scheme == "w4a16":
