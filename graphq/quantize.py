@@ -305,6 +305,8 @@ def quantize(
             model, layers, staging, config.save_format, config.part_file_size, __version__, report.get("kv_cache")
         )
         report["artifacts"] = {path.name: path.stat().st_size for path in artifact_files}
+        if collector.target_report:
+            report[target.name] = collector.target_report
         mark_config(staging, collector)  # after write: the target's config may name what write saw (float linears)
         shutil.rmtree(spill_dir, ignore_errors=True)
         (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -369,3 +369,83 @@ def test_compressed_tensors_refusals(capsys, tiny_models, tmp_path, case):
                              "--target", "compressed-tensors", *flags)
     assert_one_error(code, out, err, *fragments)
     assert not (tmp_path / "q").exists()
+
+
+# ---------------------------------------------------------------------------------------------------- gguf
+
+
+def _hf_permute(weights: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's convert_hf_to_gguf permutation of LLaMA q/k rows (written out independently of graphq's)."""
+    n = weights.shape[0]
+    return weights.reshape(heads, 2, n // heads // 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
+
+
+GGUF_CASES = {  # id -> (kind, scheme, symmetric, dtype, expected ggml type)
+    "llama-q4_1": ("llama", "w4a16", False, "fp16", "Q4_1"),
+    "qwen2-q4_0-bf16": ("qwen2", "w4a16", True, "bf16", "Q4_0"),
+    "llama-q8_0": ("llama", "w8a16", True, "fp32", "Q8_0"),
+}
+
+
+@pytest.mark.parametrize("case", list(GGUF_CASES))
+def test_gguf_reads_back_to_graphqs_weights(tiny_models, tmp_path, case):
+    """The gguf package reads the file back; its dequantized blocks are graphq's weights (same integers, fp16 scales)."""
+    import gguf
+    import onnx_ir as ir
+
+    from graphq.algorithms.rtn import quantize_rtn
+    from graphq.artifacts.dtypes import numpy_dtype
+    from graphq.linear_layers import find_linear_layers
+
+    kind, scheme, symmetric, dtype, ggml_type = GGUF_CASES[case]
+    source = tiny_models[kind]["onnx"]
+    config = QuantConfig(scheme=scheme, group_size=32, symmetric=symmetric, dtype=dtype, target="gguf", format="qdq")
+    result = quantize(source, config, tmp_path / "q", progress=False)
+    reader = gguf.GGUFReader(str(result.output_dir / "model.gguf"))
+    fields = {name: field.contents() for name, field in reader.fields.items() if name.startswith(("general.", kind))}
+    assert fields["general.architecture"] == kind and fields[f"{kind}.block_count"] == 2
+    assert fields[f"{kind}.attention.head_count"] == 4 and fields[f"{kind}.attention.head_count_kv"] == 2
+    tensors = {t.name: t for t in reader.tensors}
+    model = ir.load(source / "model.onnx")
+    layers = {layer.name: layer for layer in find_linear_layers(model)}
+    assert all(entry["codes"] == "graphq" for entry in result.report["gguf"]["layers"].values())
+    bits = 4 if scheme == "w4a16" else 8
+    for index in range(2):
+        for hf, ggml in (("self_attn.q_proj", "attn_q"), ("self_attn.k_proj", "attn_k"), ("self_attn.v_proj", "attn_v"),
+                         ("self_attn.o_proj", "attn_output"), ("mlp.gate_proj", "ffn_gate"), ("mlp.up_proj", "ffn_up"),
+                         ("mlp.down_proj", "ffn_down")):
+            layer = layers[f"model.layers.{index}.{hf}"]
+            tensor = tensors[f"blk.{index}.{ggml}.weight"]
+            assert tensor.tensor_type.name == ggml_type
+            stored = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+            # quantize started from the served (dtype-rounded) weights; so does the reference
+            served = layer.weight_kn().astype(numpy_dtype(dtype)).astype(np.float32)
+            qw = quantize_rtn(served, bits, 32, symmetric)
+            scales = qw.scales.astype(np.float16).astype(np.float32)
+            zero = np.repeat(qw.zero_points.astype(np.float32), 32, axis=0) if qw.zero_points is not None else 0.0
+            expected = ((qw.q.astype(np.float32) - zero) * np.repeat(scales, 32, axis=0)).T  # [n, k]
+            m = (zero * np.repeat(scales, 32, axis=0)).T * np.ones_like(expected)
+            if kind == "llama" and hf in ("self_attn.q_proj", "self_attn.k_proj"):
+                heads = 4 if hf == "self_attn.q_proj" else 2
+                expected, m = _hf_permute(expected, heads), _hf_permute(m, heads)
+            if ggml_type == "Q4_1":  # m = -z d is rounded to fp16 once per block: the one re-rounded value
+                assert np.all(np.abs(stored - expected) <= np.abs(m) * 2.0**-11 + 1e-9)
+            else:
+                assert np.array_equal(stored, expected)
+    embedding = gguf.quants.dequantize(tensors["token_embd.weight"].data, tensors["token_embd.weight"].tensor_type)
+    float_embedding = model.graph.initializers["model.embed_tokens.weight"].const_value.numpy()
+    assert np.array_equal(embedding, float_embedding.astype(numpy_dtype(dtype)).astype(np.float32))
+    assert ("output.weight" in tensors) == (kind == "llama")  # qwen2 ties lm_head to the embedding
+
+
+def test_gguf_says_what_it_re_rounds_and_refuses_w8a8(capsys, tiny_models, tmp_path):
+    import gguf
+
+    out = quantize(tiny_models["qwen2"]["onnx"], QuantConfig(scheme="w4a16", group_size=-1, target="gguf", format="qdq"),
+                   tmp_path / "pc", progress=False)
+    entries = out.report["gguf"]["layers"].values()
+    assert entries and all(entry["codes"] == "re-rounded by gguf" and entry["type"] == "Q4_1" for entry in entries)
+    assert gguf.GGUFReader(str(out.output_dir / "model.gguf")).tensors
+    code, stdout, err = run_cli(capsys, "quantize", tiny_models["llama"]["onnx"], "-o", tmp_path / "q", "--target", "gguf",
+                                "--scheme", "w8a8-dynamic")
+    assert_one_error(code, stdout, err, "gguf", "w8a8-dynamic")

@@ -46,6 +46,7 @@ class ArtifactCollector:
         self.layer_group_sizes: dict[str, int] = {}  # -1 per channel
         self.layer_shapes: dict[str, tuple[int, int]] = {}  # (n, k) = (out, in)
         self.float_linears: list[str] = []  # linears left float, known once write() sees the graph's layers
+        self.target_report: dict | None = None  # what the target wants in report.json (e.g. gguf's re-rounded layers)
 
     def serving_dtype(self, model_dtype: np.dtype | None = None) -> str:
         if self.dtype is not None:
@@ -73,6 +74,11 @@ class ArtifactCollector:
         self.layer_schemes[layer.name] = scheme
         self.layer_group_sizes[layer.name] = qw.group_size if qw.group_size < layer.in_features else -1
         self.layer_shapes[layer.name] = (layer.out_features, layer.in_features)
+
+    def layer_tensors(self, name: str) -> dict[str, np.ndarray]:
+        """One collected layer's tensors, spilled ones memory-mapped."""
+        return {suffix: np.load(array, mmap_mode="r") if isinstance(array, Path) else array
+                for suffix, array in self.layers[name].items()}
 
     def layer_items(self) -> Iterator[tuple[str, str, np.ndarray]]:
         """(layer name, suffix, array) for every collected tensor, spilled ones memory-mapped."""

@@ -106,4 +106,4 @@ def target_for(name: str) -> ArtifactTarget:
 
 ReadBack = Callable[[Path], dict[str, np.ndarray]]
 
-from graphq.artifacts.targets import compressed_tensors, mindie, vllm_ascend  # noqa: E402,F401  (registration)
+from graphq.artifacts.targets import compressed_tensors, gguf, mindie, vllm_ascend  # noqa: E402,F401  (registration)
