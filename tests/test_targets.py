@@ -449,3 +449,20 @@ def test_gguf_says_what_it_re_rounds_and_refuses_w8a8(capsys, tiny_models, tmp_p
     code, stdout, err = run_cli(capsys, "quantize", tiny_models["llama"]["onnx"], "-o", tmp_path / "q", "--target", "gguf",
                                 "--scheme", "w8a8-dynamic")
     assert_one_error(code, stdout, err, "gguf", "w8a8-dynamic")
+
+
+def test_verify_reports_the_serving_dtype_path(tiny_models, tiny_text, tmp_path):
+    """verify FP32 QUANT on an fp16-serving output: the perplexity of the fp16 path against fp32, and it says so."""
+    from graphq.evaluate import read_text, token_windows
+    from graphq.tokenizer import load_tokenizer
+    from graphq.verify import format_table, verify
+
+    source = tiny_models["llama"]["onnx"]
+    windows = token_windows(load_tokenizer(source), read_text(tiny_text), 64, 128)
+    fp16 = quantize(source, QuantConfig(scheme="w8a16", dtype="fp16"), tmp_path / "fp16", progress=False).output_dir
+    fp32 = quantize(source, QuantConfig(scheme="w8a16", dtype="fp32", target="compressed-tensors"), tmp_path / "fp32",
+                    progress=False).output_dir
+    result16, result32 = verify(source, fp16, windows), verify(source, fp32, windows)
+    assert result16.serving_dtype == "fp16" and "serving dtype fp16" in format_table(result16, 3)
+    assert result32.serving_dtype == "fp32" and "serving dtype" not in format_table(result32, 3)
+    assert result16.float_ppl == result32.float_ppl and result16.quant_ppl != result32.quant_ppl
