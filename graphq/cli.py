@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "(msModelSlim ascendV1), compressed-tensors, gguf")
     quantize.add_argument("--dtype", help="serving dtype fp32, fp16 or bf16 of float tensors, scales and config.json "
                           "(default: the source's)")
+    quantize.add_argument("--quantize-embeddings", help="int8 or int4: the token embedding (and a tied lm_head) too, "
+                          "as GatherBlockQuantized (--format matmulnbits) or DequantizeLinear + Gather (qdq)")
+    quantize.add_argument("--embedding-group-size", type=int, help="embedding values per scale along hidden (default 32)")
 
     rebuild = commands.add_parser("load-artifacts", help="rebuild a fake-quant ONNX model from safetensors + description")
     rebuild.add_argument("artifacts", help="folder with quant_model_description_*.json and its safetensors")

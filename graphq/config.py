@@ -79,6 +79,11 @@ class QuantConfig:
     # source's (config.json torch_dtype from 'graphq export --dtype', else the ONNX float type).
     target: str = "mindie"
     dtype: str | None = None
+    # quantize_embeddings: "int8" or "int4" puts the token embedding (and a tied lm_head) on an integer grid of
+    # embedding_group_size along hidden (-1: per row); embedding_symmetric None: symmetric for int8 only.
+    quantize_embeddings: str | None = None
+    embedding_group_size: int = 32
+    embedding_symmetric: bool | None = None
 
     def group_size_for(self, in_features: int) -> int:
         """The group size for a layer with ``in_features`` inputs: a group covering all of K is per-channel (-1)."""
@@ -197,6 +202,16 @@ class QuantConfig:
             raise GraphqError(f"unknown --dtype '{self.dtype}': choose one of {', '.join(SERVING_DTYPES)}")
         if self.dtype is not None:
             target.check_dtype(self.dtype)
+        if self.quantize_embeddings is not None:
+            if self.quantize_embeddings not in ("int8", "int4"):
+                raise GraphqError(f"unknown --quantize-embeddings '{self.quantize_embeddings}': choose int8 or int4")
+            if not target.embeddings:
+                raise GraphqError(f"--target {self.target} has no layout for quantized embeddings: drop --quantize-embeddings")
+            group = self.embedding_group_size
+            if not isinstance(group, int) or isinstance(group, bool) or (
+                group != PER_CHANNEL and (group < 16 or group & (group - 1))
+            ):
+                raise GraphqError(f"--embedding-group-size must be a power of two >= 16 or -1, got {group!r}")
         if self.kv_cache is not None and not target.kv_cache:
             raise GraphqError(f"--target {self.target} has no place for graphq's per-head int8 KV cache: drop --kv-cache")
         unsupported = [f for f in self.save_format if f not in target.save_formats]

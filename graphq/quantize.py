@@ -21,6 +21,7 @@ from graphq.artifacts.dtypes import resolve_serving_dtype
 from graphq.artifacts.records import ArtifactCollector
 from graphq.artifacts.targets import target_for
 from graphq.config import ACTIVATION_SCHEMES, QuantConfig
+from graphq.embedding_quantize import TIED_REASON, plan_embedding, quantize_embedding_step
 from graphq.errors import GraphqError
 from graphq.calibration_data import calibration_samples
 from graphq.tokenizer import load_tokenizer
@@ -202,10 +203,11 @@ def quantize(
             raise GraphqError(
                 f"{model_file} has no quantizable linear layers (MatMul/Gemm with a constant weight): nothing to quantize"
             )
+        embedding, tied = plan_embedding(model, layers, config)
         layer_reports = []
         chosen = []
         for layer in layers:
-            reason = skip_reason(layer, config.exclude, config.quantize_lm_head)
+            reason = TIED_REASON if layer is tied else skip_reason(layer, config.exclude, config.quantize_lm_head)
             entry = {**layer.describe(), "scheme": "float" if reason else config.scheme_for(layer.name)}
             if reason:
                 entry["skipped"] = reason
@@ -255,6 +257,11 @@ def quantize(
                 collector.add(layer, qw, details, scheme=scheme)
             entries[layer.name]["quantized_output"] = emitter_for(scheme, output_format).emit(model, layer, qw, details)
 
+        embedding_report = None
+        if embedding is not None:
+            embedding_report = quantize_embedding_step(
+                model, embedding, tied, config, target, serving_dtype,
+                collector if set(config.save_format) & {"safetensors", "numpy"} else None)
         rescaled: dict[str, str] = {}  # linear -> why a fold rescaled its output channels (verify reads it)
         by_scheme: dict[str, list[LinearLayer]] = {}
         for layer, entry in chosen:
@@ -297,6 +304,7 @@ def quantize(
             "target": target.name,
             "serving_dtype": serving_dtype,
             **({"dtype_warning": dtype_warning} if dtype_warning else {}),
+            **({"embedding": embedding_report} if embedding_report else {}),
             "peak_rss_bytes": peak_rss,
             **extra_report,
             "layers": layer_reports,

@@ -466,3 +466,68 @@ def test_verify_reports_the_serving_dtype_path(tiny_models, tiny_text, tmp_path)
     assert result16.serving_dtype == "fp16" and "serving dtype fp16" in format_table(result16, 3)
     assert result32.serving_dtype == "fp32" and "serving dtype" not in format_table(result32, 3)
     assert result16.float_ppl == result32.float_ppl and result16.quant_ppl != result32.quant_ppl
+
+
+# ---------------------------------------------------------------------------------------- quantized embeddings
+
+
+@pytest.mark.parametrize("format", ["matmulnbits", "qdq"])
+@pytest.mark.parametrize("kind", ["qwen2", "llama"])
+def test_quantized_embeddings(capsys, tiny_models, tmp_path, kind, format):
+    """int4 embeddings: GatherBlockQuantized or DequantizeLinear + Gather in the ONNX, computing what the float model
+    computes with the RTN-dequantized table (a tied lm_head too); stored once in the artifacts; rebuilt exactly."""
+    import onnx_ir as ir
+
+    from graphq.algorithms.rtn import quantize_rtn
+
+    source = tiny_models[kind]["onnx"]
+    common = dict(scheme="w8a16", group_size=-1, format=format)
+    out = quantize(source, QuantConfig(quantize_embeddings="int4", **common), tmp_path / "q", progress=False)
+    graph = ir.load(out.output_dir / "model.onnx").graph
+    ops = {node.op_type for node in graph}
+    assert ("GatherBlockQuantized" in ops) == (format == "matmulnbits")
+    assert "model.embed_tokens.weight" not in graph.initializers  # no float table left
+    # Reference: the float export with its table replaced by the dequantized RTN table, quantized the same way.
+    reference_dir = tmp_path / "reference"
+    shutil.copytree(source, reference_dir, ignore=shutil.ignore_patterns("model.onnx*"))
+    model = ir.load(source / "model.onnx")
+    table = model.graph.initializers["model.embed_tokens.weight"]
+    dequantized = quantize_rtn(table.const_value.numpy().T.copy(), 4, 32, False).dequantize().T
+    table.const_value = ir.Tensor(np.ascontiguousarray(dequantized), name=table.name)
+    ir.save(model, reference_dir / "model.onnx", external_data="model.onnx.data")
+    reference = quantize(reference_dir, QuantConfig(**common), tmp_path / "rq", progress=False).output_dir
+    quant_logits = logits(out.output_dir)
+    assert np.abs(quant_logits - logits(reference)).max() < 1e-4
+    assert np.abs(quant_logits - logits(source)).max() > 1e-3
+    entry = out.report["embedding"]
+    assert entry["bits"] == 4 and entry["tied_lm_head"] == (kind == "qwen2")
+    tensors, _ = read_torch(out.output_dir / "quant_model_weight_w8a16.safetensors")
+    description = json.loads((out.output_dir / "quant_model_description_w8a16.json").read_text())
+    assert tensors["model.embed_tokens.weight"].shape == (48, 64)  # int4 packed along n: [vocab / 2, hidden]
+    assert description["model.embed_tokens.weight"] == "W4A16"
+    assert "lm_head.weight" in tensors if kind == "llama" else not any(n.startswith("lm_head") for n in tensors)
+    rebuild(capsys, out.output_dir, source, tmp_path / "rebuilt")
+    assert np.array_equal(quant_logits, logits(tmp_path / "rebuilt"))
+
+
+def test_quantized_embeddings_in_gguf_and_refusals(capsys, tiny_models, tmp_path):
+    import gguf
+
+    from graphq.algorithms.rtn import quantize_rtn
+
+    source = tiny_models["qwen2"]["onnx"]
+    config = QuantConfig(scheme="w4a16", group_size=32, symmetric=True, target="gguf", quantize_embeddings="int4",
+                         embedding_symmetric=True)
+    out = quantize(source, config, tmp_path / "g", progress=False).output_dir
+    tensor = next(t for t in gguf.GGUFReader(str(out / "model.gguf")).tensors if t.name == "token_embd.weight")
+    assert tensor.tensor_type.name == "Q4_0"
+    import onnx_ir as ir
+
+    table = ir.load(source / "model.onnx").graph.initializers["model.embed_tokens.weight"].const_value.numpy()
+    qw = quantize_rtn(table.T.copy(), 4, 32, True)
+    expected = (qw.q.astype(np.float32) * np.repeat(qw.scales.astype(np.float16).astype(np.float32), 32, axis=0)).T
+    assert np.array_equal(gguf.quants.dequantize(tensor.data, tensor.tensor_type), expected)
+    for target in ("compressed-tensors", "vllm-ascend"):
+        code, stdout, err = run_cli(capsys, "quantize", source, "-o", tmp_path / "x", "--target", target,
+                                    "--scheme", "w8a8-dynamic", "--quantize-embeddings", "int8", "--dtype", "fp16")
+        assert_one_error(code, stdout, err, target, "quantized embeddings")

@@ -87,7 +87,13 @@ def apply_artifacts(model, artifacts: Artifacts, format: str) -> None:
         from graphq.passes.serving_dtype import round_initializers
 
         round_initializers(model, artifacts.serving_dtype)
-    missing = next((name for name in artifacts.layers if name not in by_name), None)
+    from graphq.passes.embedding import emit_embedding, find_embedding, tied_lm_head
+
+    embedding = find_embedding(model)
+    quantized_embedding = embedding is not None and embedding.name in artifacts.layers
+    tied = tied_lm_head(layers, embedding) if quantized_embedding else None
+    missing = next((name for name in artifacts.layers if name not in by_name
+                    and not (quantized_embedding and name == embedding.name)), None)
     if missing is not None:
         raise GraphqError(f"the artifacts quantize {missing}, which the float model has no linear layer for: wrong --float model?")
     sources = float_tensor_sources(model, layers, set(artifacts.layers))
@@ -118,6 +124,19 @@ def apply_artifacts(model, artifacts: Artifacts, format: str) -> None:
     emitters = {scheme: emitter_for(scheme, format if format in formats_of(scheme) else "qdq")
                 for scheme in set(artifacts.layer_schemes.values())}
     for name, (n, k) in artifacts.layers.items():
+        if quantized_embedding and name == embedding.name:
+            # The quantized token embedding (and a tied lm_head with the same integers), as quantize emitted them.
+            if (n, k) != (embedding.out_features, embedding.in_features):
+                raise GraphqError(f"{name}.weight is [{n}, {k}] but the float model's embedding is "
+                                  f"[{embedding.out_features}, {embedding.in_features}]: wrong --float model?")
+            packing = artifacts.packing.get(name, "none")
+            qw = decode_weight_only(artifacts.layer_tensors(name), artifacts.bits(name), k, artifacts.group_size_of(name),
+                                    packing != "none", pack_along="n" if packing == "n" else "k")
+            emit_embedding(model, embedding, qw, format)
+            if tied is not None:
+                emitter_for(artifacts.layer_schemes[name], format if format in formats_of(artifacts.layer_schemes[name])
+                            else "qdq").emit(model, tied, qw, {})
+            continue
         layer = by_name[name]
         scheme = artifacts.layer_schemes[name]
         emitter = emitters[scheme]

@@ -46,6 +46,7 @@ class ArtifactCollector:
         self.layer_group_sizes: dict[str, int] = {}  # -1 per channel
         self.layer_shapes: dict[str, tuple[int, int]] = {}  # (n, k) = (out, in)
         self.float_linears: list[str] = []  # linears left float, known once write() sees the graph's layers
+        self.tied: set[str] = set()  # quantized linears stored through another tensor (a tied lm_head)
         self.target_report: dict | None = None  # what the target wants in report.json (e.g. gguf's re-rounded layers)
 
     def serving_dtype(self, model_dtype: np.dtype | None = None) -> str:
@@ -75,6 +76,10 @@ class ArtifactCollector:
         self.layer_group_sizes[layer.name] = qw.group_size if qw.group_size < layer.in_features else -1
         self.layer_shapes[layer.name] = (layer.out_features, layer.in_features)
 
+    def quantized_names(self) -> set[str]:
+        """Modules whose graph tensors are quantized: collected layers and those tied to one."""
+        return set(self.layers) | self.tied
+
     def layer_tensors(self, name: str) -> dict[str, np.ndarray]:
         """One collected layer's tensors, spilled ones memory-mapped."""
         return {suffix: np.load(array, mmap_mode="r") if isinstance(array, Path) else array
@@ -97,7 +102,7 @@ class ArtifactCollector:
         kv_cache: dict | None = None,
     ) -> list[Path]:
         """Write the target's files into ``out_dir``; returns the files written."""
-        self.float_linears = [layer.name for layer in layers if layer.name not in self.layers]
+        self.float_linears = [layer.name for layer in layers if layer.name not in self.quantized_names()]
         if not set(formats) & {"safetensors", "numpy"}:
             return []
         return self.target.write(WriteJob(model, layers, out_dir, formats, part_file_size_gb, version, kv_cache, self))

@@ -50,6 +50,8 @@ class ArtifactTarget:
     save_formats: tuple[str, ...] = ("onnx", "safetensors")
     #: whether the layout has a place for graphq's int8 KV cache (--kv-cache int8)
     kv_cache: bool = False
+    #: whether the layout can hold a quantized token embedding (--quantize-embeddings)
+    embeddings: bool = False
 
     def default_dtype(self, model_dtype: str) -> str:
         return model_dtype if model_dtype in self.dtypes else self.dtypes[0]

@@ -182,7 +182,7 @@ class CompressedTensorsTarget(ArtifactTarget):
 
     def write(self, job: WriteJob) -> list[Path]:
         collector = job.collector
-        floats = float_tensor_sources(job.model, job.layers, set(collector.layers))
+        floats = float_tensor_sources(job.model, job.layers, collector.quantized_names())
         clash = set(floats) & {f"{n}.{s}" for n, t in collector.layers.items() for s in t}
         if clash:
             raise GraphqError(f"tensor name {sorted(clash)[0]} is both float and quantized: cannot write artifacts")

@@ -95,6 +95,7 @@ class GgufTarget(ArtifactTarget):
     name = "gguf"
     loaded_by = "llama.cpp (and every GGUF runtime)"
     schemes = ("w4a16", "w8a16")
+    embeddings = True  # token_embd in Q4_0 / Q4_1 / Q8_0, as llama.cpp quantizes it
 
     def check(self, layer_schemes, group_sizes, symmetric, shapes=None) -> None:
         super().check(layer_schemes, group_sizes, symmetric, shapes)
@@ -162,7 +163,7 @@ class GgufTarget(ArtifactTarget):
                        "fp16": (np.float16, gguf.GGMLQuantizationType.F16),
                        "bf16": (np.uint16, gguf.GGMLQuantizationType.BF16)}
         store_dtype, store_type = float_types[serving]
-        floats = float_tensor_sources(job.model, job.layers, set(collector.layers))
+        floats = float_tensor_sources(job.model, job.layers, collector.quantized_names())
         for hf_name, source in floats.items():
             array = source.array()
             # Norms and biases stay float32, as llama.cpp's converter keeps 1-D tensors.

@@ -19,6 +19,7 @@ from graphq.artifacts.targets.msmodelslim import FORMAT_VERSION, MsModelSlimTarg
 class MindieTarget(MsModelSlimTarget):
     name = "mindie"
     loaded_by = "MindIE (msModelSlim V0 layout)"
+    embeddings = True  # msModelSlim's Quant_Embed
 
     def description_name(self, scheme: str) -> str:
         return f"quant_model_description_{file_tag(scheme)}.json"

@@ -103,7 +103,7 @@ class MsModelSlimTarget(ArtifactTarget):
 
     def write(self, job: WriteJob) -> list[Path]:
         collector = job.collector
-        floats = float_tensor_sources(job.model, job.layers, set(collector.layers))
+        floats = float_tensor_sources(job.model, job.layers, collector.quantized_names())
         channels = {layer.name: layer.out_features for layer in job.layers}
         kv = kv_cache_tensors(job.kv_cache, channels) if job.kv_cache else {}
         types = {name: FLOAT for name in floats}
