@@ -24,13 +24,18 @@ VARIANTS = [
     ("fp16 floats, float embedding", dict(dtype="fp16")),
     ("fp16 floats, int8 embedding g32 (tied lm_head follows)", dict(dtype="fp16", quantize_embeddings="int8")),
     ("fp16 floats, int4 embedding g32 asym (tied lm_head follows)", dict(dtype="fp16", quantize_embeddings="int4")),
-    ("gguf: fp16 floats, int4 embedding g32 asym", dict(dtype="fp16", quantize_embeddings="int4", target="gguf")),
+    ("fp16 floats, int4 embedding g32 asym, GPTQ on the tied lm_head's inputs",
+     dict(dtype="fp16", quantize_embeddings="int4", embedding_method="gptq", num_samples=32)),
+    ("gguf: fp16 floats, int4 embedding g32 asym, GPTQ on the tied lm_head's inputs",
+     dict(dtype="fp16", quantize_embeddings="int4", embedding_method="gptq", num_samples=32, target="gguf")),
 ]
 
 
 def main() -> None:
     parser = bench_arguments(__doc__.splitlines()[0])
     parser.add_argument("--float-dir", type=Path, default=None, help="an existing fp32 export (default: export one)")
+    parser.add_argument("--calib", type=Path, default=REPO.parent / "shared" / "data" / "austen" / "sensesensibility.txt",
+                        help="calibration text for the GPTQ embedding variants")
     args = parser.parse_args()
     args.decode_tokens = 0
     args.work.mkdir(parents=True, exist_ok=True)
@@ -43,7 +48,7 @@ def main() -> None:
              "|---|---:|---:|---:|---:|---:|"]
     reference_ppl = {}
     for index, (label, overrides) in enumerate(VARIANTS):
-        config = QuantConfig(**BASE, **overrides)
+        config = QuantConfig(**BASE, calib=str(args.calib), **overrides)
         started = time.perf_counter()
         result = quantize(float_dir, config, runs / f"v{index}", progress=False)
         seconds = time.perf_counter() - started

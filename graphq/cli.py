@@ -78,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--quantize-embeddings", help="int8 or int4: the token embedding (and a tied lm_head) too, "
                           "as GatherBlockQuantized (--format matmulnbits) or DequantizeLinear + Gather (qdq)")
     quantize.add_argument("--embedding-group-size", type=int, help="embedding values per scale along hidden (default 32)")
+    quantize.add_argument("--embedding-method", help="rtn (default) or gptq: the tied lm_head's inputs calibrate the table")
 
     rebuild = commands.add_parser("load-artifacts", help="rebuild a fake-quant ONNX model from safetensors + description")
     rebuild.add_argument("artifacts", help="folder with quant_model_description_*.json and its safetensors")

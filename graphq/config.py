@@ -84,6 +84,8 @@ class QuantConfig:
     quantize_embeddings: str | None = None
     embedding_group_size: int = 32
     embedding_symmetric: bool | None = None
+    # embedding_method: rtn, or gptq (a tied lm_head's inputs calibrate the shared table; needs calibration text).
+    embedding_method: str = "rtn"
 
     def group_size_for(self, in_features: int) -> int:
         """The group size for a layer with ``in_features`` inputs: a group covering all of K is per-channel (-1)."""
@@ -207,6 +209,8 @@ class QuantConfig:
                 raise GraphqError(f"unknown --quantize-embeddings '{self.quantize_embeddings}': choose int8 or int4")
             if not target.embeddings:
                 raise GraphqError(f"--target {self.target} has no layout for quantized embeddings: drop --quantize-embeddings")
+            if self.embedding_method not in ("rtn", "gptq"):
+                raise GraphqError(f"unknown --embedding-method '{self.embedding_method}': choose rtn or gptq")
             group = self.embedding_group_size
             if not isinstance(group, int) or isinstance(group, bool) or (
                 group != PER_CHANNEL and (group < 16 or group & (group - 1))

@@ -261,7 +261,8 @@ def quantize(
         if embedding is not None:
             embedding_report = quantize_embedding_step(
                 model, embedding, tied, config, target, serving_dtype,
-                collector if set(config.save_format) & {"safetensors", "numpy"} else None)
+                collector if set(config.save_format) & {"safetensors", "numpy"} else None,
+                lambda: load_calibration_samples(model_file, config))
         rescaled: dict[str, str] = {}  # linear -> why a fold rescaled its output channels (verify reads it)
         by_scheme: dict[str, list[LinearLayer]] = {}
         for layer, entry in chosen:

@@ -531,3 +531,28 @@ def test_quantized_embeddings_in_gguf_and_refusals(capsys, tiny_models, tmp_path
         code, stdout, err = run_cli(capsys, "quantize", source, "-o", tmp_path / "x", "--target", target,
                                     "--scheme", "w8a8-dynamic", "--quantize-embeddings", "int8", "--dtype", "fp16")
         assert_one_error(code, stdout, err, target, "quantized embeddings")
+
+
+def test_gptq_embedding_preserves_the_tied_lm_head_better(tiny_models, tiny_text, tmp_path):
+    """--embedding-method gptq: the shared int4 table is fitted to the lm_head's inputs, so the logits move less
+    from the float model's than with RTN (on text like the calibration's); an untied lm_head is refused."""
+    from graphq.evaluate import read_text, token_windows
+    from graphq.tokenizer import load_tokenizer
+
+    source = tiny_models["qwen2"]["onnx"]
+    common = dict(scheme="w8a16", group_size=-1, quantize_embeddings="int4", calib=str(tiny_text), num_samples=8,
+                  seq_len=64)
+    rtn = quantize(source, QuantConfig(**common), tmp_path / "rtn", progress=False).output_dir
+    gptq = quantize(source, QuantConfig(embedding_method="gptq", **common), tmp_path / "gptq", progress=False)
+    assert gptq.report["embedding"]["method"] == "gptq (lm_head inputs)"
+    windows = token_windows(load_tokenizer(source), read_text(tiny_text), 64, 512)
+    float_model, rtn_model, gptq_model = (OrtCausalLM(d) for d in (source, rtn, gptq.output_dir))
+    errors = {"rtn": 0.0, "gptq": 0.0}
+    for window in windows:
+        reference = float_model.logits(window)
+        errors["rtn"] += float(np.mean((rtn_model.logits(window) - reference) ** 2))
+        errors["gptq"] += float(np.mean((gptq_model.logits(window) - reference) ** 2))
+    assert errors["gptq"] < 0.9 * errors["rtn"]
+    with pytest.raises(GraphqError, match="not tied"):
+        quantize(tiny_models["llama"]["onnx"], QuantConfig(embedding_method="gptq", **common), tmp_path / "x",
+                 progress=False)
