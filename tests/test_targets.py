@@ -556,3 +556,30 @@ def test_gptq_embedding_preserves_the_tied_lm_head_better(tiny_models, tiny_text
     with pytest.raises(GraphqError, match="not tied"):
         quantize(tiny_models["llama"]["onnx"], QuantConfig(embedding_method="gptq", **common), tmp_path / "x",
                  progress=False)
+
+
+GGUF_CONSUMER = {  # id -> (kind, QuantConfig overrides, logits tolerance)
+    "llama-q4_0": ("llama", dict(symmetric=True), 1e-4),
+    "qwen2-q4_1-int4-embedding": ("qwen2", dict(symmetric=False, quantize_embeddings="int4"), 2e-3),
+}
+
+
+@pytest.mark.parametrize("case", list(GGUF_CONSUMER))
+def test_gguf_loads_in_transformers(tiny_models, tiny_text, tmp_path, case):
+    """A real GGUF consumer on this machine: transformers' GGUF loader (llama.cpp's names, its un-permutation of
+    LLaMA's q/k rows, the gguf package's dequantization) computes the ONNX's logits and perplexity (Q4_1's m is
+    the one value rounded again, hence the looser tolerance)."""
+    from graphq.evaluate import perplexity, read_text, token_windows
+    from graphq.runtimes.torch_lm import TorchCausalLM
+    from graphq.tokenizer import load_tokenizer
+
+    kind, overrides, tolerance = GGUF_CONSUMER[case]
+    source = tiny_models[kind]["onnx"]
+    config = QuantConfig(scheme="w4a16", group_size=32, target="gguf", format="qdq", dtype="fp16", **overrides)
+    out = quantize(source, config, tmp_path / "q", progress=False).output_dir
+    torch_model = TorchCausalLM(out, gguf_file="model.gguf")
+    onnx_logits = logits(out)
+    assert np.abs(torch_model.logits(IDS) - onnx_logits).max() < tolerance
+    assert np.abs(onnx_logits - logits(source)).max() > 1e-2
+    windows = token_windows(load_tokenizer(source), read_text(tiny_text), 64, 256)
+    assert abs(perplexity(torch_model, windows).ppl / perplexity(OrtCausalLM(out), windows).ppl - 1) < 0.01
