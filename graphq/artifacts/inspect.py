@@ -75,11 +75,29 @@ def inspect_path(path: str | Path) -> list[Inspection]:
     results = []
     if path.is_file() or any(path.glob("*.onnx")):
         results.append(inspect_onnx(path))
+        results[-1].notes.extend(_other_target_notes(path if path.is_dir() else path.parent))
     if path.is_dir() and find_descriptions(path):
         results.append(inspect_artifacts(path))
     if not results:
         raise GraphqError(f"{path} holds neither an ONNX model nor quant_model_description_*.json")
     return results
+
+
+def _other_target_notes(directory: Path) -> list[str]:
+    """compressed-tensors / gguf artifacts are not read back here (their consumers are transformers, vLLM,
+    llama.cpp): name the files and sizes report.json records."""
+    import json
+
+    report_file = directory / "report.json"
+    try:
+        report = json.loads(report_file.read_text()) if report_file.is_file() else {}
+    except (OSError, ValueError):
+        return []
+    target = report.get("target")
+    if target in (None, "mindie", "vllm-ascend") or not report.get("artifacts"):
+        return []
+    files = ", ".join(f"{name} {size / 2**20:.2f} MiB" for name, size in report["artifacts"].items())
+    return [f"--target {target} artifacts ({report.get('serving_dtype', 'fp32')}): {files}"]
 
 
 def inspect_artifacts(directory: Path) -> Inspection:
