@@ -17,9 +17,8 @@ from tqdm import tqdm
 
 from graphq.algorithms.rtn import QuantizedWeight
 from graphq.activation_quantize import activation_quantize
-from graphq.artifacts.dtypes import resolve_serving_dtype
+from graphq.artifacts.plan import plan_artifacts
 from graphq.artifacts.records import ArtifactCollector
-from graphq.artifacts.targets import target_for
 from graphq.config import ACTIVATION_SCHEMES, QuantConfig
 from graphq.embedding_quantize import TIED_REASON, plan_embedding, quantize_embedding_step
 from graphq.errors import GraphqError
@@ -37,7 +36,6 @@ from graphq.model_io import (
     save_model,
 )
 from graphq.passes.emitters import emitter_for
-from graphq.passes.serving_dtype import round_initializers
 from graphq.selection import skip_reason
 from graphq.version import __version__
 from graphq.weight_methods import quantize_region, resolve_methods, rounding_method, statistics_needed
@@ -150,10 +148,6 @@ def mark_config(output_dir: Path, collector: ArtifactCollector) -> None:
         config_file.write_text(json.dumps(data, indent=2) + "\n")
 
 
-def source_config(model_file: Path) -> dict:
-    config_file = model_file.parent / "config.json"
-    return json.loads(config_file.read_text()) if config_file.is_file() else {}
-
 
 def model_context_length(model_dir: Path) -> int | None:
     config_file = model_dir / "config.json"
@@ -218,18 +212,11 @@ def quantize(
             raise GraphqError("every linear layer was excluded: loosen --exclude or pass --quantize-lm-head")
         entries = {layer.name: entry for layer, entry in chosen}
         configs = {scheme: config.for_scheme(scheme) for scheme in {e["scheme"] for _, e in chosen}}
-        target = target_for(config.target)
-        target.check({e["name"]: e["scheme"] for e in layer_reports},
-                     {layer.name: configs[e["scheme"]].group_size_for(layer.in_features) for layer, e in chosen},
-                     {layer.name: configs[e["scheme"]].is_symmetric for layer, e in chosen},
-                     {layer.name: (layer.out_features, layer.in_features) for layer in layers})
-        onnx_dtype = np.dtype(layers[0].dtype.numpy())
-        serving_dtype, dtype_warning = resolve_serving_dtype(config.dtype, source_config(model_file), onnx_dtype,
-                                                             target.dtypes, target.name)
-        if dtype_warning:
-            print(f"graphq: warning: {dtype_warning}", file=sys.stderr)
-        if serving_dtype != "fp32" and onnx_dtype == np.float32:
-            round_initializers(model, serving_dtype)  # quantize the weights the served checkpoint holds
+        plan = plan_artifacts(model, model_file, layers, {e["name"]: e["scheme"] for e in layer_reports},
+                              {layer.name: configs[e["scheme"]].group_size_for(layer.in_features) for layer, e in chosen},
+                              {layer.name: configs[e["scheme"]].is_symmetric for layer, e in chosen},
+                              config.dtype, config.target)
+        target, serving_dtype, dtype_warning = plan.target, plan.serving_dtype, plan.dtype_warning
         spill_dir = staging / ".artifact-layers"
         collector = ArtifactCollector(config.scheme, config.group_size, config.is_symmetric, config.pack, spill_dir,
                                       target=target, dtype=serving_dtype)
