@@ -312,4 +312,6 @@ def quantize(
         f"model {size_before / 2**20:.1f} MiB -> {size_after / 2**20:.1f} MiB; wrote {output_dir}",
         file=sys.stderr,
     )
+    if dtype_warning:
+        print(f"graphq: warning: {dtype_warning}", file=sys.stderr)
     return QuantizeResult(output_dir=output_dir, model_file=final_file, report=report)

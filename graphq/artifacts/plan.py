@@ -5,7 +5,6 @@ the served weights and the ONNX computes what the artifacts hold)."""
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,14 +32,13 @@ def source_config(model_file: Path) -> dict:
 def plan_artifacts(model: ir.Model, model_file: Path, layers: list[LinearLayer], layer_schemes: dict[str, str],
                    group_sizes: dict[str, int], symmetric: dict[str, bool], explicit_dtype: str | None,
                    target_name: str) -> ArtifactPlan:
-    """Check the plan against the target, resolve the serving dtype, round a float32 graph to it."""
+    """Check the plan against the target, resolve the serving dtype, round a float32 graph to it. A dtype warning
+    is returned, not printed: quantize prints it once the output is written (an error would make it moot)."""
     target = target_for(target_name)
     target.check(layer_schemes, group_sizes, symmetric, {l.name: (l.out_features, l.in_features) for l in layers})
     onnx_dtype = np.dtype(layers[0].dtype.numpy())
     serving_dtype, warning = resolve_serving_dtype(explicit_dtype, source_config(model_file), onnx_dtype,
                                                    target.dtypes, target.name)
-    if warning:
-        print(f"graphq: warning: {warning}", file=sys.stderr)
     if serving_dtype != "fp32" and onnx_dtype == np.float32:
         round_initializers(model, serving_dtype)  # quantize the weights the served checkpoint holds
     return ArtifactPlan(target, serving_dtype, warning)
