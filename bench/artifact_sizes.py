@@ -60,8 +60,8 @@ def main() -> None:
         if "quantize_embeddings" not in overrides:
             reference_ppl[dtype] = ppl
         # the float-embedding reference is the same dtype at group 128; the gguf row (group 32) has none
-        delta = ppl - reference_ppl[dtype] if "group_size" not in overrides else float("nan")
-        lines.append(f"| {label} | {size:.1f} | {ppl:.3f} | {ppl - float_ppl:+.3f} | {delta:+.3f} | {seconds:.1f} |")
+        delta = f"{ppl - reference_ppl[dtype]:+.3f}" if "group_size" not in overrides else "-"
+        lines.append(f"| {label} | {size:.1f} | {ppl:.3f} | {ppl - float_ppl:+.3f} | {delta} | {seconds:.1f} |")
         print(lines[-1], flush=True)
         shutil.rmtree(result.output_dir, ignore_errors=True)  # keep the scratch folder small
     header = (f"SmolLM2-135M W4A16 g128 asym RTN (--target mindie unless said; int4 packed along n), Pride and "
