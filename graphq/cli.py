@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("-o", "--output", required=True, help="output folder (must not exist)")
     export.add_argument("--opset", type=int, default=None, help="ONNX opset (default: optimum's)")
     export.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    export.add_argument("--dtype", default="fp32", help="fp32 (default), fp16 or bf16: weights rounded to it (the ONNX "
+                        "still computes in float32, which onnxruntime CPU runs) and config.json torch_dtype")
 
     quantize = commands.add_parser("quantize", help="quantize the linear layers of an exported model")
     quantize.add_argument("model", help="export folder or model.onnx (tokenizer beside it)")
@@ -147,6 +149,16 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     compress.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    # Artifact targets and dtypes (issue 13)
+    quantize.add_argument("--target", help="artifact layout: mindie (default, msModelSlim V0), vllm-ascend "
+                          "(msModelSlim ascendV1), compressed-tensors, gguf")
+    quantize.add_argument("--dtype", help="serving dtype fp32, fp16 or bf16 of float tensors, scales and config.json "
+                          "(default: the source's)")
+    quantize.add_argument("--quantize-embeddings", help="int8 or int4: the token embedding (and a tied lm_head) too, "
+                          "as GatherBlockQuantized (--format matmulnbits) or DequantizeLinear + Gather (qdq)")
+    quantize.add_argument("--embedding-group-size", type=int, help="embedding values per scale along hidden (default 32)")
+    quantize.add_argument("--embedding-method", help="rtn (default) or gptq: the tied lm_head's inputs calibrate the table")
+
     rebuild = commands.add_parser("load-artifacts", help="rebuild a fake-quant ONNX model from safetensors + description")
     rebuild.add_argument("artifacts", help="folder with quant_model_description_*.json and its safetensors")
     rebuild.add_argument("-o", "--output", required=True, help="output folder (must not exist)")
@@ -228,7 +240,7 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "export":
         from graphq.export import export
 
-        print(export(args.source, args.output, opset=args.opset, overwrite=args.overwrite))
+        print(export(args.source, args.output, opset=args.opset, overwrite=args.overwrite, dtype=args.dtype))
         return 0
     if args.command == "quantize":
         from graphq.model_io import check_output_dir

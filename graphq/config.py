@@ -93,6 +93,19 @@ class QuantConfig:
     fraction: float = 0.01
     compress: bool = False
     tp_size: int = 1
+    # Artifact targets and dtypes (issue 13)
+    # target: the runtime whose layout the artifacts follow (graphq.artifacts.targets: mindie, vllm-ascend, ...).
+    # dtype: the serving dtype (fp32, fp16, bf16) of float tensors and config.json torch_dtype; None takes the
+    # source's (config.json torch_dtype from 'graphq export --dtype', else the ONNX float type).
+    target: str = "mindie"
+    dtype: str | None = None
+    # quantize_embeddings: "int8" or "int4" puts the token embedding (and a tied lm_head) on an integer grid of
+    # embedding_group_size along hidden (-1: per row); embedding_symmetric None: symmetric for int8 only.
+    quantize_embeddings: str | None = None
+    embedding_group_size: int = 32
+    embedding_symmetric: bool | None = None
+    # embedding_method: rtn, or gptq (a tied lm_head's inputs calibrate the shared table; needs calibration text).
+    embedding_method: str = "rtn"
 
     def group_size_for(self, in_features: int) -> int:
         """The group size for a layer with ``in_features`` inputs: a group covering all of K is per-channel (-1)."""
@@ -224,6 +237,31 @@ class QuantConfig:
                                   "(use --disable-level with --fallback-scheme w8a16)")
         if not isinstance(self.sensitivity_windows, int) or self.sensitivity_windows < 1:
             raise GraphqError(f"sensitivity_windows must be >= 1, got {self.sensitivity_windows!r}")
+        from graphq.artifacts.dtypes import SERVING_DTYPES
+        from graphq.artifacts.targets import target_for
+
+        target = target_for(self.target)
+        if self.dtype is not None and self.dtype not in SERVING_DTYPES:
+            raise GraphqError(f"unknown --dtype '{self.dtype}': choose one of {', '.join(SERVING_DTYPES)}")
+        if self.dtype is not None:
+            target.check_dtype(self.dtype)
+        if self.quantize_embeddings is not None:
+            if self.quantize_embeddings not in ("int8", "int4"):
+                raise GraphqError(f"unknown --quantize-embeddings '{self.quantize_embeddings}': choose int8 or int4")
+            if not target.embeddings:
+                raise GraphqError(f"--target {self.target} has no layout for quantized embeddings: drop --quantize-embeddings")
+            if self.embedding_method not in ("rtn", "gptq"):
+                raise GraphqError(f"unknown --embedding-method '{self.embedding_method}': choose rtn or gptq")
+            group = self.embedding_group_size
+            if not isinstance(group, int) or isinstance(group, bool) or (
+                group != PER_CHANNEL and (group < 16 or group & (group - 1))
+            ):
+                raise GraphqError(f"--embedding-group-size must be a power of two >= 16 or -1, got {group!r}")
+        if self.kv_cache is not None and not target.kv_cache:
+            raise GraphqError(f"--target {self.target} has no place for graphq's per-head int8 KV cache: drop --kv-cache")
+        unsupported = [f for f in self.save_format if f not in target.save_formats]
+        if unsupported:
+            raise GraphqError(f"--target {self.target} writes {', '.join(target.save_formats)}, not {unsupported[0]}")
         if self.num_samples < 1 or self.seq_len < 2:
             raise GraphqError("--num-samples must be >= 1 and --seq-len >= 2")
         from graphq.sparsity_config import validate_sparsity

@@ -103,8 +103,45 @@ def move_weights_to_external_data(model_file: Path) -> None:
     os.replace(rewritten, model_file)
 
 
-def export(source: str | Path, output_dir: str | Path, opset: int | None = None, overwrite: bool = False) -> Path:
-    """Export ``source`` (a Hugging Face model folder or a .gguf file) to OUT_DIR/model.onnx with tokenizer and config."""
+def round_export_to_dtype(model_file: Path, dtype: str) -> None:
+    """Round the exported weights to the serving dtype (kept float32 in the ONNX: onnxruntime's CPU kernels run
+    float32, and fp16 graphs on CPU are partial and slow) and record it as config.json ``torch_dtype``, which
+    ``quantize`` takes as its default ``--dtype``."""
+    import json
+
+    from graphq.artifacts.dtypes import TORCH_NAMES
+    from graphq.passes.serving_dtype import round_initializers
+
+    model = ir.load(model_file)
+    round_initializers(model, dtype)
+    # Written into a side folder under the same file names (the graph's external-data location is relative),
+    # then moved over the originals: the data file being read lazily is never overwritten while in use.
+    side = model_file.parent / ".dtype-rewrite"
+    side.mkdir()
+    data_name = model_file.name + ".data"
+    ir.save(model, side / model_file.name, external_data=data_name)
+    del model
+    os.replace(side / data_name, model_file.with_name(data_name))
+    os.replace(side / model_file.name, model_file)
+    side.rmdir()
+    config_file = model_file.parent / "config.json"
+    if config_file.is_file():
+        config = json.loads(config_file.read_text())
+        config["torch_dtype"] = TORCH_NAMES[dtype]
+        if "dtype" in config:
+            config["dtype"] = TORCH_NAMES[dtype]
+        config_file.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def export(source: str | Path, output_dir: str | Path, opset: int | None = None, overwrite: bool = False,
+           dtype: str = "fp32") -> Path:
+    """Export ``source`` (a Hugging Face model folder or a .gguf file) to OUT_DIR/model.onnx with tokenizer and config.
+
+    ``dtype`` fp16 / bf16 rounds the weights to that dtype (the graph keeps computing in float32) and writes it
+    as config.json torch_dtype."""
+    from graphq.artifacts.dtypes import numpy_dtype
+
+    numpy_dtype(dtype)  # refuse an unknown dtype before exporting
     source = Path(source)
     if not source.exists():
         raise GraphqError(f"source model {source} does not exist: pass a Hugging Face model folder or a .gguf file")
@@ -150,5 +187,7 @@ def export(source: str | Path, output_dir: str | Path, opset: int | None = None,
         if not (staging / MODEL_FILENAME).is_file():
             raise GraphqError(f"optimum wrote no {MODEL_FILENAME} for {source}")
         move_weights_to_external_data(staging / MODEL_FILENAME)
+        if dtype != "fp32":
+            round_export_to_dtype(staging / MODEL_FILENAME, dtype)
     print(f"graphq: exported {source} to {output_dir} in {time.perf_counter() - started:.1f}s", file=sys.stderr)
     return Path(output_dir) / MODEL_FILENAME

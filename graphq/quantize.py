@@ -18,8 +18,10 @@ from tqdm import tqdm
 from graphq.algorithms.rtn import QuantizedWeight
 from graphq.algorithms.sparsity import keep_pruned_zero, zero_fraction
 from graphq.activation_quantize import activation_quantize
+from graphq.artifacts.plan import plan_artifacts
 from graphq.artifacts.records import ArtifactCollector
 from graphq.config import ACTIVATION_SCHEMES, STATIC_ACTIVATION_SCHEMES, QuantConfig
+from graphq.embedding_quantize import TIED_REASON, plan_embedding, quantize_embedding_step
 from graphq.errors import GraphqError
 from graphq.calibration_data import calibration_samples
 from graphq.tokenizer import load_tokenizer
@@ -176,12 +178,11 @@ def apply_precision_plan(
     return kept, {"precision_plan": plan.report()}
 
 
-def mark_config(output_dir: Path, scheme: str) -> None:
-    """Add ``"quantize": "<scheme>"`` to the output's config.json (deployment runtimes read it)."""
+def mark_config(output_dir: Path, collector: ArtifactCollector) -> None:
+    """Let the artifact target edit the output's config.json (MindIE reads ``quantize`` and ``torch_dtype``)."""
     config_file = output_dir / "config.json"
     if config_file.is_file():
-        data = json.loads(config_file.read_text())
-        data["quantize"] = scheme
+        data = collector.target.edit_config(json.loads(config_file.read_text()), collector)
         config_file.write_text(json.dumps(data, indent=2) + "\n")
 
 
@@ -239,10 +240,11 @@ def quantize(
                 if quantized else
                 f"{model_file} has no quantizable linear layers (MatMul/Gemm with a constant weight): nothing to quantize"
             )
+        embedding, tied = plan_embedding(model, layers, config)
         layer_reports = []
         chosen = []
         for layer in layers:
-            reason = skip_reason(layer, config.exclude, config.quantize_lm_head)
+            reason = TIED_REASON if layer is tied else skip_reason(layer, config.exclude, config.quantize_lm_head)
             entry = {**layer.describe(), "scheme": "float" if reason else config.scheme_for(layer.name)}
             if reason:
                 entry["skipped"] = reason
@@ -266,14 +268,21 @@ def quantize(
             chosen, plan_report = apply_precision_plan(model_path, config, chosen, progress)
         entries = {layer.name: entry for layer, entry in chosen}
         configs = {scheme: config.for_scheme(scheme) for scheme in {e["scheme"] for _, e in chosen}}
+        plan = plan_artifacts(model, model_file, layers, {e["name"]: e["scheme"] for e in layer_reports},
+                              {layer.name: configs[e["scheme"]].group_size_for(layer.in_features) for layer, e in chosen},
+                              {layer.name: configs[e["scheme"]].is_symmetric for layer, e in chosen},
+                              config.dtype, config.target)
+        target, serving_dtype, dtype_warning = plan.target, plan.serving_dtype, plan.dtype_warning
         spill_dir = staging / ".artifact-layers"
-        collector = ArtifactCollector(config.scheme, config.group_size, config.is_symmetric, config.pack, spill_dir)
+        collector = ArtifactCollector(config.scheme, config.group_size, config.is_symmetric, config.pack, spill_dir,
+                                      target=target, dtype=serving_dtype)
         prunes = config.prunes
         if prunes:
             check_layers_fit([layer for layer, _ in chosen], config)
         all_zero: list[str] = []
 
         def finish(layer: LinearLayer, qw: QuantizedWeight, details: dict) -> None:
+            qw, details = target.prepare(qw, details, serving_dtype)
             scheme = entries[layer.name]["scheme"]
             layer_config = configs[scheme]
             entries[layer.name].update(
@@ -299,6 +308,12 @@ def quantize(
                 collector.add(layer, qw, details, scheme=scheme)
             entries[layer.name]["quantized_output"] = emitter_for(scheme, output_format).emit(model, layer, qw, details)
 
+        embedding_report = None
+        if embedding is not None:
+            embedding_report = quantize_embedding_step(
+                model, embedding, tied, config, target, serving_dtype,
+                collector if set(config.save_format) & {"safetensors", "numpy"} else None,
+                lambda: load_calibration_samples(model_file, config))
         rescaled: dict[str, str] = {}  # linear -> why a fold rescaled its output channels (verify reads it)
         by_scheme: dict[str, list[LinearLayer]] = {}
         for layer, entry in chosen:
@@ -328,7 +343,6 @@ def quantize(
         if "onnx" in config.save_format:
             save_model(model, out_model_file)
         copy_side_files(model_file.parent, staging)
-        mark_config(staging, config.scheme)
         size_before = model_size_bytes(model_file)
         size_after = model_size_bytes(out_model_file) if out_model_file.is_file() else 0
         elapsed = time.perf_counter() - started
@@ -345,6 +359,10 @@ def quantize(
             "linear_weight_bytes_before": sum(e["weight_bytes_before"] for e in quantized),
             "linear_weight_bytes_after": sum(e["weight_bytes_after"] for e in quantized),
             "elapsed_seconds": round(elapsed, 3),
+            "target": target.name,
+            "serving_dtype": serving_dtype,
+            **({"dtype_warning": dtype_warning} if dtype_warning else {}),
+            **({"embedding": embedding_report} if embedding_report else {}),
             "peak_rss_bytes": peak_rss,
             "calibration_samples": len(samples) if samples is not None else 0,  # may be fewer than num_samples
             **plan_report,
@@ -355,6 +373,9 @@ def quantize(
             model, layers, staging, config.save_format, config.part_file_size, __version__, report.get("kv_cache")
         )
         report["artifacts"] = {path.name: path.stat().st_size for path in artifact_files}
+        if collector.target_report:
+            report[target.name] = collector.target_report
+        mark_config(staging, collector)  # after write: the target's config may name what write saw (float linears)
         shutil.rmtree(spill_dir, ignore_errors=True)
         (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         if config.compress:  # W8A8SC beside the W8A8S artifacts it compresses
@@ -368,4 +389,6 @@ def quantize(
         f"model {size_before / 2**20:.1f} MiB -> {size_after / 2**20:.1f} MiB; wrote {output_dir}",
         file=sys.stderr,
     )
+    if dtype_warning:
+        print(f"graphq: warning: {dtype_warning}", file=sys.stderr)
     return QuantizeResult(output_dir=output_dir, model_file=final_file, report=report)

@@ -98,6 +98,7 @@ class VerifyResult:
     quant_bytes: int = 0
     config: dict | None = None
     artifacts: dict | None = None
+    serving_dtype: str = "fp32"  # the quantized model's (report.json), fp16/bf16: weights rounded, float32 compute
 
     def worst(self, count: int) -> list[LayerError]:
         return sorted(self.layers, key=lambda e: e.sqnr_db)[:count]
@@ -221,6 +222,7 @@ def verify(
         quant_bytes=model_size_bytes(quant_file),
         config=report.get("config"),
         artifacts=report.get("artifacts"),
+        serving_dtype=report.get("serving_dtype", "fp32"),
     )
 
 
@@ -230,6 +232,8 @@ def format_table(result: VerifyResult, worst: int) -> str:
         f"perplexity float {result.float_ppl:.4f}  quantized {result.quant_ppl:.4f}  "
         f"({100 * (result.quant_ppl / result.float_ppl - 1):+.2f}%) over {result.tokens} tokens, {result.windows} windows",
         f"mean KL {result.mean_kl:.5f}  top-1 agreement {result.top1_agreement:.4f}",
+        *([f"serving dtype {result.serving_dtype}: the quantized model's weights are {result.serving_dtype} values "
+           "(computed in float32), so the perplexity delta includes the dtype's"] if result.serving_dtype != "fp32" else []),
         f"{len(result.layers)} quantized layers; the {min(worst, len(result.layers))} with the lowest SQNR:",
         f"  {'layer':45s} {'role':8s} {'SQNR dB':>8s} {'cosine':>8s}" + (f" {'sparsity':>8s}" if sparse else ""),
     ]

@@ -106,8 +106,10 @@ def test_weight_only_layout_and_round_trip(sources, tmp_path, kind, dtype, confi
     assert not (out / ".artifact-layers").exists()  # the per-layer spill files are gone
     description = json.loads((out / f"quant_model_description_{scheme}.json").read_text())
     tensors, metadata = read_all(out, f"quant_model_weight_{scheme}")
-    assert description.pop("model_quant_type") == scheme.upper()
-    description.pop("version")
+    assert list(description)[0] == "model_quant_type" and description.pop("model_quant_type") == scheme.upper()
+    # "version" is msModelSlim's format version (1.0.0: int4 packed along n), never graphq's package version.
+    assert description.pop("version", None) == ("1.0.0" if scheme == "w4a16" and pack else None)
+    assert metadata["format"] == "pt" and metadata["graphq_version"]
     assert "kv_cache_type" not in description
     assert set(description) == set(tensors)
     bits = int(scheme[1])
@@ -120,16 +122,16 @@ def test_weight_only_layout_and_round_trip(sources, tmp_path, kind, dtype, confi
         weight, scale, offset = (tensors[f"{name}.{s}"] for s in ("weight", "weight_scale", "weight_offset"))
         groups = 1 if group == -1 else -(-k // group)
         assert weight.dtype == np.int8
-        assert weight.shape == ((n, k // 2) if bits == 4 and pack else (n, k))
+        assert weight.shape == ((n // 2, k) if bits == 4 and pack else (n, k))
         assert scale.dtype == np.float32 and scale.shape == (n, groups)
         assert offset.dtype == np.float32 and offset.shape == (n, groups)
         assert all(description[f"{name}.{s}"] == scheme.upper() for s in ("weight", "weight_scale", "weight_offset"))
         # Independent reference: the same RTN on the float weight, dequantized by the table's formula.
         ref = quantize_rtn(layer.weight_kn(), bits, config.group_size_for(k), symmetric).dequantize().T
         ints = weight
-        if bits == 4 and pack:
+        if bits == 4 and pack:  # msModelSlim: byte (j, c) = rows 2j (low nibble) and 2j+1 (high nibble)
             u = weight.view(np.uint8)
-            ints = np.stack([u & 15, u >> 4], axis=-1).reshape(n, k).astype(np.int16)
+            ints = np.stack([u & 15, u >> 4], axis=1).reshape(n, k).astype(np.int16)
             ints = np.where(ints >= 8, ints - 16, ints)
         assert ints.min() >= -(1 << (bits - 1)) and ints.max() < (1 << (bits - 1))
         expand = lambda a: np.repeat(a, k if group == -1 else group, axis=1)[:, :k]  # noqa: E731
@@ -140,9 +142,10 @@ def test_weight_only_layout_and_round_trip(sources, tmp_path, kind, dtype, confi
             bias = tensors[f"{name}.bias"]
             assert bias.dtype == float_dtype and bias.shape == (n,)
             assert np.array_equal(bias, inits[layer.bias.name])
+            assert description[f"{name}.bias"] == "FLOAT"  # msModelSlim types a linear's bias FLOAT
         else:
             assert f"{name}.bias" not in tensors
-    floats = {name for name, t in description.items() if t == "FLOAT"}
+    floats = {name for name, t in description.items() if t == "FLOAT" and not name.endswith("proj.bias")}
     expected = {n for n in inits if n.startswith("model.") and ("norm" in n or "embed" in n)}
     if kind == "llama":
         expected.add("lm_head.weight")  # anonymous [64, 96] MatMul weight, stored [out, in]
@@ -152,7 +155,7 @@ def test_weight_only_layout_and_round_trip(sources, tmp_path, kind, dtype, confi
         assert tensors[name].dtype == float_dtype
         if name in inits:
             assert np.array_equal(tensors[name], inits[name])
-    assert metadata["weight_packing"] == ("int4_pairs_low_nibble_first" if bits == 4 and pack else "none")
+    assert metadata["weight_packing"] == ("int4_pairs_along_n_low_nibble_first" if bits == 4 and pack else "none")
     # Round trip: the float export + these artifacts, through the same emitters, computes the same logits.
     code = run_cli_quiet(["load-artifacts", out, "-o", tmp_path / "rebuilt"])
     assert code == 0
@@ -181,13 +184,14 @@ def test_w8a8_records(sources, tmp_path, kind, dtype):
         qw = quantize_rtn(layer.weight_kn(), 8, -1, True)
         params[layer.name] = (qw, float(rng.uniform(0.01, 0.05)), int(rng.integers(-20, 20)))
         collector.add(layer, qw, {"input_scale": params[layer.name][1], "input_offset": params[layer.name][2]})
-    kv = {"type": "int8", "layers": {str(i): {"key_scale": [0.1, 0.2], "key_offset": [0, 1],
-                                               "value_scale": [0.3, 0.4], "value_offset": [2, 3]} for i in range(2)}}
+    kv = {"type": "int8", "layers": {str(i): {"key_scale": [0.1, 0.2], "key_offset": [0, 0],
+                                               "value_scale": [0.3, 0.4], "value_offset": [0, 0]} for i in range(2)}}
     out = tmp_path / "w8a8"
     out.mkdir()
     collector.write(model, find_linear_layers(model), out, ["safetensors"], None, "test", kv_cache=kv)
     description = json.loads((out / "quant_model_description_w8a8.json").read_text())
     assert description["model_quant_type"] == "W8A8" and description["kv_cache_type"] == "C8"
+    assert description["kv_quant_type"] == "C8" and "version" not in description
     tensors, _ = read_all(out, "quant_model_weight_w8a8")
     act_dtype = np.float16 if dtype == "fp16" else np.float32
     for layer in layers:
@@ -203,11 +207,11 @@ def test_w8a8_records(sources, tmp_path, kind, dtype):
         assert t["deq_scale"].shape == (n,)
         s_x = float(act_dtype(s_x))  # deq_scale and the runtime use input_scale as stored
         deq = (s_x * qw.scales[0].astype(np.float64)).astype(np.float32)
-        if dtype == "fp16":
-            assert t["deq_scale"].dtype == np.int64  # the float32's bits
-            assert np.array_equal(t["deq_scale"].astype(np.uint32).view(np.float32), deq)
-        else:
-            assert t["deq_scale"].dtype == np.float32 and np.array_equal(t["deq_scale"], deq)
+        # msModelSlim: the float32's bits in an int64 for fp32 and fp16 serving (float32 only for bf16)
+        assert t["deq_scale"].dtype == np.int64
+        assert np.array_equal(t["deq_scale"].astype(np.uint32).view(np.float32), deq)
+        # msModelSlim writes W8A8 layers' weight_scale / weight_offset too
+        assert np.array_equal(tensors[f"{name}.weight_scale"], qw.scales.T) and not tensors[f"{name}.weight_offset"].any()
         # The integer pipeline with quant_bias reproduces the fake-quant float result (bias rounding <= deq/2).
         bias = layer.bias_array() if layer.bias is not None else np.zeros(n)
         x = rng.normal(size=(5, k))
@@ -216,7 +220,9 @@ def test_w8a8_records(sources, tmp_path, kind, dtype):
         fake = ((x_q - o_x) * s_x) @ (qw.q.astype(np.float64) * qw.scales[0]) + bias
         assert np.all(np.abs(integer - fake) <= 0.5 * np.abs(deq) * 1.001 + 1e-9 * np.abs(fake).max())
         assert description[f"{name}.quant_bias"] == "W8A8"
-    assert tensors["model.layers.1.self_attn.v_proj.kv_cache_scale"].tolist() == pytest.approx([0.3, 0.4])
+    # Per channel [kv_heads * head_dim] = [2 * 16], each head's scale over its channels, offsets 0 (symmetric)
+    assert tensors["model.layers.1.self_attn.v_proj.kv_cache_scale"].tolist() == pytest.approx([0.3] * 16 + [0.4] * 16)
+    assert not tensors["model.layers.1.self_attn.v_proj.kv_cache_offset"].any()
     assert description["model.layers.0.self_attn.k_proj.kv_cache_offset"] == "C8"
     artifacts = open_artifacts(out)
     assert len(artifacts.layers) == 14 and len(artifacts.kv_names) == 8
@@ -342,8 +348,8 @@ BAD = {
                              [f"{Q}.extra", "do not hold"]),
     "stored-not-described": (lambda d: _edit_description(d, lambda x: x.pop("model.norm.weight")),
                              ["model.norm.weight", "does not describe"]),
-    "dtype-off-table": (lambda d: _rewrite_safetensors(d, lambda t: t.update({f"{Q}.weight_scale": t[f"{Q}.weight_scale"].astype(np.float16)})),
-                        [f"{Q}.weight_scale", "F16"]),
+    "dtype-off-table": (lambda d: _rewrite_safetensors(d, lambda t: t.update({f"{Q}.weight_scale": t[f"{Q}.weight_scale"].astype(np.int32)})),
+                        [f"{Q}.weight_scale", "I32"]),
     "shape-off-table": (lambda d: _rewrite_safetensors(d, lambda t: t.update({f"{Q}.weight_offset": t[f"{Q}.weight_offset"][:, :1].copy()})),
                         [f"{Q}.weight_offset", "shape"]),
     "weight-not-int8": (lambda d: _rewrite_safetensors(d, lambda t: t.update({f"{Q}.weight": t[f"{Q}.weight"].view(np.uint8)})),

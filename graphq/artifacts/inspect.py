@@ -124,6 +124,7 @@ def inspect_path(path: str | Path) -> list[Inspection]:
     results = []
     if path.is_file() or any(path.glob("*.onnx")):
         results.append(inspect_onnx(path))
+        results[-1].notes.extend(_other_target_notes(path if path.is_dir() else path.parent))
     if path.is_dir() and find_descriptions(path):
         results.append(inspect_artifacts(path))
     from graphq.artifacts.w8a8sc import inspect_compressed, is_compressed
@@ -134,6 +135,23 @@ def inspect_path(path: str | Path) -> list[Inspection]:
     if not results:
         raise GraphqError(f"{path} holds neither an ONNX model nor quant_model_description_*.json")
     return results
+
+
+def _other_target_notes(directory: Path) -> list[str]:
+    """compressed-tensors / gguf artifacts are not read back here (their consumers are transformers, vLLM,
+    llama.cpp): name the files and sizes report.json records."""
+    import json
+
+    report_file = directory / "report.json"
+    try:
+        report = json.loads(report_file.read_text()) if report_file.is_file() else {}
+    except (OSError, ValueError):
+        return []
+    target = report.get("target")
+    if target in (None, "mindie", "vllm-ascend") or not report.get("artifacts"):
+        return []
+    files = ", ".join(f"{name} {size / 2**20:.2f} MiB" for name, size in report["artifacts"].items())
+    return [f"--target {target} artifacts ({report.get('serving_dtype', 'fp32')}): {files}"]
 
 
 def inspect_artifacts(directory: Path) -> Inspection:
@@ -148,8 +166,13 @@ def inspect_artifacts(directory: Path) -> Inspection:
     result.float_tensors = len(artifacts.float_names)
     result.float_bytes = sum(store.nbytes(t) for t in artifacts.float_names)
     result.total_bytes = sum(f.stat().st_size for f in store.files) + artifacts.description.stat().st_size
+    result.notes.append(f"written by {artifacts.producer}"
+                        + (f", serving dtype {store.metadata['serving_dtype']}" if "serving_dtype" in store.metadata else ""))
     if "w4a16" in artifacts.layer_schemes.values():
-        result.notes.append("int4 weights " + ("packed two per byte" if artifacts.packed else "unpacked, one per int8"))
+        packings = set(artifacts.packing.values())
+        result.notes.append("int4 weights " + ("packed two per byte" + (" along n (msModelSlim)" if "n" in packings else " along k")
+                                               if artifacts.packed else "unpacked, one per int8"))
+    result.notes.extend(artifacts.notes)
     if artifacts.kv_cache_type:
         result.notes.append(f"KV cache {artifacts.kv_cache_type}: {len(artifacts.kv_names)} scale/offset tensors")
     return result

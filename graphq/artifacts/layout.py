@@ -41,7 +41,9 @@ SCHEME_OF_TYPE = {kind: scheme for scheme, kind in TYPES.items()}
 SCHEMES = tuple(TYPES)
 WEIGHT_ONLY_SUFFIXES = ("weight", "weight_scale", "weight_offset")
 W8A8_SUFFIXES = ("weight", "input_scale", "input_offset", "deq_scale", "quant_bias")
-PACKING = "int4_pairs_low_nibble_first"
+PACKING = "int4_pairs_low_nibble_first"  # graphq's older layout: pairs along k, [n, k/2]
+#: msModelSlim's packed int4 (ascendV1, and MindIE's format version 1.0.0): pairs of adjacent output rows, [n/2, k].
+PACKING_ALONG_N = "int4_pairs_along_n_low_nibble_first"
 
 
 def suffixes_for(scheme: str) -> tuple[str, ...]:
@@ -70,8 +72,32 @@ def unpack_int4(packed: np.ndarray) -> np.ndarray:
     return np.where(nibbles >= 8, nibbles - 16, nibbles).astype(np.int8)
 
 
-def encode_weight_only(qw: QuantizedWeight, bias: np.ndarray | None, float_dtype: np.dtype, pack: bool) -> dict[str, np.ndarray]:
-    """A weight-only QuantizedWeight -> {suffix: array} in the deployment layout."""
+def pack_int4_along_n(weight: np.ndarray) -> np.ndarray:
+    """int8 [n, k] values in [-8, 7] -> int8 [n/2, k] as msModelSlim packs per-group int4: byte (j, c) holds
+    row 2j in its low nibble and row 2j+1 in its high nibble, ``(w[2j+1] << 4) | (w[2j] & 0xF)``."""
+    if weight.shape[0] % 2:
+        raise GraphqError(f"cannot pack int4 pairs of output rows for a layer with odd output size {weight.shape[0]}: use --no-pack")
+    u = weight.astype(np.uint8) & 0x0F
+    return (u[0::2] | (u[1::2] << 4)).astype(np.uint8).view(np.int8)
+
+
+def unpack_int4_along_n(packed: np.ndarray) -> np.ndarray:
+    """Inverse of pack_int4_along_n: int8 [n/2, k] -> int8 [n, k] in [-8, 7]."""
+    u = packed.view(np.uint8)
+    nibbles = np.empty((u.shape[0] * 2, u.shape[1]), dtype=np.int16)
+    nibbles[0::2] = u & 0x0F
+    nibbles[1::2] = u >> 4
+    return np.where(nibbles >= 8, nibbles - 16, nibbles).astype(np.int8)
+
+
+def encode_weight_only(
+    qw: QuantizedWeight, bias: np.ndarray | None, float_dtype: np.dtype, pack: bool,
+    pack_along: str = "k", scale_dtype: np.dtype = np.float32,
+) -> dict[str, np.ndarray]:
+    """A weight-only QuantizedWeight -> {suffix: array} in the deployment layout.
+
+    ``pack_along`` "k" is graphq's older [n, k/2] packing, "n" msModelSlim's [n/2, k]; ``scale_dtype`` is the
+    stored type of weight_scale / weight_offset (msModelSlim writes float32 whatever the model's dtype)."""
     half = 1 << (qw.bits - 1)
     if qw.symmetric:
         signed = qw.q.astype(np.int8)
@@ -81,11 +107,11 @@ def encode_weight_only(qw: QuantizedWeight, bias: np.ndarray | None, float_dtype
         offset = qw.zero_points.astype(np.float32) - half
     weight = np.ascontiguousarray(signed.T)
     if qw.bits == 4 and pack:
-        weight = pack_int4(weight)
+        weight = pack_int4_along_n(weight) if pack_along == "n" else pack_int4(weight)
     tensors = {
         "weight": weight,
-        "weight_scale": np.ascontiguousarray(qw.scales.T.astype(np.float32)),
-        "weight_offset": np.ascontiguousarray(offset.T),
+        "weight_scale": np.ascontiguousarray(qw.scales.T.astype(scale_dtype)),
+        "weight_offset": np.ascontiguousarray(offset.T.astype(scale_dtype)),
     }
     if bias is not None:
         tensors["bias"] = np.asarray(bias).astype(float_dtype)
@@ -93,7 +119,7 @@ def encode_weight_only(qw: QuantizedWeight, bias: np.ndarray | None, float_dtype
 
 
 def decode_weight_only(
-    tensors: dict[str, np.ndarray], bits: int, k: int, group_size: int, packed: bool
+    tensors: dict[str, np.ndarray], bits: int, k: int, group_size: int, packed: bool, pack_along: str = "k"
 ) -> QuantizedWeight:
     """Inverse of encode_weight_only: the QuantizedWeight quantize emitted (integers, scales, zero points).
 
@@ -101,22 +127,31 @@ def decode_weight_only(
     the same values either way."""
     symmetric = not tensors["weight_offset"].any()
     weight = tensors["weight"]
-    signed = unpack_int4(weight)[:, :k] if bits == 4 and packed else weight
+    if bits == 4 and packed:
+        signed = unpack_int4_along_n(weight) if pack_along == "n" else unpack_int4(weight)[:, :k]
+    else:
+        signed = weight
     n_groups = tensors["weight_scale"].shape[1]
     half = 1 << (bits - 1)
-    scales = np.ascontiguousarray(tensors["weight_scale"].T.astype(np.float32))
+    scales = np.ascontiguousarray(tensors["weight_scale"].astype(np.float32).T)
     if symmetric:
         q, zero_points = np.ascontiguousarray(signed.T.astype(np.int8)), None
     else:
         q = np.ascontiguousarray((signed.T.astype(np.int16) + half).astype(np.uint8))
-        zero_points = np.ascontiguousarray((tensors["weight_offset"].T + half).round().astype(np.uint8))
+        zero_points = np.ascontiguousarray((tensors["weight_offset"].astype(np.float32).T + half).round().astype(np.uint8))
     return QuantizedWeight(q=q, scales=scales, zero_points=zero_points, bits=bits, group_size=k if n_groups == 1 else group_size)
 
 
 def encode_w8a8(
-    qw: QuantizedWeight, bias: np.ndarray | None, input_scale: float, input_offset: int, float_dtype: np.dtype
+    qw: QuantizedWeight, bias: np.ndarray | None, input_scale: float, input_offset: int, float_dtype: np.dtype,
+    serving_dtype: str | None = None, weight_params: bool = False,
 ) -> dict[str, np.ndarray]:
-    """A per-channel symmetric int8 weight and per-tensor activation parameters -> the W8A8 layout."""
+    """A per-channel symmetric int8 weight and per-tensor activation parameters -> the W8A8 layout.
+
+    ``serving_dtype`` (fp32/fp16/bf16) chooses deq_scale's encoding as msModelSlim writes it: the float32's bits in
+    an int64 for fp32 and fp16 serving, plain float32 for bf16 (without it: int64 only for fp16 models, graphq's
+    older rule). ``weight_params`` adds weight_scale / weight_offset [n, 1] float32 (offsets 0), which
+    msModelSlim writes for W8A8 layers too."""
     if qw.bits != 8 or not qw.symmetric or qw.n_groups != 1:
         raise GraphqError("W8A8 artifacts need per-channel symmetric 8-bit weights")
     weight = np.ascontiguousarray(qw.q.astype(np.int8).T)
@@ -128,13 +163,18 @@ def encode_w8a8(
     quant_bias = np.round(float_bias / deq_scale.astype(np.float64)) - int(input_offset) * weight.astype(np.int64).sum(1)
     if np.abs(quant_bias).max(initial=0) >= 2**31:
         raise GraphqError("quant_bias overflows int32: the bias is too large for its deq_scale")
-    return {
+    deq_as_bits = serving_dtype != "bf16" if serving_dtype is not None else act_dtype == np.float16
+    tensors = {
         "weight": weight,
         "input_scale": np.array([input_scale], dtype=act_dtype),
         "input_offset": np.array([input_offset], dtype=act_dtype),
-        "deq_scale": deq_scale.view(np.uint32).astype(np.int64) if act_dtype == np.float16 else deq_scale,
+        "deq_scale": deq_scale.view(np.uint32).astype(np.int64) if deq_as_bits else deq_scale,
         "quant_bias": quant_bias.astype(np.int32),
     }
+    if weight_params:
+        tensors["weight_scale"] = np.ascontiguousarray(qw.scales.T.astype(np.float32))
+        tensors["weight_offset"] = np.zeros_like(tensors["weight_scale"])
+    return tensors
 
 
 def decode_w8a8(tensors: dict[str, np.ndarray]) -> tuple[QuantizedWeight, float, int, np.ndarray]:
@@ -151,9 +191,36 @@ def decode_w8a8(tensors: dict[str, np.ndarray]) -> tuple[QuantizedWeight, float,
     return qw, input_scale, input_offset, bias.astype(np.float32)
 
 
-def check_layer(prefix: str, scheme: str, specs: dict[str, tuple[str, tuple[int, ...]]], packed: bool) -> tuple[int, int]:
+FLOAT_DTYPE_NAMES = ("F16", "BF16", "F32")
+
+
+def packing_of(prefix: str, scheme: str, specs: dict[str, tuple[str, tuple[int, ...]]], declared: bool | str) -> str:
+    """How a layer's int4 weight is stored: "none", "k" ([n, k/2]) or "n" ([n/2, k]).
+
+    ``declared`` True/"k" and "n" come from graphq's metadata; "auto" (msModelSlim folders, which say nothing)
+    reads it from the shapes: rows equal to weight_scale's rows are unpacked (V0), half of them packed along n (V1).
+    """
+    if scheme != "w4a16":
+        return "none"
+    if declared in ("k", "n", "none"):
+        return declared
+    if declared is not True and declared != "auto":
+        return "none"
+    if declared is True:
+        return "k"
+    weight, scale = specs.get(f"{prefix}.weight"), specs.get(f"{prefix}.weight_scale")
+    if weight is None or scale is None or len(weight[1]) != 2 or len(scale[1]) != 2:
+        return "none"
+    return "n" if weight[1][0] * 2 == scale[1][0] else "none"
+
+
+def check_layer(
+    prefix: str, scheme: str, specs: dict[str, tuple[str, tuple[int, ...]]], packed: bool | str
+) -> tuple[int, int]:
     """Check one layer's tensors (name -> (safetensors dtype, shape)) against the table; returns (n, k).
 
+    ``packed``: see packing_of. Accepts graphq's layouts and msModelSlim's (float32, float16 or bfloat16 scales;
+    W8A8 with or without weight_scale / weight_offset, deq_scale as int64 bits or float32).
     Raises GraphqError naming the first tensor whose dtype or shape is off the table.
     """
 
@@ -170,30 +237,38 @@ def check_layer(prefix: str, scheme: str, specs: dict[str, tuple[str, tuple[int,
     if dtype != "I8" or len(shape) != 2:
         raise fail("weight", f"dtype {dtype} shape {list(shape)}", "int8 [n, k]")
     n, k = shape
-    if scheme == "w4a16" and packed:
+    packing = packing_of(prefix, scheme, specs, packed)
+    if packing == "k":
         k *= 2
-    if scheme in W8A8_LAYOUT_SCHEMES:
-        act_dtype, act_shape = spec("input_scale")
-        if act_dtype not in ("F16", "F32") or act_shape != (1,):
-            raise fail("input_scale", f"dtype {act_dtype} shape {list(act_shape)}", "float16/float32 [1]")
-        for suffix, expected_dtype, expected_shape in (
-            ("input_offset", act_dtype, (1,)),
-            ("deq_scale", "I64" if act_dtype == "F16" else "F32", (n,)),
-            ("quant_bias", "I32", (n,)),
-        ):
-            d, s = spec(suffix)
-            if d != expected_dtype or s != expected_shape:
-                raise fail(suffix, f"dtype {d} shape {list(s)}", f"{expected_dtype} {list(expected_shape)}")
-        return n, k
-    d, s = spec("weight_scale")
-    if d != "F32" or len(s) != 2 or s[0] != n or not 1 <= s[1] <= k:
-        raise fail("weight_scale", f"dtype {d} shape {list(s)}", f"F32 [{n}, groups]")
-    d2, s2 = spec("weight_offset")
-    if d2 != "F32" or s2 != s:
-        raise fail("weight_offset", f"dtype {d2} shape {list(s2)}", f"F32 {list(s)}")
+    elif packing == "n":
+        n *= 2
     bias_name = f"{prefix}.bias"
     if bias_name in specs:
         d3, s3 = specs[bias_name]
-        if d3 not in ("F16", "F32", "BF16") or s3 != (n,):
+        if d3 not in FLOAT_DTYPE_NAMES or s3 != (n,):
             raise fail("bias", f"dtype {d3} shape {list(s3)}", f"a float [{n}]")
+    if scheme in W8A8_LAYOUT_SCHEMES:
+        act_dtype, act_shape = spec("input_scale")
+        if act_dtype not in FLOAT_DTYPE_NAMES or act_shape != (1,):
+            raise fail("input_scale", f"dtype {act_dtype} shape {list(act_shape)}", "a float [1]")
+        for suffix, expected_dtypes, expected_shape in (
+            ("input_offset", FLOAT_DTYPE_NAMES, (1,)),
+            ("deq_scale", ("I64", "F32"), (n,)),
+            ("quant_bias", ("I32",), (n,)),
+        ):
+            d, s = spec(suffix)
+            if d not in expected_dtypes or s != expected_shape:
+                raise fail(suffix, f"dtype {d} shape {list(s)}", f"{'/'.join(expected_dtypes)} {list(expected_shape)}")
+        for suffix in ("weight_scale", "weight_offset"):  # msModelSlim writes them; graphq's older layout did not
+            if f"{prefix}.{suffix}" in specs:
+                d, s = specs[f"{prefix}.{suffix}"]
+                if d not in FLOAT_DTYPE_NAMES or s not in ((n, 1), (n,)):
+                    raise fail(suffix, f"dtype {d} shape {list(s)}", f"a float [{n}, 1]")
+        return n, k
+    d, s = spec("weight_scale")
+    if d not in FLOAT_DTYPE_NAMES or len(s) != 2 or s[0] != n or not 1 <= s[1] <= k:
+        raise fail("weight_scale", f"dtype {d} shape {list(s)}", f"F32 [{n}, groups]")
+    d2, s2 = spec("weight_offset")
+    if d2 != d or s2 != s:
+        raise fail("weight_offset", f"dtype {d2} shape {list(s2)}", f"{d} {list(s)}")
     return n, k

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx_ir as ir
 
 from graphq.artifacts.layout import W8A8_LAYOUT_SCHEMES, decode_w8a8, decode_weight_only
 from graphq.artifacts.naming import float_tensor_sources
@@ -31,7 +32,8 @@ from graphq.model_io import (
 )
 from graphq.passes.emitters import emitter_for, formats_of
 from graphq.passes.weights import set_layer_bias
-_SAFETENSORS_DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64}
+
+_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 
 
 def _source_model_of(directory: Path) -> Path:
@@ -90,30 +92,64 @@ def apply_artifacts(model, artifacts: Artifacts, format: str) -> None:
     """Rewrite a float model in place from checked artifacts (shapes are checked against the model here)."""
     layers = find_linear_layers(model)
     by_name = {layer.name: layer for layer in layers}
-    missing = next((name for name in artifacts.layers if name not in by_name), None)
+    if layers and artifacts.serving_dtype != "fp32" and layers[0].dtype == ir.DataType.FLOAT:
+        # quantize rounded the float32 graph to the serving dtype before quantizing; so does the rebuild, so that
+        # tensors the artifacts do not hold (rotary tables, constants) match too.
+        from graphq.passes.serving_dtype import round_initializers
+
+        round_initializers(model, artifacts.serving_dtype)
+    from graphq.passes.embedding import emit_embedding, find_embedding, tied_lm_head
+
+    embedding = find_embedding(model)
+    quantized_embedding = embedding is not None and embedding.name in artifacts.layers
+    tied = tied_lm_head(layers, embedding) if quantized_embedding else None
+    missing = next((name for name in artifacts.layers if name not in by_name
+                    and not (quantized_embedding and name == embedding.name)), None)
     if missing is not None:
         raise GraphqError(f"the artifacts quantize {missing}, which the float model has no linear layer for: wrong --float model?")
     sources = float_tensor_sources(model, layers, set(artifacts.layers))
+    float_names = []
     for name in artifacts.float_names:
         source = sources.get(name)
         if source is None:
+            if name.endswith(".bias") and not np.any(artifacts.store.get(name)):
+                # msModelSlim's anti-outlier pass gives norms an all-zero bias the float model lacks: nothing lost.
+                continue
+            if name.endswith(".bias"):
+                raise GraphqError(f"cannot rebuild {name}: the artifacts give it a non-zero bias (msModelSlim's "
+                                  "anti-outlier shift) but the float model's module has none")
             raise GraphqError(f"the artifacts hold float tensor {name}, which the float model does not have: wrong --float model?")
         dtype, shape = artifacts.store.specs[name]
-        if tuple(shape) != tuple(source.shape) or _SAFETENSORS_DTYPES.get(dtype) != source.dtype:
+        # The serving dtype may differ from the ONNX's (fp16 artifacts of an fp32-computing export): any float fits.
+        if tuple(shape) != tuple(source.shape) or dtype not in _FLOAT_DTYPES:
             raise GraphqError(
                 f"{name} is {dtype} {list(shape)} in the artifacts but {source.dtype} {list(source.shape)} in the float model"
             )
+        float_names.append(name)
     unsaved = next((name for name in sources if name not in artifacts.types), None)
     if unsaved is not None:
         raise GraphqError(f"the float model has {unsaved}, which the artifacts do not hold: wrong --float model?")
-    for name in artifacts.float_names:
-        array = artifacts.store.get(name)
+    for name in float_names:
+        array = np.asarray(artifacts.store.get(name))
         check_finite(name, array)
-        sources[name].store(model, array)
+        sources[name].store(model, array.astype(sources[name].dtype))
     # Activation schemes have one form (QDQ); weight-only layers take the requested format.
     emitters = {scheme: emitter_for(scheme, format if format in formats_of(scheme) else "qdq")
                 for scheme in set(artifacts.layer_schemes.values())}
     for name, (n, k) in artifacts.layers.items():
+        if quantized_embedding and name == embedding.name:
+            # The quantized token embedding (and a tied lm_head with the same integers), as quantize emitted them.
+            if (n, k) != (embedding.out_features, embedding.in_features):
+                raise GraphqError(f"{name}.weight is [{n}, {k}] but the float model's embedding is "
+                                  f"[{embedding.out_features}, {embedding.in_features}]: wrong --float model?")
+            packing = artifacts.packing.get(name, "none")
+            qw = decode_weight_only(artifacts.layer_tensors(name), artifacts.bits(name), k, artifacts.group_size_of(name),
+                                    packing != "none", pack_along="n" if packing == "n" else "k")
+            emit_embedding(model, embedding, qw, format)
+            if tied is not None:
+                emitter_for(artifacts.layer_schemes[name], format if format in formats_of(artifacts.layer_schemes[name])
+                            else "qdq").emit(model, tied, qw, {})
+            continue
         layer = by_name[name]
         scheme = artifacts.layer_schemes[name]
         emitter = emitters[scheme]
@@ -135,13 +171,14 @@ def apply_artifacts(model, artifacts: Artifacts, format: str) -> None:
             raise GraphqError(f"{name}: the float model's layer {'has' if layer.bias is not None else 'has no'} bias "
                               f"but the artifacts {'do not hold' if 'bias' not in tensors else 'hold'} {name}.bias")
         if "bias" in tensors:
-            set_layer_bias(model, layer, tensors["bias"].astype(layer.bias.const_value.dtype.numpy()))
+            set_layer_bias(model, layer, np.asarray(tensors["bias"]).astype(layer.bias.const_value.dtype.numpy()))
         bits = artifacts.bits(name)
-        packed = artifacts.packed and scheme == "w4a16"
+        packing = artifacts.packing.get(name, "none")
         weight = tensors["weight"]
-        if bits == 4 and not packed and (weight.min() < -8 or weight.max() > 7):
+        if bits == 4 and packing == "none" and (weight.min() < -8 or weight.max() > 7):
             raise GraphqError(f"{name}.weight holds values outside the int4 range [-8, 7]: not W4A16 data")
-        qw = decode_weight_only(tensors, bits, k, artifacts.group_size, packed)
+        qw = decode_weight_only(tensors, bits, k, artifacts.group_size_of(name), packing != "none",
+                                pack_along="n" if packing == "n" else "k")
         emitter.emit(model, layer, qw, {})
     if artifacts.kv_names:
         apply_kv_cache(model, artifacts)
@@ -162,11 +199,23 @@ def apply_kv_cache(model, artifacts: Artifacts) -> None:
         output = f"present.{index}.{'key' if prefix.endswith('k_proj') else 'value'}"
         if output not in outputs:
             raise GraphqError(f"{name} is for {output}, which the float model does not output")
-        offsets = artifacts.store.get(f"{prefix}.kv_cache_offset")
-        scales = artifacts.store.get(name)
-        check_finite(f"{prefix}.kv_cache_offset", offsets)
-        check_finite(name, scales)
-        emit_kv_qdq(model, output, scales.astype(np.float32), offsets.round().astype(np.int64))
+        check_finite(name, np.asarray(artifacts.store.get(name)))
+        check_finite(f"{prefix}.kv_cache_offset", np.asarray(artifacts.store.get(f"{prefix}.kv_cache_offset")))
+        scales = np.asarray(artifacts.store.get(name)).astype(np.float32).reshape(-1)
+        offsets = np.asarray(artifacts.store.get(f"{prefix}.kv_cache_offset")).astype(np.float32).round().reshape(-1)
+        value = next(v for v in model.graph.outputs if v.name == output)
+        heads = value.shape[1] if value.shape is not None and len(value.shape) == 4 else None
+        if isinstance(heads, int) and len(scales) != heads:
+            # Per channel [heads * head_dim] (msModelSlim's C8): graphq's KV QDQ is per head, so each head's
+            # channels must share one scale.
+            if len(scales) % heads:
+                raise GraphqError(f"{name} has {len(scales)} values, which is neither per head nor per channel for {heads} heads")
+            per_head, per_head_offsets = scales.reshape(heads, -1), offsets.reshape(heads, -1)
+            if np.any(per_head != per_head[:, :1]) or np.any(per_head_offsets != per_head_offsets[:, :1]):
+                raise GraphqError(f"cannot rebuild {name}: its per-channel scales differ within a head, and graphq's "
+                                  "int8 KV cache is per head")
+            scales, offsets = per_head[:, 0].copy(), per_head_offsets[:, 0].copy()
+        emit_kv_qdq(model, output, scales, offsets.astype(np.int64))
 
 
 def check_finite(name: str, array: np.ndarray) -> None:

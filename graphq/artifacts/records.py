@@ -1,10 +1,10 @@
-"""Collect each quantized layer's deployment tensors as quantize finishes it, then write the artifact files.
+"""Collect each quantized layer's deployment tensors as quantize finishes it; the target writes the files at the end.
 
-Memory: a layer's tensors are encoded at once into their stored integer form (int8 weights, 4-bit weights packed
-two per byte unless --no-pack, float32 scales); no float copy is kept. With a ``spill_dir`` (quantize uses one in
-its staging folder) they go straight to plain .npy files there (no pickle) and are read back memory-mapped while
-writing, so memory holds at most one shard; without one they stay in memory until the end. Float tensors
-(embeddings, norms, float linears) are read from the graph only while writing.
+Memory: a layer's tensors are encoded at once into the target's stored form (int8 weights, 4-bit weights packed
+unless --no-pack, scales); no float copy is kept. With a ``spill_dir`` (quantize uses one in its staging folder)
+they go straight to plain .npy files there (no pickle) and are read back memory-mapped while writing, so memory
+holds at most one shard; without one they stay in memory until the end. Float tensors (embeddings, norms, float
+linears) are read from the graph only while writing.
 """
 
 from __future__ import annotations
@@ -16,57 +16,53 @@ import numpy as np
 import onnx_ir as ir
 
 from graphq.algorithms.rtn import QuantizedWeight
-from graphq.artifacts.description import FLOAT, KV_CACHE_TYPE, description_name, weight_stem, write_description
-from graphq.artifacts.layout import PACKING, TYPES, W8A8_LAYOUT_SCHEMES, encode_w8a8, encode_weight_only
-from graphq.artifacts.naming import float_tensor_sources
-from graphq.artifacts.numpy_io import write_numpy
-from graphq.artifacts.safetensors_io import GB, write_safetensors
+from graphq.artifacts.dtypes import dtype_of_numpy
+from graphq.artifacts.layout import TYPES, W8A8_LAYOUT_SCHEMES
+from graphq.artifacts.targets import DEFAULT_TARGET, ArtifactTarget, WriteJob, target_for
 from graphq.errors import GraphqError
 from graphq.linear_layers import LinearLayer
 
 SAVE_FORMATS = ("onnx", "safetensors", "numpy")
 
 
-def kv_cache_tensors(kv_cache: dict) -> dict[str, np.ndarray]:
-    """report["kv_cache"] -> {model.layers.<i>.self_attn.{k,v}_proj.kv_cache_{scale,offset}: float32}."""
-    tensors = {}
-    for index, entry in sorted(kv_cache.get("layers", {}).items(), key=lambda item: int(item[0])):
-        for kind, module in (("key", "k_proj"), ("value", "v_proj")):
-            prefix = f"model.layers.{int(index)}.self_attn.{module}"
-            tensors[f"{prefix}.kv_cache_scale"] = np.asarray(entry[f"{kind}_scale"], dtype=np.float32).reshape(-1)
-            tensors[f"{prefix}.kv_cache_offset"] = np.asarray(entry[f"{kind}_offset"], dtype=np.float32).reshape(-1)
-    return tensors
-
-
 class ArtifactCollector:
-    """Receives (layer, qw, details) from quantize's finish callback; writes the artifacts at the end.
+    """Receives (layer, qw, details) from quantize's finish callback; the target writes the artifacts at the end.
 
     ``scheme`` is the model's (it names the files and model_quant_type); a layer may carry another scheme
-    (scheme overrides), which its tensors' types in the description then say."""
+    (scheme overrides), which its tensors' types in the description then say. ``dtype`` is the serving dtype
+    (fp32/fp16/bf16; None: each layer's ONNX float type)."""
 
-    def __init__(self, scheme: str, group_size: int, symmetric: bool, pack: bool = True, spill_dir: Path | None = None):
+    def __init__(self, scheme: str, group_size: int, symmetric: bool, pack: bool = True, spill_dir: Path | None = None,
+                 target: str | ArtifactTarget = DEFAULT_TARGET, dtype: str | None = None):
         self.scheme = scheme
         self.group_size = group_size
         self.symmetric = symmetric
         self.pack = pack
         self.spill_dir = spill_dir
+        self.target = target if isinstance(target, ArtifactTarget) else target_for(target)
+        self.dtype = dtype
         self.layers: dict[str, dict[str, np.ndarray | Path]] = {}
         self.layer_schemes: dict[str, str] = {}
+        self.layer_group_sizes: dict[str, int] = {}  # -1 per channel
+        self.layer_shapes: dict[str, tuple[int, int]] = {}  # (n, k) = (out, in)
+        self.float_linears: list[str] = []  # linears left float, known once write() sees the graph's layers
+        self.tied: set[str] = set()  # quantized linears stored through another tensor (a tied lm_head)
+        self.target_report: dict | None = None  # what the target wants in report.json (e.g. gguf's re-rounded layers)
+
+    def serving_dtype(self, model_dtype: np.dtype | None = None) -> str:
+        if self.dtype is not None:
+            return self.dtype
+        return dtype_of_numpy(model_dtype) if model_dtype is not None else "fp32"
 
     def add(self, layer: LinearLayer, qw: QuantizedWeight, details: dict, scheme: str | None = None) -> None:
         scheme = scheme or self.scheme
         if scheme not in TYPES:
             raise GraphqError(f"{layer.name}: no artifact layout for scheme {scheme}")
-        bias = None if layer.bias is None else layer.bias.const_value.numpy()
-        float_dtype = np.dtype(layer.dtype.numpy())
         if scheme in W8A8_LAYOUT_SCHEMES:
             missing = [key for key in ("input_scale", "input_offset") if key not in details]
             if missing:
                 raise GraphqError(f"{layer.name}: W8A8 artifacts need {' and '.join(missing)} from the quantizer")
-            tensors = encode_w8a8(qw, bias, float(details["input_scale"]), int(details["input_offset"]), float_dtype)
-        else:
-            pack = self.pack and scheme == "w4a16"
-            tensors = encode_weight_only(qw, bias, bias.dtype if bias is not None else float_dtype, pack)
+        tensors = self.target.encode_layer(self, layer, qw, details, scheme)
         if self.spill_dir is not None:
             self.spill_dir.mkdir(parents=True, exist_ok=True)
             spilled = {}
@@ -77,15 +73,23 @@ class ArtifactCollector:
             tensors = spilled
         self.layers[layer.name] = tensors
         self.layer_schemes[layer.name] = scheme
+        self.layer_group_sizes[layer.name] = qw.group_size if qw.group_size < layer.in_features else -1
+        self.layer_shapes[layer.name] = (layer.out_features, layer.in_features)
 
-    def metadata(self, version: str) -> dict[str, str]:
-        return {
-            "graphq_version": version,
-            "scheme": self.scheme,
-            "group_size": str(self.group_size),
-            "symmetric": str(self.symmetric).lower(),
-            "weight_packing": PACKING if self.pack and "w4a16" in self.layer_schemes.values() else "none",
-        }
+    def quantized_names(self) -> set[str]:
+        """Modules whose graph tensors are quantized: collected layers and those tied to one."""
+        return set(self.layers) | self.tied
+
+    def layer_tensors(self, name: str) -> dict[str, np.ndarray]:
+        """One collected layer's tensors, spilled ones memory-mapped."""
+        return {suffix: np.load(array, mmap_mode="r") if isinstance(array, Path) else array
+                for suffix, array in self.layers[name].items()}
+
+    def layer_items(self) -> Iterator[tuple[str, str, np.ndarray]]:
+        """(layer name, suffix, array) for every collected tensor, spilled ones memory-mapped."""
+        for name, layer_tensors in self.layers.items():
+            for suffix, array in layer_tensors.items():
+                yield name, suffix, np.load(array, mmap_mode="r") if isinstance(array, Path) else array
 
     def write(
         self,
@@ -97,35 +101,8 @@ class ArtifactCollector:
         version: str,
         kv_cache: dict | None = None,
     ) -> list[Path]:
-        """Write the description and the safetensors (and numpy dicts when asked) into ``out_dir``."""
-        floats = float_tensor_sources(model, layers, set(self.layers))
-        kv = kv_cache_tensors(kv_cache) if kv_cache else {}
-        types = {name: FLOAT for name in floats}
-        for name, tensors in self.layers.items():
-            types.update({f"{name}.{suffix}": TYPES[self.layer_schemes[name]] for suffix in tensors})
-        types.update({name: KV_CACHE_TYPE for name in kv})
-        clash = set(floats) & {f"{n}.{s}" for n, t in self.layers.items() for s in t}
-        if clash:
-            raise GraphqError(f"tensor name {sorted(clash)[0]} is both float and quantized: cannot write artifacts")
-
-        def tensors() -> Iterator[tuple[str, np.ndarray]]:
-            for name, source in floats.items():
-                yield name, source.array()
-            for name, layer_tensors in self.layers.items():
-                for suffix, array in layer_tensors.items():
-                    yield f"{name}.{suffix}", np.load(array, mmap_mode="r") if isinstance(array, Path) else array
-            yield from kv.items()
-
-        written = []
-        metadata = self.metadata(version)
-        stem = weight_stem(self.scheme)
-        if "safetensors" in formats:
-            part_bytes = None if part_file_size_gb is None else max(1, int(part_file_size_gb * GB))
-            written += write_safetensors(tensors(), out_dir, stem, part_bytes, metadata)
-        if "numpy" in formats:
-            written += write_numpy(tensors(), types, out_dir, stem, metadata)
-        if "safetensors" in formats or "numpy" in formats:
-            path = out_dir / description_name(self.scheme)
-            write_description(path, self.scheme, types, bool(kv), version)
-            written.append(path)
-        return written
+        """Write the target's files into ``out_dir``; returns the files written."""
+        self.float_linears = [layer.name for layer in layers if layer.name not in self.quantized_names()]
+        if not set(formats) & {"safetensors", "numpy"}:
+            return []
+        return self.target.write(WriteJob(model, layers, out_dir, formats, part_file_size_gb, version, kv_cache, self))

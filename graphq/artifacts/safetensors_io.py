@@ -1,7 +1,10 @@
 """safetensors files: a writer that shards like Hugging Face (files + .index.json), a reader that validates.
 
-The reader parses headers itself (8-byte little-endian length, then JSON), so listing and checking a folder's
-tensors reads no tensor data; arrays are read one at a time with safetensors' own ``safe_open``.
+Both sides handle the format themselves (8-byte little-endian header length, a JSON header, then the raw
+little-endian tensor bytes), because safetensors' numpy API has no bfloat16; files are byte-compatible with
+safetensors' own writer (tests read them back with ``safe_open``). The metadata always carries ``"format": "pt"``:
+transformers' loader refuses a file without it. Listing and checking a folder's tensors reads only headers;
+arrays are memory-mapped one at a time.
 """
 
 from __future__ import annotations
@@ -12,17 +15,42 @@ import struct
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import ml_dtypes
 import numpy as np
-from safetensors import safe_open
-from safetensors.numpy import save_file
 
 from graphq.errors import GraphqError
 
 DTYPE_NAMES = {
     np.dtype(np.int8): "I8", np.dtype(np.uint8): "U8", np.dtype(np.int16): "I16", np.dtype(np.int32): "I32",
     np.dtype(np.int64): "I64", np.dtype(np.float16): "F16", np.dtype(np.float32): "F32", np.dtype(np.float64): "F64",
+    np.dtype(ml_dtypes.bfloat16): "BF16", np.dtype(np.bool_): "BOOL",
 }
+NUMPY_OF_NAME = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 BYTES_PER_ELEMENT = {"I8": 1, "U8": 1, "I16": 2, "I32": 4, "I64": 8, "F16": 2, "BF16": 2, "F32": 4, "F64": 8, "BOOL": 1}
+#: transformers' safetensors loader refuses a file whose metadata lacks format "pt" (or "np"/"flax"/"mlx").
+FORMAT_METADATA = {"format": "pt"}
+
+
+def save_file(tensors: dict[str, np.ndarray], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' save_file for numpy arrays of any DTYPE_NAMES type (bfloat16 included), tensors written in
+    name order as safetensors sorts them; ``format: pt`` is added to the metadata."""
+    header: dict[str, object] = {"__metadata__": {**FORMAT_METADATA, **{k: str(v) for k, v in (metadata or {}).items()}}}
+    offset = 0
+    ordered = sorted(tensors.items())
+    for name, array in ordered:
+        if array.dtype not in DTYPE_NAMES:
+            raise GraphqError(f"{name} has dtype {array.dtype}, which safetensors cannot store")
+        header[name] = {"dtype": DTYPE_NAMES[array.dtype], "shape": list(array.shape),
+                        "data_offsets": [offset, offset + array.nbytes]}
+        offset += array.nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # data starts 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)))
+        f.write(encoded)
+        for _, array in ordered:
+            array = np.ascontiguousarray(array)
+            f.write(array.view(np.uint8).reshape(-1).data if array.size else b"")
 GB = 10**9  # --part-file-size counts decimal gigabytes, as Hugging Face's max_shard_size does
 
 
@@ -82,7 +110,7 @@ def write_safetensors(
     Each shard is written as soon as it is full, so at most one shard's tensors are held at a time (``tensors`` may
     be a generator reading them lazily); shards get their final ``-0000i-of-0000n`` names once n is known.
     """
-    metadata = dict(metadata or {})
+    metadata = {**FORMAT_METADATA, **(metadata or {})}
     if part_bytes is None:
         path = out_dir / f"{stem}.safetensors"
         _save({name: np.ascontiguousarray(a) for name, a in tensors}, path, metadata)
@@ -123,6 +151,12 @@ def write_safetensors(
 
 def read_header(path: Path) -> tuple[dict[str, tuple[str, tuple[int, ...]]], dict[str, str]]:
     """(name -> (dtype, shape), metadata) from a safetensors file's header."""
+    specs, metadata, _ = read_header_offsets(path)
+    return specs, metadata
+
+
+def read_header_offsets(path: Path) -> tuple[dict[str, tuple[str, tuple[int, ...]]], dict[str, str], dict[str, tuple[int, int]]]:
+    """read_header plus each tensor's absolute (start, end) byte offsets in the file."""
     try:
         with open(path, "rb") as f:
             (length,) = struct.unpack("<Q", f.read(8))
@@ -134,10 +168,12 @@ def read_header(path: Path) -> tuple[dict[str, tuple[str, tuple[int, ...]]], dic
     metadata = header.pop("__metadata__", None) or {}
     try:
         specs = {name: (entry["dtype"], tuple(int(d) for d in entry["shape"])) for name, entry in header.items()}
-    except (KeyError, TypeError, ValueError) as exc:
+        offsets = {name: (8 + length + entry["data_offsets"][0], 8 + length + entry["data_offsets"][1])
+                   for name, entry in header.items()}
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise GraphqError(f"{path} has a malformed safetensors header ({exc}): write the artifacts again") from exc
     _check_byte_ranges(path, header, 8 + length)
-    return specs, metadata
+    return specs, metadata, offsets
 
 
 def _check_byte_ranges(path: Path, header: dict, data_start: int) -> None:
@@ -172,6 +208,7 @@ class SafetensorsStore:
         self.specs: dict[str, tuple[str, tuple[int, ...]]] = {}
         self.file_of: dict[str, Path] = {}
         self.metadata: dict[str, str] = {}
+        self.offsets: dict[str, tuple[int, int]] = {}
         single = directory / f"{stem}.safetensors"
         index = directory / index_name(stem)
         if index.is_file():
@@ -188,7 +225,8 @@ class SafetensorsStore:
                 path = directory / file
                 if not path.is_file():
                     raise GraphqError(f"{index.name} maps {names[0]} to {file}, which does not exist: copy every shard")
-                specs, self.metadata = read_header(path)
+                specs, self.metadata, offsets = read_header_offsets(path)
+                self.offsets.update(offsets)
                 for name in names:
                     if name not in specs:
                         raise GraphqError(f"{index.name} maps {name} to {file}, but that shard has no such tensor")
@@ -198,7 +236,7 @@ class SafetensorsStore:
                     self.specs[name] = specs[name]
                     self.file_of[name] = path
         elif single.is_file():
-            self.specs, self.metadata = read_header(single)
+            self.specs, self.metadata, self.offsets = read_header_offsets(single)
             self.file_of = {name: single for name in self.specs}
         else:
             raise GraphqError(f"{directory} has neither {single.name} nor {index.name}: write the artifacts again")
@@ -212,8 +250,18 @@ class SafetensorsStore:
         return int(np.prod(shape, dtype=np.int64)) * BYTES_PER_ELEMENT.get(dtype, 1)
 
     def get(self, name: str) -> np.ndarray:
-        with safe_open(str(self.file_of[name]), framework="numpy") as f:
-            return f.get_tensor(name)
+        """The tensor as a read-only memory map of its file (bfloat16 as ml_dtypes.bfloat16)."""
+        dtype_name, shape = self.specs[name]
+        if dtype_name not in NUMPY_OF_NAME:
+            raise GraphqError(f"{name} has safetensors dtype {dtype_name}, which graphq cannot read")
+        start, end = self.offsets[name]
+        dtype = NUMPY_OF_NAME[dtype_name]
+        count = int(np.prod(shape, dtype=np.int64))
+        if end - start != count * dtype.itemsize:
+            raise GraphqError(f"{name} claims {list(shape)} {dtype_name} but holds {end - start} bytes: the file is damaged")
+        if count == 0:
+            return np.zeros(shape, dtype=dtype)
+        return np.memmap(self.file_of[name], dtype=dtype, mode="r", offset=start, shape=tuple(shape))
 
     def items(self, names: Iterable[str]) -> Iterator[tuple[str, np.ndarray]]:
         for name in names:

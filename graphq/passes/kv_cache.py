@@ -1,5 +1,9 @@
 """KV-cache int8: QuantizeLinear/DequantizeLinear on every ``present.<i>.key|value`` with calibrated per-head scales.
 
+Symmetric (offset 0, scale = max |x| / 127 per head), because the consumers of the artifacts (MindIE's and
+vllm-ascend's C8 cache, issue 13) apply symmetric per-channel scales: the artifacts repeat each head's scale over
+its head_dim channels, so a runtime applying them computes what this graph computes.
+
 The QDQ pair is placed on the value the graph outputs as ``present.*`` (the past concatenated with the new keys or
 values), and every consumer of that value (the attention) reads the dequantized copy, so onnxruntime computes with
 what an int8 cache would hold. Feeding it back as ``past_key_values`` re-quantizes exactly (same grid), so the
@@ -14,7 +18,7 @@ import re
 import numpy as np
 import onnx_ir as ir
 
-from graphq.algorithms.activation_ranges import QMIN, range_to_qparams
+from graphq.algorithms.activation_ranges import QMIN, TINY_SCALE
 from graphq.graph_utils import add_initializer, set_opset
 from graphq.passes.qdq import QDQ_IR_VERSION, QDQ_OPSET
 
@@ -22,15 +26,15 @@ _PRESENT = re.compile(r"present\.(\d+)\.(key|value)")
 
 
 def kv_qparams(head_min: np.ndarray, head_max: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Per-head scales (float32) and offsets (signed convention), with notes for constant heads."""
-    scales, offsets, notes = [], [], []
+    """Per-head symmetric scales (float32) and offsets (all 0, signed convention), with notes for constant heads."""
+    scales, notes = [], []
     for head, (lo, hi) in enumerate(zip(head_min, head_max)):
-        qp = range_to_qparams(lo, hi)
-        scales.append(qp.scale)
-        offsets.append(qp.offset)
-        if qp.note:
-            notes.append(f"head {head}: {qp.note}")
-    return np.asarray(scales, dtype=np.float32), np.asarray(offsets, dtype=np.int64), notes
+        scale = np.float32(max(abs(float(lo)), abs(float(hi))) / 127.0)
+        if not scale > 0 or not np.isfinite(scale):
+            scale = np.float32(TINY_SCALE)
+            notes.append(f"head {head}: constant values (range [{lo:g}, {hi:g}]): scale set to {TINY_SCALE:g} instead of 0")
+        scales.append(scale)
+    return np.asarray(scales, dtype=np.float32), np.zeros(len(scales), dtype=np.int64), notes
 
 
 def emit_kv_qdq(model: ir.Model, output_name: str, scales: np.ndarray, offsets: np.ndarray) -> None:
@@ -80,7 +84,7 @@ def quantize_kv_cache(model: ir.Model, kv_stats: dict) -> dict:
         entry[f"{match.group(2)}_scale"] = [float(s) for s in scales]
         entry[f"{match.group(2)}_offset"] = [int(o) for o in offsets]
         notes.extend(f"{name} {n}" for n in head_notes)
-    report = {"type": "int8", "granularity": "per-head", "layers": dict(sorted(layers.items(), key=lambda kv: int(kv[0])))}
+    report = {"type": "int8", "granularity": "per-head", "symmetric": True, "layers": dict(sorted(layers.items(), key=lambda kv: int(kv[0])))}
     if notes:
         report["notes"] = notes
     return report
