@@ -301,8 +301,9 @@ def test_w8a8s_artifacts_match_the_table(w8a8s):
         assert specs[f"{layer}.input_scale"] == ("F32", (1,))  # float32 model: float32 scales
         assert specs[f"{layer}.input_offset"] == ("F32", (1,))
         assert specs[f"{layer}.quant_bias"] == ("I32", (n,))
-        assert specs[f"{layer}.deq_scale"] == ("F32", (n,))
-        assert {s for s in ("weight", "input_scale", "input_offset", "quant_bias", "deq_scale")} == {
+        # deq_scale holds the float32 bits in an int64 (fp32/fp16 serving), as msModelSlim writes it.
+        assert specs[f"{layer}.deq_scale"] == ("I64", (n,))
+        assert {"weight", "input_scale", "input_offset", "quant_bias", "deq_scale", "weight_scale", "weight_offset"} == {
             name.rsplit(".", 1)[1] for name in description if name.startswith(layer + ".")}
     report = json.loads((w8a8s / "report.json").read_text())
     assert all(0.5 <= e["sparsity"] < 0.6 for e in layer_entries(report))

@@ -187,8 +187,9 @@ def _artifact_zero_fraction(artifacts, name: str, k: int) -> float:
     tensors = artifacts.layer_tensors(name)
     if scheme in W8A8_LAYOUT_SCHEMES or scheme == "w8a8-dynamic" and not tensors["weight_offset"].any():
         return _zero_fraction(tensors["weight"])
-    packed = artifacts.packed and scheme == "w4a16"
-    return zero_fraction(decode_weight_only(tensors, artifacts.bits(name), k, artifacts.group_size, packed))
+    packing = artifacts.packing.get(name, "none")
+    return zero_fraction(decode_weight_only(tensors, artifacts.bits(name), k, artifacts.group_size_of(name),
+                                            packing != "none", pack_along=packing if packing != "none" else "k"))
 
 
 def _nbytes(value: ir.Value | None) -> int:
