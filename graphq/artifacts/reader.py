@@ -230,8 +230,8 @@ def _check_group_counts(artifacts: Artifacts) -> None:
     except ValueError:
         raise GraphqError(f"the artifacts' metadata has group_size {raw!r}, not an integer: write the artifacts again") from None
     for prefix, layer_scheme in artifacts.layer_schemes.items():
-        if layer_scheme in W8A8_LAYOUT_SCHEMES:
-            continue
+        if layer_scheme in W8A8_LAYOUT_SCHEMES or "embed" in prefix.rsplit(".", 1)[-1]:
+            continue  # a quantized embedding has its own group size (--embedding-group-size), read from its scales
         n, k = artifacts.layers[prefix]
         groups = artifacts.store.specs[f"{prefix}.weight_scale"][1][1]
         if groups == 1:
