@@ -107,4 +107,5 @@ def target_for(name: str) -> ArtifactTarget:
     return target
 
 
-from graphq.artifacts.targets import compressed_tensors, gguf, mindie, vllm_ascend  # noqa: E402,F401  (registration)
+# Registration, in the order --help and errors list them (mindie, the default, first).
+from graphq.artifacts.targets import mindie, vllm_ascend, compressed_tensors, gguf  # noqa: E402,F401,I001
