@@ -6,6 +6,11 @@ folder, on the same windows.
 
 W4A16 uses group 64 (symmetric): SmolLM2's in_features 576 is not a multiple of 128, which compressed-tensors
 cannot dequantize. Results go to bench/results/compressed_tensors.md.
+
+W8A8 static per tensor on SmolLM2 is a coarse, outlier-dominated grid: layer by layer the two runtimes agree to
+~1e-6 until float rounding differences of order 1e-7 flip a few activation codes (from layer 3 on), which the
+attention then spreads; so the perplexities differ by about 1% although the format is read identically (the
+tiny-model test agrees to 1e-7 in the logits).
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ CALIB = REPO.parent / "shared" / "data" / "austen" / "sensesensibility.txt"
 VARIANTS = [
     ("W4A16 g64 sym, fp16", dict(scheme="w4a16", group_size=64, symmetric=True, dtype="fp16")),
     ("W8A8 static (minmax), fp32", dict(scheme="w8a8", calib=str(CALIB), num_samples=16, seq_len=256)),
+    ("W8A8 static (minmax) + SmoothQuant 0.5, fp32",
+     dict(scheme="w8a8", smooth="smoothquant", calib=str(CALIB), num_samples=16, seq_len=256)),
 ]
 
 

@@ -3,15 +3,16 @@
 A target is one module here that builds an ``ArtifactTarget`` and calls ``register_target``; ``quantize`` asks it
 to refuse what its runtime cannot serve (``check``, before any work), to encode each layer as it is finished
 (``encode_layer``: the stored integer form, spilled to disk by the collector), to write the files (``write``) and
-to edit config.json (``edit_config``). Readers: the msModelSlim targets share ``graphq.artifacts.reader``; the
-others may give ``read_back`` (their stored weights decoded to graphq's integers / floats, for tests and tools).
+to edit config.json (``edit_config``). Readers: the msModelSlim targets share ``graphq.artifacts.reader`` (inspect,
+load-artifacts); compressed-tensors and gguf files are read by their consumers (the tests load them with
+transformers and the gguf package).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -106,6 +107,5 @@ def target_for(name: str) -> ArtifactTarget:
     return target
 
 
-ReadBack = Callable[[Path], dict[str, np.ndarray]]
-
-from graphq.artifacts.targets import compressed_tensors, gguf, mindie, vllm_ascend  # noqa: E402,F401  (registration)
+# Registration, in the order --help and errors list them (mindie, the default, first).
+from graphq.artifacts.targets import mindie, vllm_ascend, compressed_tensors, gguf  # noqa: E402,F401,I001
