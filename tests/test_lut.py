@@ -25,6 +25,8 @@ from graphq.algorithms.codebook import (
     lut_quantize,
     nf4_quantize,
     nf4_values_from_quantiles,
+    search_scales,
+    shared_lut_quantize,
 )
 from graphq.errors import GraphqError
 from graphq.linear_layers import find_linear_layers
@@ -75,6 +77,8 @@ QUANTIZERS = {
     "lut3-g32-int8": lambda w: lut_quantize(w, 3, group_size=32, table_dtype="int8"),
     "nf4-g16": lambda w: nf4_quantize(w, 16),
     "iq4nl-g32": lambda w: iq4nl_quantize(w, 32),
+    "shared-g16": lambda w: shared_lut_quantize(w, 4, 16),
+    "shared3-g32": lambda w: shared_lut_quantize(w, 3, 32),
 }
 
 
@@ -136,6 +140,22 @@ def test_kmeans_recovers_mixture_centres():
     assert fallback == 0
     # ~1000 samples per centre: the mean's standard error is spread / 32, so 0.1 * spread is > 3 sigma.
     assert np.all(np.abs(centres - true_centres) < 0.1 * spread)
+
+
+def test_kmeans_is_never_worse_than_the_uniform_grid():
+    """Lloyd from the min..max grid only lowers the error, however heavy the tails (quantile starts alone can
+    end far worse on LLM weights)."""
+    values = weight(64, 200).T.astype(np.float64)  # 200 rows of 64 heavy-tailed values
+    centres, _ = kmeans_1d(values, 16)
+    grid = values.min(1, keepdims=True) + (values.max(1, keepdims=True) - values.min(1, keepdims=True)) * np.linspace(0, 1, 16)
+
+    def row_error(table):
+        return (np.abs(values[:, :, None] - table[:, None, :]).min(-1) ** 2).sum(1)
+
+    assert np.all(row_error(centres) <= row_error(grid) * (1 + 1e-9))
+    assert row_error(centres).sum() < 0.7 * row_error(grid).sum()
+    quantile_only, _ = kmeans_1d(values, 16, inits=("quantile",))
+    assert np.all(row_error(centres) <= row_error(quantile_only) * (1 + 1e-9))  # best of both starts, per row
 
 
 def test_lut_is_deterministic_and_codes_are_nearest():
@@ -212,6 +232,24 @@ def test_iq4nl_uses_the_llama_cpp_table():
     values = IQ4NL_VALUES.astype(np.float32)
     plain_cw.codes = np.abs(w[:, None, :] / np.repeat(plain, 32, axis=0)[:, None, :] - values[None, :, None]).argmin(1).astype(np.uint8)
     assert codebook_relative_mse(w, cw) <= codebook_relative_mse(w, plain_cw)
+
+
+def test_shared_table_beats_nf4_at_the_same_storage():
+    w = weight(256, 64, seed=5)
+    shared, nf4 = shared_lut_quantize(w, 4, 64), nf4_quantize(w, 64)
+    assert shared.bits_per_weight() == pytest.approx(nf4.bits_per_weight())
+    assert shared.table.shape == (1, 1, 16) and shared.table_scales.shape == (4, 64)
+    assert codebook_relative_mse(w, shared) < 0.9 * codebook_relative_mse(w, nf4)
+
+
+def test_search_scales_recovers_a_scaled_table():
+    table = IQ4NL_VALUES.astype(np.float64)
+    rng = np.random.default_rng(0)
+    true_scales = rng.uniform(-0.01, 0.01, size=(3, 5))
+    codes = rng.integers(0, 16, size=(3, 5, 32))
+    codes[..., 0] = 0  # -127 present: the extreme sits on one end of the table, as one candidate assumes
+    rows = table[codes] * true_scales[..., None]
+    np.testing.assert_allclose(search_scales(rows, np.ones_like(rows), table), true_scales, rtol=1e-9)
 
 
 def test_rows_with_few_distinct_values_fall_back_to_those_values():

@@ -1,6 +1,6 @@
 """Codebook (lookup-table) quantization of a weight matrix: each weight is a small code indexing a table of values.
 
-Unlike the uniform grid of RTN, a table can follow the weights' distribution (heavy centre, sparse tails). Three
+Unlike the uniform grid of RTN, a table can follow the weights' distribution (heavy centre, sparse tails). Four
 ways to build one, all giving a ``CodebookWeight``, so that one emitter and one artifact layout serve them all:
 
 - ``lut_quantize``: a table learned per output channel (or per group of input channels) by 1-D k-means, optionally
@@ -8,6 +8,8 @@ ways to build one, all giving a ``CodebookWeight``, so that one emitter and one 
   diagonal of the layer's Hessian X^T X, i.e. each input channel's squared norm, as ``importance``).
 - ``nf4_quantize``: the fixed QLoRA NormalFloat-4 table, scaled by each group's absmax.
 - ``iq4nl_quantize``: llama.cpp's fixed IQ4_NL table (int8 values), scaled per group by a searched scale.
+- ``shared_lut_quantize``: one table per matrix learned by k-means on the group-normalised weights, with searched
+  per-group scales: NF4's storage, the layer's own distribution.
 
 Layout (one for all): ``codes`` is [K, N] uint8. ``table`` is [T_groups, T_columns, 2^bits] where T_groups is 1 or
 n_groups and T_columns is 1 or N (1 = one table shared by all groups / columns: the fixed tables); ``table_scales``
@@ -210,59 +212,90 @@ def _distinct_tables(sorted_rows: np.ndarray, levels: int) -> tuple[np.ndarray, 
 
 
 def kmeans_1d(
-    values: np.ndarray, levels: int, importance: np.ndarray | None = None, iterations: int = 50, tol: float = 1e-6
+    values: np.ndarray,
+    levels: int,
+    importance: np.ndarray | None = None,
+    iterations: int = 50,
+    tol: float = 1e-6,
+    inits: tuple[str, ...] = ("uniform", "quantile"),
 ) -> tuple[np.ndarray, int]:
     """Weighted 1-D k-means (Lloyd) of every row at once: values [R, L] -> ascending centres [R, levels].
 
     Each row is sorted once; in 1-D a cluster is then a run of consecutive values between two midpoints, so an
     iteration is a binary search for the midpoints plus differences of prefix sums (no [R, L, levels] distances).
-    Initial centres are the importance-weighted quantiles (j + 1/2) / levels of each row, which is deterministic.
-    Stops after ``iterations`` or when no centre moves by more than ``tol`` times its row's range. A cluster that
-    loses all its members keeps its centre. Rows with fewer than ``levels`` distinct values get those values
-    (padded by repeating the largest); the second result counts them.
+    Lloyd only finds a local optimum, and heavy-tailed rows (LLM weights) trap it, so it runs from each of
+    ``inits`` and every row keeps the centres of lowest weighted squared error. Both are deterministic:
+    "uniform" is the evenly spaced grid from the row's min to its max (so the result is never worse than that
+    uniform 2^b-level grid), "quantile" the importance-weighted quantiles (j + 1/2) / levels.
+    Each run stops after ``iterations`` or when no centre moves by more than ``tol`` times its row's range. A
+    cluster that loses all its members keeps its centre. Rows with fewer than ``levels`` distinct values get those
+    values (padded by repeating the largest); the second result counts them.
     """
     values = np.asarray(values, dtype=np.float64)
     rows, length = values.shape
     weights = np.ones_like(values) if importance is None else np.asarray(importance, dtype=np.float64)
+    # A row whose importance is all zero (e.g. a dead input channel) is clustered unweighted.
+    weights = np.where((weights.sum(axis=1) <= 0)[:, None], 1.0, weights)
     order = np.argsort(values, axis=1, kind="stable")
     sorted_values = np.take_along_axis(values, order, axis=1)
     sorted_weights = np.take_along_axis(weights, order, axis=1)
     # Prefix sums with a leading zero: the sum over sorted positions [a, b) is S[b] - S[a].
     zero = np.zeros((rows, 1))
-    weight_sums = np.concatenate([zero, np.cumsum(sorted_weights, axis=1)], axis=1)
-    moment_sums = np.concatenate([zero, np.cumsum(sorted_weights * sorted_values, axis=1)], axis=1)
+    sums = [
+        np.concatenate([zero, np.cumsum(sorted_weights * sorted_values**power, axis=1)], axis=1) for power in (0, 1, 2)
+    ]
+    low, high = sorted_values[:, :1], sorted_values[:, -1:]
+    best_centres, best_error = None, None
+    for init in inits:
+        if init == "uniform":
+            centres = low + (high - low) * np.linspace(0.0, 1.0, levels)
+        elif init == "quantile":
+            targets = sums[0][:, -1:] * (np.arange(levels) + 0.5) / levels
+            positions = np.minimum(rowwise_searchsorted(sums[0][:, 1:], targets), length - 1)
+            centres = np.take_along_axis(sorted_values, positions, axis=1)
+        else:
+            raise GraphqError(f"unknown k-means initialisation {init!r}: use 'uniform' or 'quantile'")
+        centres, error = _lloyd(sorted_values, sums, centres, iterations, tol)
+        if best_centres is None:
+            best_centres, best_error = centres, error
+        else:
+            better = error < best_error
+            best_centres = np.where(better[:, None], centres, best_centres)
+            best_error = np.minimum(error, best_error)
+
+    distinct, counts = _distinct_tables(sorted_values, levels)
+    few = counts < levels
+    best_centres[few] = distinct[few]
+    return best_centres, int(few.sum())
+
+
+def _lloyd(
+    sorted_values: np.ndarray, sums: list[np.ndarray], centres: np.ndarray, iterations: int, tol: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Lloyd iterations on sorted rows given prefix sums of w, w x, w x^2; returns centres and weighted SSE."""
+    rows, length = sorted_values.shape
     row_index = np.arange(rows)[:, None]
-
-    # A row whose importance is all zero (e.g. a dead input channel) is clustered unweighted.
-    dead = weight_sums[:, -1] <= 0
-    if dead.any():
-        sorted_weights[dead] = 1.0
-        weight_sums[dead] = np.arange(length + 1, dtype=np.float64)
-        moment_sums[dead] = np.concatenate([zero[dead], np.cumsum(sorted_values[dead], axis=1)], axis=1)
-
-    targets = weight_sums[:, -1:] * (np.arange(levels) + 0.5) / levels
-    positions = np.minimum(rowwise_searchsorted(weight_sums[:, 1:], targets), length - 1)
-    centres = sorted_values[row_index, positions]
     spread = np.maximum(sorted_values[:, -1] - sorted_values[:, 0], 1e-30)[:, None]
-    for _ in range(iterations):
+
+    def clusters(centres: np.ndarray) -> list[np.ndarray]:
+        """Per cluster sums of w, w x, w x^2 under the nearest-centre assignment."""
         midpoints = (centres[:, 1:] + centres[:, :-1]) * 0.5
         # Values <= a midpoint go to the lower centre, as nearest_codes assigns them.
         bounds = rowwise_searchsorted(sorted_values, np.nextafter(midpoints, np.inf))
         edges = np.concatenate([np.zeros((rows, 1), np.int64), bounds, np.full((rows, 1), length)], axis=1)
-        mass = np.diff(weight_sums[row_index, edges], axis=1)
-        moment = np.diff(moment_sums[row_index, edges], axis=1)
+        return [np.diff(prefix[row_index, edges], axis=1) for prefix in sums]
+
+    for _ in range(iterations):
+        mass, moment, _ = clusters(centres)
         updated = np.where(mass > 0, moment / np.where(mass > 0, mass, 1.0), centres)
         updated = np.sort(updated, axis=1)
-        moved = np.abs(updated - centres).max() if rows else 0.0
         shift = (np.abs(updated - centres) / spread).max() if rows else 0.0
         centres = updated
-        if moved == 0 or shift <= tol:
+        if shift <= tol:
             break
-
-    distinct, counts = _distinct_tables(sorted_values, levels)
-    few = counts < levels
-    centres[few] = distinct[few]
-    return centres, int(few.sum())
+    mass, moment, square = clusters(centres)
+    error = (square - 2 * centres * moment + centres**2 * mass).sum(axis=1)
+    return centres, error
 
 
 def _finish(
@@ -360,34 +393,87 @@ def nf4_quantize(weight_kn: np.ndarray, group_size: int = 64) -> CodebookWeight:
 
 
 def iq4nl_quantize(weight_kn: np.ndarray, group_size: int = 32, search_steps: int = 7) -> CodebookWeight:
-    """IQ4_NL-style: codes into llama.cpp's fixed int8 table, one float16 scale per group.
-
-    Like llama.cpp's quantize_row_iq4_nl, candidate scales put the group's extreme on either end of the table
-    (shifted by up to ``search_steps`` units); each candidate's codes get their least-squares scale
-    sum(q x) / sum(q^2), and the candidate with the lowest squared error wins."""
+    """IQ4_NL-style: codes into llama.cpp's fixed int8 table, one float16 scale per group (``search_scales``)."""
     weight, group_size = _check(weight_kn, 4, group_size)
-    values = IQ4NL_VALUES.astype(np.float64)
-    ascending = np.sort(values)
-    midpoints = (ascending[1:] + ascending[:-1]) * 0.5
     rows = _rows(weight, group_size).astype(np.float64)
-    extreme = _group_extremes(weight, group_size).astype(np.float64)
+    scales = search_scales(rows, np.ones_like(rows), IQ4NL_VALUES.astype(np.float64), search_steps)
+    return _fixed_table_weight(weight, IQ4NL_VALUES, scales, 4, group_size)
+
+
+def search_scales(rows: np.ndarray, weights: np.ndarray, table: np.ndarray, steps: int = 7) -> np.ndarray:
+    """Per group, the scale s minimising sum w (x - s t[code])^2 over a few candidates: rows [G, N, L] -> [G, N].
+
+    As llama.cpp's quantize_row_iq4_nl does: candidate scales put the group's extreme on either end of the
+    ascending ``table`` shifted by up to ``steps`` units (1/127 of the end's magnitude); each candidate's
+    nearest codes get their least-squares scale sum(w t x) / sum(w t^2), and the lowest error wins (at that
+    scale the error is sum w x^2 - sum(w t x)^2 / sum(w t^2), so the largest ratio wins). Zero groups get 0."""
+    ascending = np.sort(table)
+    midpoints = (ascending[1:] + ascending[:-1]) * 0.5
+    extreme = np.take_along_axis(rows, np.abs(rows).argmax(axis=-1)[..., None], axis=-1)[..., 0]
     safe_extreme = np.where(extreme == 0, 1.0, extreme)
     best_score = np.full(extreme.shape, -np.inf)
-    best_scale = np.ones(extreme.shape)
-    # The extreme lands on +127 (first try in llama.cpp) or on -127 + t for t in [-steps, steps].
-    targets = [127.0] + [values[0] + t for t in range(-search_steps, search_steps + 1)]
-    for target in targets:
-        inverse = target / safe_extreme
-        q = ascending[np.searchsorted(midpoints, rows * inverse[..., None])]
-        sum_qx = (q * rows).sum(axis=-1)
-        sum_q2 = (q * q).sum(axis=-1)
-        # Error at the least-squares scale: sum x^2 - sum_qx^2 / sum_q2, so a larger sum_qx^2 / sum_q2 wins.
-        score = np.where(sum_q2 > 0, sum_qx * sum_qx / np.where(sum_q2 > 0, sum_q2, 1.0), -np.inf)
-        better = score > best_score
-        best_score = np.where(better, score, best_score)
-        best_scale = np.where(better, sum_qx / np.where(sum_q2 > 0, sum_q2, 1.0), best_scale)
-    best_scale = np.where(extreme == 0, 0.0, best_scale)
-    return _fixed_table_weight(weight, IQ4NL_VALUES, best_scale, 4, group_size)
+    best_scale = np.zeros(extreme.shape)
+    for end in (ascending[-1], ascending[0]):
+        for step in range(-steps, steps + 1):
+            target = end * (1 + step / 127)
+            t = ascending[np.searchsorted(midpoints, rows * (target / safe_extreme)[..., None])]
+            sum_tx = (weights * t * rows).sum(axis=-1)
+            sum_t2 = (weights * t * t).sum(axis=-1)
+            score = np.where(sum_t2 > 0, sum_tx * sum_tx / np.where(sum_t2 > 0, sum_t2, 1.0), -np.inf)
+            better = score > best_score
+            best_score = np.where(better, score, best_score)
+            best_scale = np.where(better, sum_tx / np.where(sum_t2 > 0, sum_t2, 1.0), best_scale)
+    return np.where(extreme == 0, 0.0, best_scale)
+
+
+def shared_lut_quantize(
+    weight_kn: np.ndarray,
+    bits: int,
+    group_size: int = 64,
+    importance: np.ndarray | None = None,
+    iterations: int = 50,
+    refinements: int = 4,
+) -> CodebookWeight:
+    """A "learned NF4": one table for the whole matrix, scaled per group; costs what NF4 costs.
+
+    Each group is divided by its float16 absmax, so every value lies in [-1, 1] as with NF4; the table starts as
+    the (weighted) k-means of all normalised values of the matrix, each weighted by its group's squared scale (so
+    the error is counted in weight units) times its importance. Then ``refinements`` rounds of: every group's
+    scale searched for the current table (``search_scales``), every table entry refitted by least squares,
+    sum(w s x) / sum(w s^2) over the weights coded to it. Stored like NF4: a [1, 1, 2^b] float16 table and
+    a float16 scale per group."""
+    weight, group_size = _check(weight_kn, bits, group_size)
+    levels = 1 << bits
+    rows = _rows(weight, group_size).astype(np.float64)  # [G, N, group_size]
+    weights = _row_importance(importance, weight.shape, group_size)
+    scales = np.abs(_group_extremes(weight, group_size)).astype(np.float64)
+    scales = np.where(scales == 0, 1.0, scales)
+    centres, _ = kmeans_1d(
+        (rows / scales[..., None]).reshape(1, -1), levels, (weights * (scales**2)[..., None]).reshape(1, -1), iterations
+    )
+    table = centres[0]
+    for _ in range(refinements):
+        scales = search_scales(rows, weights, table)
+        codes = _nearest_scaled(rows, table, scales)
+        s = np.broadcast_to(scales[..., None], rows.shape)
+        numerator = np.bincount(codes.ravel(), (weights * s * rows).ravel(), minlength=levels)
+        denominator = np.bincount(codes.ravel(), (weights * s * s).ravel(), minlength=levels)
+        table = np.sort(_safe_ratio(numerator, denominator, table))
+    scales = search_scales(rows, weights, table)
+    return _fixed_table_weight(weight, table.astype(np.float16), scales, bits, group_size)
+
+
+def _safe_ratio(numerator: np.ndarray, denominator: np.ndarray, fallback: np.ndarray) -> np.ndarray:
+    """numerator / denominator where the denominator is positive, else ``fallback`` (an empty cluster / group)."""
+    positive = denominator > 0
+    return np.where(positive, numerator / np.where(positive, denominator, 1.0), fallback)
+
+
+def _nearest_scaled(rows: np.ndarray, ascending_table: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """Codes of the table entries nearest each value / its group's scale: rows [G, N, L], scales [G, N]."""
+    midpoints = (ascending_table[1:] + ascending_table[:-1]) * 0.5
+    safe = np.where(scales == 0, 1.0, scales)
+    return np.searchsorted(midpoints, rows / safe[..., None], side="left")
 
 
 def codebook_relative_mse(weight_kn: np.ndarray, cw: CodebookWeight, importance: np.ndarray | None = None) -> float:
