@@ -192,7 +192,7 @@ def test_bits_per_weight_counts_codes_tables_and_scales():
     assert iq4nl_quantize(w, 32).bits_per_weight() == pytest.approx(4 + 16 / 32 + 16 * 8 / (k * n))
     # storage_bytes agrees with the packed buffer the emitter writes.
     cw = lut_quantize(w, 3)
-    assert pack_codes(cw.codes, 3).size + cw.table.nbytes == cw.storage_bytes()
+    assert pack_codes(cw.codes.reshape(-1), 3).size + cw.table.nbytes == cw.storage_bytes()
 
 
 def test_weighted_kmeans_lowers_weighted_error():
@@ -314,3 +314,41 @@ def test_tiny_model_logits_match_fake_quantized_model(tiny_models, tmp_path):
     assert np.abs(floating - expected).max() > 1e-2
     stored = sum(v.const_value.size for v in lut_model.graph.initializers.values() if v.name.endswith("weight_codes"))
     assert stored > 0 and not any(name.endswith("proj.weight") for name in lut_model.graph.initializers)
+
+
+@pytest.mark.parametrize("method", sorted(QUANTIZERS))
+def test_artifact_tensors_round_trip(method):
+    from graphq.artifacts.codebook import from_tensors, to_tensors
+
+    k, n = 40, 25
+    cw = QUANTIZERS[method](weight(k, n))
+    tensors = to_tensors(cw)
+    row_bytes = -(-k // 2) if cw.bits == 4 else -(-k // 8) * 3
+    assert tensors["weight"].dtype == np.uint8 and tensors["weight"].shape == (n, row_bytes)
+    lut = tensors["weight_lut"]
+    if cw.table.shape[1] == 1:
+        assert lut.shape[0] == 1  # one shared table
+    else:
+        assert lut.shape == ((n, 1 << cw.bits) if cw.per_channel else (n, cw.n_groups, 1 << cw.bits))
+    back = from_tensors(tensors, k, cw.bits, cw.group_size)
+    np.testing.assert_array_equal(back.codes, cw.codes)
+    np.testing.assert_array_equal(back.dequantize(), cw.dequantize())
+    # Row n of the packed weight is output channel n: its first code is codes[0, n] (low bits first).
+    assert tensors["weight"][3, 0] & 1 == cw.codes[0, 3] & 1
+
+
+def test_artifact_tensors_refuse_a_wrong_shape():
+    from graphq.artifacts.codebook import from_tensors, to_tensors
+
+    tensors = to_tensors(lut_quantize(weight(40, 8), 4))
+    with pytest.raises(GraphqError, match="expected"):
+        from_tensors(tensors, 64, 4, -1)
+
+
+def test_pack_codes_packs_each_row_of_the_last_axis():
+    codes = np.random.default_rng(0).integers(0, 8, size=(5, 13)).astype(np.uint8)
+    packed = pack_codes(codes, 3)
+    assert packed.shape == (5, 6)  # 13 codes -> 16 -> 4 bytes of 2-bit fields + 2 bytes of 1-bit fields
+    for row in range(5):
+        np.testing.assert_array_equal(packed[row], pack_codes(codes[row], 3))
+    np.testing.assert_array_equal(unpack_codes(packed, 3, 13), codes)

@@ -52,43 +52,47 @@ def _padded_count(count: int, bits: int) -> int:
 
 
 def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
-    """Row-major codes (any shape) -> a 1-D uint8 buffer, plane after plane (see the module docstring)."""
+    """Codes -> uint8 bytes along the last axis, plane after plane (see the module docstring); leading axes stay.
+
+    The emitter packs the flattened row-major [K, N] codes (one 1-D buffer); artifacts pack each output row."""
     if bits not in PLANES:
         raise GraphqError(f"no code packing for {bits} bits (supported: {sorted(PLANES)})")
-    flat = np.asarray(codes, dtype=np.uint8).reshape(-1)
-    if flat.size and int(flat.max()) >= 1 << bits:
-        raise GraphqError(f"a code is {int(flat.max())}, too large for {bits} bits")
-    padded = np.zeros(_padded_count(flat.size, bits), dtype=np.uint8)
-    padded[: flat.size] = flat
+    codes = np.asarray(codes, dtype=np.uint8)
+    if codes.size and int(codes.max()) >= 1 << bits:
+        raise GraphqError(f"a code is {int(codes.max())}, too large for {bits} bits")
+    lead, count = codes.shape[:-1], codes.shape[-1]
+    padded = np.zeros((*lead, _padded_count(count, bits)), dtype=np.uint8)
+    padded[..., :count] = codes
     planes, low = [], 0
     for plane_bits, per_byte in PLANES[bits]:
-        field = (padded >> low) & ((1 << plane_bits) - 1)
-        fields = field.reshape(-1, per_byte)
-        byte = np.zeros(fields.shape[0], dtype=np.uint8)
+        fields = ((padded >> low) & ((1 << plane_bits) - 1)).reshape(*lead, -1, per_byte)
+        byte = np.zeros(fields.shape[:-1], dtype=np.uint8)
         for i in range(per_byte):
-            byte |= (fields[:, i] << (i * plane_bits)).astype(np.uint8)
+            byte |= (fields[..., i] << (i * plane_bits)).astype(np.uint8)
         planes.append(byte)
         low += plane_bits
-    return np.concatenate(planes)
+    return np.concatenate(planes, axis=-1)
 
 
 def unpack_codes(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
-    """Inverse of ``pack_codes``: the first ``count`` codes, 1-D uint8 (the numpy twin of the emitted graph)."""
+    """Inverse of ``pack_codes``: the first ``count`` codes of each row of the last axis, uint8 (the numpy twin
+    of the emitted graph)."""
     if bits not in PLANES:
         raise GraphqError(f"no code packing for {bits} bits (supported: {sorted(PLANES)})")
-    padded = _padded_count(count, bits)
-    if packed.size != packed_length(count, bits):
-        raise GraphqError(f"{packed.size} packed bytes do not hold {count} {bits}-bit codes")
-    codes = np.zeros(padded, dtype=np.uint8)
+    packed = np.asarray(packed, dtype=np.uint8)
+    if packed.shape[-1] != packed_length(count, bits):
+        raise GraphqError(f"{packed.shape[-1]} packed bytes do not hold {count} {bits}-bit codes")
+    lead, padded = packed.shape[:-1], _padded_count(count, bits)
+    codes = np.zeros((*lead, padded), dtype=np.uint8)
     start, low = 0, 0
     for plane_bits, per_byte in PLANES[bits]:
-        plane = packed[start : start + padded // per_byte]
+        plane = packed[..., start : start + padded // per_byte]
         shifts = np.arange(per_byte, dtype=np.uint8) * plane_bits
-        fields = (plane[:, None] >> shifts) % np.uint8(1 << plane_bits)
-        codes += (fields.reshape(-1) << low).astype(np.uint8)
-        start += plane.size
+        fields = (plane[..., None] >> shifts) % np.uint8(1 << plane_bits)
+        codes += (fields.reshape(*lead, padded) << low).astype(np.uint8)
+        start += padded // per_byte
         low += plane_bits
-    return codes[:count]
+    return codes[..., :count]
 
 
 def emit_lut(model: ir.Model, layer: LinearLayer, cw: CodebookWeight) -> None:
@@ -119,7 +123,7 @@ def emit_lut(model: ir.Model, layer: LinearLayer, cw: CodebookWeight) -> None:
         return np.array(values, dtype=np.int64)
 
     # Codes: each bit plane's bytes -> [bytes, per_byte] fields -> flat, weighted by the plane's position.
-    packed = const("weight_codes", pack_codes(cw.codes, cw.bits))
+    packed = const("weight_codes", pack_codes(cw.codes.reshape(-1), cw.bits))
     padded = _padded_count(k * n, cw.bits)
     codes, start, low = None, 0, 0
     for plane_bits, per_byte in PLANES[cw.bits]:
