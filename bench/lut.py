@@ -1,4 +1,4 @@
-"""Data-free LUT (codebook) weights on SmolLM2-135M next to uniform RTN at 4 and 3 bits.
+"""LUT (codebook) weights on SmolLM2-135M next to uniform RTN at 4 and 3 bits, data-free (and a calibrated preview).
 
     .venv/bin/python -m bench.lut [--float /work/out/fp32] [--runs /tmp/lut] [--variants NAME ...]
 
@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 import onnx_ir as ir
 
-from bench.common import Evaluator, Measurement, bench_arguments, float_export
+from bench.common import DATA, Evaluator, Measurement, bench_arguments, float_export
 from graphq.algorithms.codebook import CodebookWeight, iq4nl_quantize, lut_quantize, nf4_quantize, shared_lut_quantize
 from graphq.algorithms.rtn import QuantizedWeight, quantize_rtn
 from graphq.linear_layers import LinearLayer, find_linear_layers
@@ -28,6 +28,7 @@ from graphq.model_io import MODEL_FILENAME, copy_side_files, load_model, save_mo
 from graphq.passes.lut import emit_lut
 from graphq.passes.matmulnbits import emit_matmulnbits
 
+CALIBRATION_TEXT = DATA / "sensesensibility.txt"  # never the evaluation text
 # Scales and table scales counted at float16 (the fp32 export's MatMulNBits scales are float32 in the graph).
 SCALE_BITS = 16
 
@@ -52,6 +53,43 @@ def norm_importance(layer: LinearLayer) -> np.ndarray | None:
     if layer.norm_weight is None:
         return None
     return np.asarray(layer.norm_weight.const_value.numpy(), dtype=np.float64) ** 2
+
+
+class HessianDiagonals:
+    """Per linear input, sum over calibration tokens of x_k^2 (the diagonal of X^T X), from the float model's
+    activations, computed once on first use. A preview of the data-aware LUT (SqueezeLLM-style weighting) until
+    the layer-wise engine passes its own statistics; float-model activations, not layer-wise ones."""
+
+    def __init__(self, samples: int = 16, seq_len: int = 512, seed: int = 0):
+        self.samples, self.seq_len, self.seed = samples, seq_len, seed
+        self.float_dir: Path | None = None
+        self.by_input: dict[str, np.ndarray] | None = None
+
+    def __call__(self, layer: LinearLayer) -> np.ndarray:
+        if self.by_input is None:
+            self.by_input = self._collect()
+        return self.by_input[layer.input.name]
+
+    def _collect(self) -> dict[str, np.ndarray]:
+        from graphq.calibration_data import calibration_samples
+        from graphq.runtimes.activation_capture import ActivationCapture
+        from graphq.tokenizer import load_tokenizer
+
+        model = load_model(self.float_dir)
+        layers = [layer for layer in find_linear_layers(model) if layer.role != "lm_head"]
+        capture = ActivationCapture(model, layers)
+        windows = calibration_samples(
+            load_tokenizer(self.float_dir), CALIBRATION_TEXT, num_samples=self.samples, seq_len=self.seq_len, seed=self.seed
+        )
+        sums: dict[str, np.ndarray] = {}
+        for ids in windows:
+            for name, x in capture.run(ids).items():
+                x = np.asarray(x, dtype=np.float64).reshape(-1, x.shape[-1])
+                sums[name] = sums.get(name, 0.0) + (x * x).sum(axis=0)
+        return sums
+
+
+HESSIAN = HessianDiagonals()
 
 
 def codebook_layer(
@@ -87,6 +125,12 @@ VARIANTS: dict[str, Callable[[ir.Model, LinearLayer], tuple[int, int]]] = {
     "LUT 4-bit g128, fp16 table": codebook_layer(lambda w, layer: lut_quantize(w, 4, 128)),
     "LUT 4-bit per-channel, int8 table, norm-weighted": codebook_layer(
         lambda w, layer: lut_quantize(w, 4, -1, importance=norm_importance(layer), table_dtype="int8")
+    ),
+    "LUT 4-bit per-channel, int8 table, Hessian-diagonal weighted (calibrated preview)": codebook_layer(
+        lambda w, layer: lut_quantize(w, 4, -1, importance=HESSIAN(layer), table_dtype="int8")
+    ),
+    "LUT 3-bit per-channel, int8 table, Hessian-diagonal weighted (calibrated preview)": codebook_layer(
+        lambda w, layer: lut_quantize(w, 3, -1, importance=HESSIAN(layer), table_dtype="int8")
     ),
 }
 DEFAULT_VARIANTS = list(VARIANTS)[:9]
@@ -147,6 +191,7 @@ def main() -> None:
     unknown = [name for name in chosen if name not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}")
+    HESSIAN.float_dir = float_dir
     evaluator = Evaluator(float_dir, args)
     rows = [Row(evaluator.measure("fp32", float_dir, None), None, 0)]
     for name in chosen:
@@ -155,8 +200,12 @@ def main() -> None:
         print(f"  {name}: {bpw:.3f} bits/weight, {seconds:.1f} s, {fallback} fallback rows", flush=True)
         rows.append(Row(evaluator.measure(name, out_dir, seconds), bpw, fallback))
     print()
+    calibration = (
+        f"'calibrated' variants weighted by {HESSIAN.samples} windows of {HESSIAN.seq_len} tokens of {CALIBRATION_TEXT.name}"
+        if HESSIAN.by_input is not None else "data-free (no calibration)"
+    )
     print(f"SmolLM2-135M, Pride and Prejudice, first {args.max_tokens} tokens, windows of {args.ctx}; lm_head float; "
-          "data-free (no calibration)")
+          f"{calibration}")
     print(markdown_table(rows, rows[0].measurement.ppl))
     fallbacks = {row.measurement.name: row.fallback_rows for row in rows if row.fallback_rows}
     if fallbacks:
