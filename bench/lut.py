@@ -132,6 +132,9 @@ VARIANTS: dict[str, Callable[[ir.Model, LinearLayer], tuple[int, int]]] = {
     "LUT 3-bit per-channel, int8 table, Hessian-diagonal weighted (calibrated preview)": codebook_layer(
         lambda w, layer: lut_quantize(w, 3, -1, importance=HESSIAN(layer), table_dtype="int8")
     ),
+    "learned shared table g64, Hessian-diagonal weighted (calibrated preview)": codebook_layer(
+        lambda w, layer: shared_lut_quantize(w, 4, 64, importance=HESSIAN(layer), refinements=1)
+    ),
 }
 DEFAULT_VARIANTS = list(VARIANTS)[:9]
 
