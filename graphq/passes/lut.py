@@ -10,7 +10,9 @@ Why not a contrib kernel: onnxruntime 1.32's weight-only kernels all dequantize 
 (q - zero_point) * scale (its ``g_idx`` input, deprecated, only maps K rows to blocks); GatherBlockQuantized is an
 embedding Gather with the same affine rule; MatMulBnb4 hard-codes the FP4 / NF4 table (absmax per block of a
 flattened [N, K] weight) and so cannot hold a learned table; MatMulBlockQuantizedFp4Weight is NVFP4 on CUDA.
-None takes a table per output channel, so the table is applied with a Gather, which every runtime has.
+None takes a table per output channel, so the table is applied with a Gather, which every runtime has. (NF4 with
+groups along K could later go to MatMulBnb4, whose kernel keeps the weight packed at run time; here one emitter
+serves every table.)
 
 Storage, the only weight initializers: ``weight_codes`` uint8, the row-major [K, N] codes bit-packed into a 1-D
 buffer (``pack_codes``): 4-bit codes two per byte, the even index in the low nibble; 3-bit codes as two bit
