@@ -226,12 +226,12 @@ def test_iq4nl_uses_the_llama_cpp_table():
     cw = iq4nl_quantize(w, 32)
     np.testing.assert_array_equal(cw.table.reshape(-1), IQ4NL_VALUES)
     assert cw.table.dtype == np.int8 and cw.table_scales.shape == (2, 16)
-    # The searched scale is no worse than the plain absmax / 127 scale.
-    plain = np.abs(w.reshape(2, 32, 16)).max(axis=1) / 127
-    plain_cw = CodebookWeight(cw.codes, cw.table, 4, 32, plain.astype(np.float16))
-    values = IQ4NL_VALUES.astype(np.float32)
-    plain_cw.codes = np.abs(w[:, None, :] / np.repeat(plain, 32, axis=0)[:, None, :] - values[None, :, None]).argmin(1).astype(np.uint8)
-    assert codebook_relative_mse(w, cw) <= codebook_relative_mse(w, plain_cw)
+    # The searched scales are no worse than the plain absmax / 127 scale with nearest codes.
+    plain = (np.abs(w.reshape(2, 32, 16)).max(axis=1) / 127).astype(np.float16)
+    normalised = w / np.repeat(plain.astype(np.float32), 32, axis=0)
+    nearest = np.abs(normalised[:, :, None] - IQ4NL_VALUES.astype(np.float32)).argmin(axis=2).astype(np.uint8)
+    plain_cw = CodebookWeight(nearest, cw.table, 4, 32, plain)
+    assert codebook_relative_mse(w, cw) < codebook_relative_mse(w, plain_cw)
 
 
 def test_shared_table_beats_nf4_at_the_same_storage():
