@@ -117,8 +117,12 @@ def markdown(bench: Bench, header: str) -> str:
 def render_from_log(args) -> None:
     """The table of the rows WORK/rows.jsonl holds (each row is appended there as soon as it is measured)."""
     bench = Bench(args.work, None, args.work / "rows.jsonl")
+    seen = set()
     for line in (args.work / "rows.jsonl").read_text().splitlines():
-        bench.rows.append(Row(**json.loads(line)))
+        row = Row(**json.loads(line))
+        if row.label not in seen:  # a step measured twice (two drivers) is listed once
+            seen.add(row.label)
+            bench.rows.append(row)
     bench.float_ppl = bench.rows[0].ppl
     header = (f"# bench.sparse — rows from {args.work / 'rows.jsonl'} (rendered {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})\n\n"
               f"Command: `.venv/bin/python -m bench.sparse` (graphq {args.num_samples} samples x {args.seq_len} tokens of "
