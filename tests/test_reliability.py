@@ -487,7 +487,7 @@ def test_verify_html_replaces_a_file_only_with_overwrite(inputs, tmp_path, capsy
 _HANGING_QUANTIZE = """
 import importlib, sys, time
 quantize = importlib.import_module("graphq.quantize")
-quantize.rtn_quantize = lambda *args, **kwargs: time.sleep(120)
+quantize.data_free_quantize = lambda *args, **kwargs: time.sleep(120)
 from graphq.cli import main
 sys.exit(main(sys.argv[1:]))
 """
