@@ -8,7 +8,7 @@ is a boolean graph input named ``graphq_gate.<linear name>``. Where selects, so 
 model bit for bit and a closed one the fake-quantized layer exactly.
 
 FQ(x): per tensor, QuantizeLinear + DequantizeLinear with a given scale / zero point; per token, the W8A8 dynamic
-grid (``graphq.algorithms.grid.fake_quantize_per_token``) in standard ops.
+grid in standard ops, built by the W8A8 dynamic emitter's ``per_token_grid``.
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from graphq.algorithms.grid import MIN_TOKEN_ABSMAX, PER_TOKEN_QMAX, ActivationRange
+from graphq.algorithms.grid import ActivationRange
 from graphq.graph_utils import add_initializer
 from graphq.linear_layers import LinearLayer
+from graphq.passes.w8a8_dynamic import per_token_grid
 
 GATE_PREFIX = "graphq_gate."
 
@@ -89,12 +90,7 @@ def _switch_input(model: ir.Model, layer: LinearLayer, gate: ir.Value, activatio
         quantized = op("QuantizeLinear", [x, scale, zero_point], "quantize")
         fake = op("DequantizeLinear", [quantized, scale, zero_point], "dequantize")
     elif activation == "per_token":
-        amax = op("ReduceMax", [op("Abs", [x], "abs"), const("axes", np.array([-1], dtype=np.int64))], "amax", keepdims=1)
-        amax = op("Max", [amax, const("min_amax", np.array(MIN_TOKEN_ABSMAX, dtype=dtype))], "amax_clamped")
-        step = op("Div", [amax, const("qmax", np.array(PER_TOKEN_QMAX, dtype=dtype))], "step")
-        rounded = op("Round", [op("Div", [x, step], "scaled")], "rounded")
-        clipped = op("Clip", [rounded, const("lo", np.array(-PER_TOKEN_QMAX, dtype=dtype)),
-                              const("hi", np.array(PER_TOKEN_QMAX, dtype=dtype))], "clipped")
+        clipped, step = per_token_grid(op, const, x, dtype)
         fake = op("Mul", [clipped, step], "dequantized")
     else:
         raise ValueError(f"unknown activation quantizer {activation!r}")

@@ -22,6 +22,20 @@ from graphq.passes.qdq import QDQ_IR_VERSION, QDQ_OPSET
 from graphq.passes.w8a8 import weight_as_u8
 from graphq.passes.matmulnbits import replace_node_output
 
+def per_token_grid(op, const, x: ir.Value, float_type: np.dtype) -> tuple[ir.Value, ir.Value]:
+    """The ops of the per-token grid (``grid.fake_quantize_per_token``) on ``x``: the clipped integer codes (still
+    float) and each token's step. ``op(op_type, inputs, suffix, **attributes)`` and ``const(suffix, array)`` add the
+    caller's nodes and initializers under its own names."""
+    amax = op("ReduceMax", [op("Abs", [x], "abs"), const("reduce_axes", np.array([-1], dtype=np.int64))],
+              "amax", keepdims=1)
+    amax = op("Max", [amax, const("min_amax", np.array(MIN_TOKEN_ABSMAX, dtype=float_type))], "amax_clamped")
+    token_scale = op("Div", [amax, const("qmax", np.array(PER_TOKEN_QMAX, dtype=float_type))], "token_scale")
+    rounded = op("Round", [op("Div", [x, token_scale], "scaled")], "rounded")
+    clipped = op("Clip", [rounded, const("clip_min", np.array(-PER_TOKEN_QMAX, dtype=float_type)),
+                          const("clip_max", np.array(PER_TOKEN_QMAX, dtype=float_type))], "clipped")
+    return clipped, token_scale
+
+
 def emit_w8a8_dynamic(model: ir.Model, layer: LinearLayer, qw: QuantizedWeight) -> ir.Value:
     """Rewrite one linear to W8A8 dynamic; returns the value that now carries its output."""
     graph = model.graph
@@ -40,14 +54,7 @@ def emit_w8a8_dynamic(model: ir.Model, layer: LinearLayer, qw: QuantizedWeight) 
         nodes.append(node)
         return node.outputs[0]
 
-    x = layer.input
-    amax = op("ReduceMax", [op("Abs", [x], "abs"), const("reduce_axes", np.array([-1], dtype=np.int64))],
-              "amax", keepdims=1)
-    amax = op("Max", [amax, const("min_amax", np.array(MIN_TOKEN_ABSMAX, dtype=float_type))], "amax_clamped")
-    token_scale = op("Div", [amax, const("qmax", np.array(PER_TOKEN_QMAX, dtype=float_type))], "token_scale")
-    rounded = op("Round", [op("Div", [x, token_scale], "scaled")], "rounded")
-    clipped = op("Clip", [rounded, const("clip_min", np.array(-PER_TOKEN_QMAX, dtype=float_type)),
-                          const("clip_max", np.array(PER_TOKEN_QMAX, dtype=float_type))], "clipped")
+    clipped, token_scale = per_token_grid(op, const, layer.input, float_type)
     shifted = op("Add", [clipped, const("u8_shift", np.array(128, dtype=float_type))], "shifted")
     x_q = op("Cast", [shifted], "x_u8", to=ir.DataType.UINT8)
     product = op("MatMulInteger", [x_q, const("weight_quantized", q), const("input_zero_point", np.array(128, dtype=np.uint8)),
