@@ -39,6 +39,25 @@ class WriteJob:
     kv_cache: dict | None
     collector: "ArtifactCollector"
 
+    def float_sources(self) -> dict:
+        """The float tensors to store beside the quantized layers (HF name -> source); refuses a name both are."""
+        from graphq.artifacts.naming import float_tensor_sources
+
+        floats = float_tensor_sources(self.model, self.layers, self.collector.quantized_names())
+        clash = set(floats) & {f"{n}.{s}" for n, t in self.collector.layers.items() for s in t}
+        if clash:
+            raise GraphqError(f"tensor name {sorted(clash)[0]} is both float and quantized: cannot write artifacts")
+        return floats
+
+    def stored_tensors(self, floats: dict):
+        """(name, array) of every float tensor in the serving dtype, then every collected layer tensor."""
+        from graphq.artifacts.dtypes import cast
+
+        for name, source in floats.items():
+            yield name, cast(source.array(), self.collector.serving_dtype(source.dtype))
+        for name, suffix, array in self.collector.layer_items():
+            yield f"{name}.{suffix}", array
+
 
 class ArtifactTarget:
     """Base class: override what the layout needs. ``loaded_by`` and ``schemes`` feed the README table and errors."""

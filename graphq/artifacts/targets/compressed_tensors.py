@@ -27,13 +27,11 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
 from graphq.algorithms.rtn import QuantizedWeight
 from graphq.artifacts.dtypes import TORCH_NAMES, cast, numpy_dtype
-from graphq.artifacts.naming import float_tensor_sources
 from graphq.artifacts.safetensors_io import GB, write_safetensors
 from graphq.artifacts.targets import ArtifactTarget, WriteJob, register_target
 from graphq.errors import GraphqError
@@ -182,20 +180,10 @@ class CompressedTensorsTarget(ArtifactTarget):
 
     def write(self, job: WriteJob) -> list[Path]:
         collector = job.collector
-        floats = float_tensor_sources(job.model, job.layers, collector.quantized_names())
-        clash = set(floats) & {f"{n}.{s}" for n, t in collector.layers.items() for s in t}
-        if clash:
-            raise GraphqError(f"tensor name {sorted(clash)[0]} is both float and quantized: cannot write artifacts")
-
-        def tensors() -> Iterator[tuple[str, np.ndarray]]:
-            for name, source in floats.items():
-                yield name, cast(source.array(), collector.serving_dtype(source.dtype))
-            for name, suffix, array in collector.layer_items():
-                yield f"{name}.{suffix}", array
-
+        floats = job.float_sources()
         part_bytes = None if job.part_file_size_gb is None else max(1, int(job.part_file_size_gb * GB))
         metadata = {"graphq_version": job.version, "target": self.name, "serving_dtype": collector.serving_dtype()}
-        return write_safetensors(tensors(), job.out_dir, STEM, part_bytes, metadata)
+        return write_safetensors(job.stored_tensors(floats), job.out_dir, STEM, part_bytes, metadata)
 
     def edit_config(self, config: dict, collector) -> dict:
         config["quantization_config"] = self.quantization_config(collector, collector.float_linears)

@@ -24,7 +24,6 @@ import numpy as np
 from graphq.artifacts.description import FLOAT, KV_CACHE_TYPE, file_tag
 from graphq.artifacts.dtypes import TORCH_NAMES, cast, numpy_dtype
 from graphq.artifacts.layout import PACKING_ALONG_N, TYPES, W8A8_LAYOUT_SCHEMES, encode_w8a8, encode_weight_only
-from graphq.artifacts.naming import float_tensor_sources
 from graphq.artifacts.numpy_io import write_numpy
 from graphq.artifacts.safetensors_io import GB, write_safetensors
 from graphq.artifacts.targets import ArtifactTarget, WriteJob
@@ -103,7 +102,7 @@ class MsModelSlimTarget(ArtifactTarget):
 
     def write(self, job: WriteJob) -> list[Path]:
         collector = job.collector
-        floats = float_tensor_sources(job.model, job.layers, collector.quantized_names())
+        floats = job.float_sources()
         channels = {layer.name: layer.out_features for layer in job.layers}
         kv = kv_cache_tensors(job.kv_cache, channels) if job.kv_cache else {}
         types = {name: FLOAT for name in floats}
@@ -112,15 +111,9 @@ class MsModelSlimTarget(ArtifactTarget):
                 # msModelSlim types a quantized linear's bias FLOAT: it is the float bias, not a quantized tensor.
                 types[f"{name}.{suffix}"] = FLOAT if suffix == "bias" else TYPES[collector.layer_schemes[name]]
         types.update({name: KV_CACHE_TYPE for name in kv})
-        clash = set(floats) & {f"{n}.{s}" for n, t in collector.layers.items() for s in t}
-        if clash:
-            raise GraphqError(f"tensor name {sorted(clash)[0]} is both float and quantized: cannot write artifacts")
 
         def tensors() -> Iterator[tuple[str, np.ndarray]]:
-            for name, source in floats.items():
-                yield name, cast(source.array(), collector.serving_dtype(source.dtype))
-            for name, suffix, array in collector.layer_items():
-                yield f"{name}.{suffix}", array
+            yield from job.stored_tensors(floats)
             yield from kv.items()
 
         written = []
