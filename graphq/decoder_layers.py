@@ -73,11 +73,20 @@ def _depends_on_embedding(value: ir.Value) -> bool:
         if producer is None or id(producer) in seen:
             continue
         seen.add(id(producer))
-        if producer.op_type == "Gather" and producer.inputs[0] is not None and producer.inputs[0].const_value is not None:
-            if len(producer.inputs[0].const_value.shape) == 2:
-                return True
+        if producer.op_type in ("Gather", "GatherBlockQuantized") and _is_constant_table(producer.inputs[0]):
+            return True
         todo.extend(v for v in producer.inputs if v is not None)
     return False
+
+
+def _is_constant_table(value: ir.Value | None) -> bool:
+    """A 2-D constant, or one dequantized in the graph (an embedding quantized by --quantize-embeddings)."""
+    if value is None:
+        return False
+    if value.const_value is not None:
+        return len(value.const_value.shape) == 2
+    producer = value.producer()
+    return producer is not None and producer.op_type == "DequantizeLinear" and _is_constant_table(producer.inputs[0])
 
 
 def _downstream_names(values: list[ir.Value]) -> set[str]:

@@ -46,13 +46,17 @@ def _samples(n: int, length: int, seed: int = 0) -> list[np.ndarray]:
     return [np.concatenate([[1], rng.integers(3, 90, size=length - 1)]) for _ in range(n)]
 
 
-@pytest.mark.parametrize("kind, user_buffers", [("llama", False), ("qwen2", False), ("llama", True)])
-def test_captured_inputs_equal_the_full_model_activations(tiny_models, kind, user_buffers, monkeypatch):
+@pytest.mark.parametrize("kind, user_buffers, skip_layer_0", [
+    ("llama", False, False), ("qwen2", False, False), ("llama", True, False), ("llama", False, True)])
+def test_captured_inputs_equal_the_full_model_activations(tiny_models, kind, user_buffers, skip_layer_0, monkeypatch):
+    """skip_layer_0: no linear of decoder layer 0 is calibrated (all excluded), so the walk must still run it."""
     # Real models pass their large initializers to onnxruntime as user buffers; tiny ones only when forced.
     monkeypatch.setattr(submodel, "_USER_BUFFER_MIN_BYTES", 0 if user_buffers else 1 << 40)
     path = tiny_models[kind]["onnx"] / "model.onnx"
     model = ir.load(path)
     layers = find_linear_layers(model)  # lm_head included: the tail region is captured too
+    if skip_layer_0:
+        layers = [layer for layer in layers if layer.layer_index != 0]
     samples = _samples(3, 24)
     calibration = LayerwiseCalibration(model, layers, samples, {"hessian": HessianAccumulator, "magnitude": ChannelMagnitude},
                                        tokens_per_input=10**6)
@@ -61,7 +65,7 @@ def test_captured_inputs_equal_the_full_model_activations(tiny_models, kind, use
         assert {l.layer_index for l in region_layers} == {region.index}
         for name, entry in stats.items():
             captured[name] = entry
-    assert len(captured) == 2 * 4 + 1  # per layer: attention input, o_proj input, MLP input, down_proj input; lm_head
+    assert len(captured) == (1 if skip_layer_0 else 2) * 4 + 1  # per layer: attention input, o_proj input, MLP input, down_proj input; lm_head
     proto = onnx.load(str(path))
     for name in captured:
         proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))

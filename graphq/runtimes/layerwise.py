@@ -75,6 +75,7 @@ class LayerwiseCalibration:
         tokens_per_input: int = 2048,
         seed: int = 0,
         threads: int | None = None,
+        all_layers: list[LinearLayer] | None = None,
     ):
         self.model = model
         self.layers = layers
@@ -83,7 +84,8 @@ class LayerwiseCalibration:
         self.tokens_per_sample = max(1, -(-tokens_per_input // len(samples)))
         self.rng = np.random.default_rng(seed)
         self.threads = threads
-        self.regions = decoder_regions(model, layers)
+        # The region boundaries come from every linear of the model (a run may quantize one linear of a layer).
+        self.regions = decoder_regions(model, all_layers or layers)
         # Only regions holding layers to quantize are calibrated; the walk stops after the last of them.
         self.active_regions = [r for r in self.regions if any(l.layer_index == r.index for l in layers)]
         self.peak_stream_bytes = 0
@@ -100,11 +102,19 @@ class LayerwiseCalibration:
         values = [prefix.run(feed) for feed in feeds]
         del prefix  # it holds the embedding table, which no later step needs
         later_needs = self._remaining_needs()
-        regions = self.active_regions
+        if not self.active_regions:
+            return
+        # Regions between the active ones (every linear excluded) still run, to carry the hidden states forward.
+        regions = self.regions[: self.regions.index(self.active_regions[-1]) + 1]
         for position, region in enumerate(regions):
             region_layers = [l for l in self.layers if l.layer_index == region.index]
             input_names = list(dict.fromkeys(l.input.name for l in region_layers))
             cut = region.stream_inputs + region.static_inputs
+            if not region_layers:
+                if not region.stream_outputs:
+                    break
+                self._forward(region, cut, feeds, values, later_needs)
+                continue
             capture = SubmodelSession(self.model, self._specs(cut, values[0]), input_names, threads=self.threads)
             stats = {
                 name: InputStatistics({key: factory() for key, factory in self.statistics.items()})
@@ -123,13 +133,17 @@ class LayerwiseCalibration:
             yield region, region_layers, stats
             if position == len(regions) - 1 or not region.stream_outputs:
                 break
-            forward = SubmodelSession(self.model, self._specs(cut, values[0]), region.stream_outputs, threads=self.threads)
-            keep = later_needs[region.index]
-            for i, (feed, sample_values) in enumerate(zip(feeds, values)):
-                produced = forward.run({**feed, **sample_values})
-                merged = {**sample_values, **produced}
-                values[i] = {name: merged[name] for name in merged if name in keep}
-            self.peak_stream_bytes = max(self.peak_stream_bytes, sum(a.nbytes for v in values for a in v.values()))
+            self._forward(region, cut, feeds, values, later_needs)
+
+    def _forward(self, region: Region, cut: list[str], feeds: list, values: list[dict], later_needs: dict) -> None:
+        """Run the region (as the graph now has it) on every sample, replacing ``values`` by what later regions read."""
+        forward = SubmodelSession(self.model, self._specs(cut, values[0]), region.stream_outputs, threads=self.threads)
+        keep = later_needs[region.index]
+        for i, (feed, sample_values) in enumerate(zip(feeds, values)):
+            produced = forward.run({**feed, **sample_values})
+            merged = {**sample_values, **produced}
+            values[i] = {name: merged[name] for name in merged if name in keep}
+        self.peak_stream_bytes = max(self.peak_stream_bytes, sum(a.nbytes for v in values for a in v.values()))
 
     def _remaining_needs(self) -> dict[int | None, set[str]]:
         """For each region, the values any later region still reads."""
