@@ -27,6 +27,24 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def kd_setting(text: str) -> tuple[str, object]:
+    """An argparse type: KEY=VALUE, the value read as YAML (numbers, true/false, [lists])."""
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    for number in (int, float):  # YAML 1.1 reads 1e-2 as a string
+        try:
+            return key.strip(), number(value)
+        except ValueError:
+            pass
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise argparse.ArgumentTypeError(f"the value of {key} is not a number, word or [list]: {value!r}") from None
+
+
 def _add_eval_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text", required=True, help="UTF-8 text to evaluate on (never the calibration text)")
     parser.add_argument("--ctx", type=int, default=512, help="tokens per window (default 512)")
@@ -159,6 +177,30 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--embedding-group-size", type=int, help="embedding values per scale along hidden (default 32)")
     quantize.add_argument("--embedding-method", help="rtn (default) or gptq: the tied lm_head's inputs calibrate the table")
 
+    # Knowledge distillation (issue 12)
+    quantize.add_argument("--kd", type=kd_setting, nargs="+", metavar="KEY=VALUE",
+                          help="kd training settings (--method kd / awq+kd), e.g. num_epochs=2 learning_rate=5e-3 "
+                          "train_samples=64 cutoff_len=256; the YAML form is a kd: mapping")
+    quantize.add_argument("--device", help="where kd trains: auto (default: cuda if torch sees one), cpu, cuda")
+    quantize.add_argument("--plan", help="per-layer plan file from 'graphq plan' (edited): each tensor's bits, group "
+                          "size, symmetry and method")
+
+    plan = commands.add_parser("plan", help="write the per-layer plan (dopt_config.json layout) the options imply")
+    plan.add_argument("model", help="export folder or model.onnx")
+    plan.add_argument("-o", "--output", required=True, help="plan JSON to write (e.g. plan.json)")
+    plan.add_argument("--config", help="YAML file of options; command-line options override it")
+    plan.add_argument("--scheme", help="default scheme of the linears (w4a16, w8a16, w8a8, ...)")
+    plan.add_argument("--group-size", type=int, help="input channels per scale (default 128, -1 per-channel)")
+    plan_sym = plan.add_mutually_exclusive_group()
+    plan_sym.add_argument("--sym", dest="symmetric", action="store_const", const=True)
+    plan_sym.add_argument("--asym", dest="symmetric", action="store_const", const=False)
+    plan.add_argument("--method", help="weight method of every entry (rtn, awq, gptq, awq+kd, ...)")
+    plan.add_argument("--exclude", nargs="+", metavar="PATTERN", help="linears written as float (weight bit 16)")
+    plan.add_argument("--quantize-lm-head", action="store_const", const=True, help="plan lm_head quantized too")
+    plan.add_argument("--quantize-embeddings", help="int8 or int4: plan the token embedding quantized")
+    plan.add_argument("--embedding-group-size", type=int, help="embedding values per scale (default 32)")
+    plan.add_argument("--overwrite", action="store_true", help="replace an existing plan file")
+
     rebuild = commands.add_parser("load-artifacts", help="rebuild a fake-quant ONNX model from safetensors + description")
     rebuild.add_argument("artifacts", help="folder with quant_model_description_*.json and its safetensors")
     rebuild.add_argument("-o", "--output", required=True, help="output folder (must not exist)")
@@ -199,6 +241,8 @@ def _quant_config(args: argparse.Namespace):
     # Every config field the parser has a flag for; flags left unset (None) keep the YAML's or the default value.
     for field in dataclasses.fields(QuantConfig):
         value = getattr(args, field.name, None)
+        if field.name == "kd" and value is not None:  # KEY=VALUE pairs update the YAML's kd: mapping
+            value = {**data.get("kd", {}), **dict(value)}
         if value is not None:
             data[field.name] = value
     return QuantConfig.from_dict(data)
@@ -250,6 +294,16 @@ def run(args: argparse.Namespace) -> int:
             check_output_dir(Path(args.output), [Path(args.config)], overwrite=True)
         result = quantize(args.model, _quant_config(args), args.output, overwrite=args.overwrite, progress=not args.quiet)
         print(result.model_file if result.model_file.is_file() else result.output_dir)  # --save-format without onnx
+        return 0
+    if args.command == "plan":
+        from graphq.layer_plan import default_plan
+        from graphq.model_io import resolve_model_file
+        from graphq.output_files import check_output_file, model_input_files, write_text_atomically
+
+        check_output_file(args.output, model_input_files(resolve_model_file(args.model)), args.overwrite, "plan file")
+        plan = default_plan(args.model, _quant_config(args))
+        write_text_atomically(Path(args.output), json.dumps(plan, indent=2) + "\n")
+        print(f"wrote {args.output}: {len(plan['layer_strategy'])} entries; edit it and pass --plan {args.output}")
         return 0
     if args.command == "analyze":
         from graphq.model_io import resolve_model_file

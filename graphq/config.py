@@ -106,6 +106,12 @@ class QuantConfig:
     embedding_symmetric: bool | None = None
     # embedding_method: rtn, or gptq (a tied lm_head's inputs calibrate the shared table; needs calibration text).
     embedding_method: str = "rtn"
+    # Knowledge distillation (issue 12, --method kd / awq+kd): the keys of graphq.kd.settings.KDSettings (dopt's
+    # kd: block); device: where torch trains (auto: cuda when torch sees one, else cpu).
+    kd: dict[str, Any] = field(default_factory=dict)
+    # plan: a per-layer plan file (graphq plan; dopt's dopt_config.json layout) that decides each tensor's precision.
+    plan: str | None = None
+    device: str = "auto"
 
     def group_size_for(self, in_features: int) -> int:
         """The group size for a layer with ``in_features`` inputs: a group covering all of K is per-channel (-1)."""
@@ -267,6 +273,13 @@ class QuantConfig:
         from graphq.sparsity_config import validate_sparsity
 
         validate_sparsity(self)
+        from graphq.kd.settings import KDSettings
+
+        KDSettings.from_dict(self.kd)
+        if self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"):
+            raise GraphqError(f"unknown --device '{self.device}': choose auto, cpu or cuda (cuda:N)")
+        if any(m.trains for m in resolve_methods(self.method)) and self.scheme not in WEIGHT_ONLY_SCHEMES:
+            raise GraphqError(f"--method {self.method} trains weight-only clips: use --scheme w4a16 or w8a16")
         return self
 
     @property

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import resource
 import shutil
@@ -40,13 +41,16 @@ from graphq.model_io import (
     resolve_model_file,
     save_model,
 )
+from graphq.layer_plan import (PLAN_FILE, LayerSetting, check_names, embedding_options, plan_from_report, read_plan,
+                               setting_for)
+from graphq.passes.embedding import find_embedding
 from graphq.passes.emitters import emitter_for
 from graphq.precision_plan import needs_plan, plan_precision
 from graphq.selection import matches, skip_reason
 from graphq.sparsify import prune_float_layers, warn_all_zero
 from graphq.sparsity_config import check_layers_fit
 from graphq.version import __version__
-from graphq.weight_methods import quantize_region, resolve_methods, rounding_method, statistics_needed
+from graphq.weight_methods import LayerResult, quantize_region, resolve_methods, rounding_method, statistics_needed
 
 
 @dataclass
@@ -88,18 +92,21 @@ def data_free_quantize(layers: list[LinearLayer], config: QuantConfig, progress:
 def calibrated_quantize(
     model: ir.Model, model_file: Path, layers: list[LinearLayer], config: QuantConfig, progress: bool,
     finish: FinishLayer, known_layers: list[LinearLayer], rescaled: dict[str, str],
-    samples: list[np.ndarray] | None = None,
+    samples: list[np.ndarray] | None = None, on_result: Callable[[LinearLayer, LayerResult], None] | None = None,
 ) -> None:
     """The method sequence (awq, gptq, awq+gptq, ...), decoder layer by decoder layer, on activations captured in
     onnxruntime.
 
     Each decoder layer is rewritten to its quantized form before the next is calibrated, so the next layer sees
     the real quantized outputs and only one layer's float weights are ever replaced in memory. ``rescaled``
-    receives the linears whose output channels a fold rescaled on purpose (for verify).
+    receives the linears whose output channels a fold rescaled on purpose (for verify). ``on_result`` replaces
+    ``finish`` where a later stage continues from the results (kd after awq): the graph then keeps the float
+    weights, transformed (folded scales) but not rounded.
     """
     methods = resolve_methods(config.method)
     samples = samples if samples is not None else load_calibration_samples(model_file, config)
-    calibration = LayerwiseCalibration(model, layers, samples, statistics_needed(methods), seed=config.seed)
+    calibration = LayerwiseCalibration(model, layers, samples, statistics_needed(methods), seed=config.seed,
+                                       all_layers=known_layers)
     done: set[str] = set()
     warned: list[str] = []
     unscaled: list[str] = []
@@ -116,7 +123,10 @@ def calibrated_quantize(
         rescaled.update(region.rescaled)
         for layer in region_layers:
             result = region.layers[layer.name]
-            finish(layer, result.weight, result.entry)
+            if on_result is not None:
+                on_result(layer, result)
+            else:
+                finish(layer, result.weight, result.entry)
             done.add(layer.name)
             warned.extend(f"{layer.name}: {w}" for w in result.warnings)
             if "awq_skipped" in result.entry:
@@ -178,6 +188,28 @@ def apply_precision_plan(
     return kept, {"precision_plan": plan.report()}
 
 
+def read_layer_plan(model: ir.Model, layers: list[LinearLayer], config: QuantConfig) -> tuple[dict, QuantConfig]:
+    """``--plan``: its entries by name (each naming a tensor of the model), and the config with the embedding entry
+    applied; no plan: ({}, config)."""
+    if not config.plan:
+        return {}, config
+    strategy = read_plan(config.plan)
+    embedding = find_embedding(model)
+    check_names(strategy, [*([embedding.name] if embedding is not None else []), *(l.name for l in layers)], config.plan)
+    if embedding is not None and embedding.name in strategy:
+        config = dataclasses.replace(config, **embedding_options(strategy[embedding.name], embedding.name)).validate()
+    return strategy, config
+
+
+def config_for_layer(config: QuantConfig, scheme: str, setting: LayerSetting | None) -> QuantConfig:
+    """The config one linear is quantized under: its scheme's, with the plan's grid and method where it names one
+    (a sensitivity plan may have moved the layer to another scheme since)."""
+    sub = config.for_scheme(scheme)
+    if setting is None or setting.scheme != scheme:
+        return sub
+    return dataclasses.replace(sub, group_size=setting.group_size, symmetric=setting.symmetric, method=setting.method)
+
+
 def mark_config(output_dir: Path, collector: ArtifactCollector) -> None:
     """Let the artifact target edit the output's config.json (MindIE reads ``quantize`` and ``torch_dtype``)."""
     config_file = output_dir / "config.json"
@@ -223,6 +255,7 @@ def quantize(
     output_dir = Path(output_dir)
     inputs = [model_file.parent if Path(model_path).is_dir() else model_file]
     inputs += [Path(config.calib)] if config.calib else []  # --overwrite must not delete the calibration file
+    inputs += [Path(config.plan)] if config.plan else []
     check_output_dir(output_dir, inputs, overwrite)
     read_model_config(model_file.parent)  # a damaged config.json is refused now, not after the quantization
     # Calibration data is read (and its errors reported) before the work; quantizing a layer needs it much later.
@@ -240,12 +273,18 @@ def quantize(
                 if quantized else
                 f"{model_file} has no quantizable linear layers (MatMul/Gemm with a constant weight): nothing to quantize"
             )
+        strategy, config = read_layer_plan(model, layers, config)
         embedding, tied = plan_embedding(model, layers, config)
+        settings = {name: setting_for(name, strategy[name], config, layer.in_features)
+                    for layer in layers for name in [layer.name] if name in strategy}
         layer_reports = []
         chosen = []
         for layer in layers:
             reason = TIED_REASON if layer is tied else skip_reason(layer, config.exclude, config.quantize_lm_head)
-            entry = {**layer.describe(), "scheme": "float" if reason else config.scheme_for(layer.name)}
+            if layer.name in settings and layer is not tied:  # the plan's entry decides, --exclude and lm_head rules not
+                reason = "float in the plan" if settings[layer.name].scheme == "float" else None
+            scheme = settings[layer.name].scheme if layer.name in settings else config.scheme_for(layer.name)
+            entry = {**layer.describe(), "scheme": "float" if reason else scheme}
             if reason:
                 entry["skipped"] = reason
             else:
@@ -267,10 +306,11 @@ def quantize(
         if needs_plan(config):
             chosen, plan_report = apply_precision_plan(model_path, config, chosen, progress)
         entries = {layer.name: entry for layer, entry in chosen}
-        configs = {scheme: config.for_scheme(scheme) for scheme in {e["scheme"] for _, e in chosen}}
+        layer_configs = {layer.name: config_for_layer(config, entry["scheme"], settings.get(layer.name))
+                         for layer, entry in chosen}
         plan = plan_artifacts(model, model_file, layers, {e["name"]: e["scheme"] for e in layer_reports},
-                              {layer.name: configs[e["scheme"]].group_size_for(layer.in_features) for layer, e in chosen},
-                              {layer.name: configs[e["scheme"]].is_symmetric for layer, e in chosen},
+                              {layer.name: layer_configs[layer.name].group_size_for(layer.in_features) for layer, _ in chosen},
+                              {layer.name: layer_configs[layer.name].is_symmetric for layer, _ in chosen},
                               config.dtype, config.target)
         target, serving_dtype, dtype_warning = plan.target, plan.serving_dtype, plan.dtype_warning
         spill_dir = staging / ".artifact-layers"
@@ -284,7 +324,7 @@ def quantize(
         def finish(layer: LinearLayer, qw: QuantizedWeight, details: dict) -> None:
             qw, details = target.prepare(qw, details, serving_dtype)
             scheme = entries[layer.name]["scheme"]
-            layer_config = configs[scheme]
+            layer_config = layer_configs[layer.name]
             entries[layer.name].update(
                 bits=layer_config.bits,
                 group_size=qw.group_size if qw.group_size < layer.in_features else -1,
@@ -316,17 +356,27 @@ def quantize(
                 lambda: load_calibration_samples(model_file, config))
         rescaled: dict[str, str] = {}  # linear -> why a fold rescaled its output channels (verify reads it)
         by_scheme: dict[str, list[LinearLayer]] = {}
+        by_config: dict[str, tuple[QuantConfig, list[LinearLayer]]] = {}  # one weight-only pass per distinct config
         for layer, entry in chosen:
             by_scheme.setdefault(entry["scheme"], []).append(layer)
+            layer_config = layer_configs[layer.name]
+            key = json.dumps(layer_config.to_dict(), sort_keys=True, default=str)
+            by_config.setdefault(key, (layer_config, []))[1].append(layer)
         # Weight-only layers first: the activations of W8A8 layers are then calibrated on the partly quantized model.
-        for scheme, scheme_layers in by_scheme.items():
-            if scheme in ACTIVATION_SCHEMES:
+        for layer_config, config_layers in by_config.values():
+            if layer_config.scheme in ACTIVATION_SCHEMES:
                 continue
-            if configs[scheme].needs_calibration:
-                calibrated_quantize(model, model_file, scheme_layers, configs[scheme], progress, finish, layers, rescaled,
+            trainer = next((m for m in resolve_methods(layer_config.method) if m.trains), None)
+            if trainer is not None:
+                from graphq.kd.engine import TrainingJob
+
+                trainer.train(TrainingJob(model, model_file, config_layers, layer_config, progress, finish, layers,
+                                          rescaled, samples, staging))
+            elif layer_config.needs_calibration:
+                calibrated_quantize(model, model_file, config_layers, layer_config, progress, finish, layers, rescaled,
                                     samples)
             else:
-                data_free_quantize(scheme_layers, configs[scheme], progress, finish)
+                data_free_quantize(config_layers, layer_config, progress, finish)
         static_layers = [layer for scheme in STATIC_ACTIVATION_SCHEMES for layer in by_scheme.get(scheme, [])]
         if prunes:  # the W8A8 schemes round by RTN inside activation_quantize: their float weights are pruned first
             prune_float_layers(model, model_file, static_layers + by_scheme.get("w8a8-dynamic", []), config, progress,
@@ -378,6 +428,9 @@ def quantize(
         mark_config(staging, collector)  # after write: the target's config may name what write saw (float linears)
         shutil.rmtree(spill_dir, ignore_errors=True)
         (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        embedding_name = embedding.name if embedding is not None else getattr(find_embedding(model), "name", None)
+        (staging / PLAN_FILE).write_text(json.dumps(plan_from_report(layer_reports, embedding_report, embedding_name),
+                                                    indent=2) + "\n")
         if config.compress:  # W8A8SC beside the W8A8S artifacts it compresses
             from graphq.artifacts.w8a8sc import compress_artifacts_dir
 

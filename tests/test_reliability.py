@@ -323,6 +323,23 @@ ROWS: dict[str, Row] = {
     "threads-not-a-number": Row(lambda p: ["eval", p.llama, "--text", p.text, "--threads", "x"], "--threads"),
     "group-size-not-a-number": Row(quantize("--group-size", "abc"), "invalid int value: 'abc'"),
     "missing-output": Row(lambda p: ["quantize", p.llama], "required: -o/--output"),
+    # --------------------------------------------------------------- issue 12: kd settings, device, plan files
+    "kd-not-key-value": Row(quantize("--method", "kd", "--kd", "epochs"), "expected KEY=VALUE"),
+    "kd-unknown-key": Row(quantize("--method", "kd", "--kd", "epochs=2"), "unknown kd key(s) epochs"),
+    "kd-word-for-number": Row(quantize("--method", "kd", "--kd", "learning_rate=fast"), "'kd.learning_rate' must be a number"),
+    "kd-yaml-not-a-map": Row(quantize_yaml("method: kd\nkd: [1]\n"), "'kd' must be a mapping"),
+    "kd-after-gptq": Row(quantize("--method", "gptq+kd"), "kd comes last"),
+    "kd-activation-scheme": Row(quantize("--method", "kd", "--scheme", "w8a8"), "weight-only schemes"),
+    "device-unknown": Row(quantize("--method", "kd", "--device", "npu"), "unknown --device 'npu'"),
+    "plan-missing": Row(lambda p: ["quantize", p.llama, "-o", p.work / "out", "--quiet", "--plan", p.work / "none.json"],
+                        "plan file"),
+    "plan-not-json": Row(lambda p: ["quantize", p.llama, "-o", p.work / "out", "--quiet", "--plan", p.file("plan.json", "{")],
+                         "is not valid JSON"),
+    "plan-unknown-tensor": Row(lambda p: ["quantize", p.llama, "-o", p.work / "out", "--quiet", "--plan", p.file(
+        "plan.json", '{"layer_strategy": {"model.layers.7.mlp.up_proj": {"weight": {"bit": 4}}}}')], "names no tensor"),
+    "plan-bits-5": Row(lambda p: ["quantize", p.llama, "-o", p.work / "out", "--quiet", "--plan", p.file(
+        "plan.json", '{"layer_strategy": {"model.layers.0.mlp.up_proj": {"weight": {"bit": 5}}}}')], "weight bit 5"),
+    "plan-output-exists": Row(lambda p: ["plan", p.llama, "-o", p.file("plan.json", "{}")], "exists"),
 }
 
 

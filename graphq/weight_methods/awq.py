@@ -57,12 +57,13 @@ class ActivationAwareScaling(WeightMethod):
         for layer in group:
             weight = layer.weight_kn()
             group_size = config.group_size_for(layer.in_features)
+            clip = None
             if config.awq_clip:
                 clip, _ = search_awq_clip(x, weight, config.bits, group_size, config.is_symmetric)
                 qw = quantize_with_clip(weight, clip, config.bits, group_size, config.is_symmetric)
             else:
                 qw = quantize_rtn(weight, config.bits, group_size, config.is_symmetric)
-            results[layer.name] = LayerResult(qw)
+            results[layer.name] = LayerResult(qw, clip=clip)
         return results
 
 

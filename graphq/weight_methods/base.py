@@ -24,6 +24,7 @@ class LayerResult:
 
     weight: QuantizedWeight
     entry: dict[str, Any] = field(default_factory=dict)
+    clip: Any = None  # the searched clip ranges (AWQ's ClipRanges), for methods that continue from them (kd)
 
     @property
     def warnings(self) -> list[str]:
@@ -80,6 +81,11 @@ class WeightMethod:
     calibrated: ClassVar[bool] = True
     rounds: ClassVar[bool] = False
     prunes: ClassVar[bool] = False  # zeroes weights (needs --sparsity or --sparsity-pattern)
+    # Trains the whole model after the methods before it in the sequence (kd); quantize hands it the layers.
+    trains: ClassVar[bool] = False
+
+    def check_sequence(self, names: list[str]) -> None:
+        """Refuse (GraphqError) a method string this method cannot be part of, e.g. ``gptq+kd``."""
 
     def transform(self, work: RegionWork) -> None:
         """Rewrite the float weights of the region (and fold what that needs); the float function must not change."""
@@ -96,6 +102,10 @@ class WeightMethod:
     def prune_data_free(self, layer: LinearLayer, weight: np.ndarray, config: Any) -> np.ndarray | None:
         """Data-free pruning (magnitude): the keep mask of one linear, or None for methods that do not prune so."""
         return None
+
+    def train(self, job: Any) -> None:
+        """Methods with ``trains``: quantize ``job.layers`` (a ``graphq.kd.engine.TrainingJob``) and finish each."""
+        raise NotImplementedError(f"{self.name} does not train")
 
     def round_data_free(self, layer: LinearLayer, weight: np.ndarray, config: Any) -> LayerResult:
         """Quantized weight of one linear without calibration data (only for methods with calibrated=False)."""

@@ -31,6 +31,8 @@ def resolve_methods(spec: str) -> list[WeightMethod]:
     if len(set(names)) != len(names):
         raise GraphqError(f"--method {spec} names a method twice")
     methods = [WEIGHT_METHODS[name] for name in names]
+    for method in methods:
+        method.check_sequence(names)
     if not any(method.rounds for method in methods) and any(method.prunes for method in methods):
         methods.append(WEIGHT_METHODS["rtn"])  # a pruning method alone: the kept weights are rounded to nearest
     if not any(method.rounds for method in methods):

@@ -1,0 +1,186 @@
+"""The KD weight stage: the methods before ``kd`` (awq) on the graph, then decoder-layer-by-layer distillation in
+torch, then every learned clip (and norm) written back into the graph through ``finish``, like any other method.
+
+Layer i is trained on the inputs the already-quantized layers 0..i-1 produce, against the float layer i's outputs
+on the float model's inputs (the teacher's). Only one layer's activations (teacher inputs, student inputs, targets)
+are held; the float weights of the whole model are held twice (graph and torch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import onnx_ir as ir
+from tqdm import tqdm
+
+from graphq.algorithms.awq import quantize_with_clip
+from graphq.algorithms.rtn import quantize_rtn
+from graphq.errors import GraphqError
+from graphq.kd.settings import KDSettings
+from graphq.linear_layers import LinearLayer
+from graphq.passes.weights import set_norm_weight
+from graphq.weight_methods.base import LayerResult
+
+
+@dataclass
+class TrainingJob:
+    """What quantize hands a training method: the linears of one weight config and how to finish each."""
+
+    model: ir.Model
+    model_file: Path
+    layers: list[LinearLayer]
+    config: Any  # QuantConfig
+    progress: bool
+    finish: Callable[[LinearLayer, Any, dict], None]
+    known_layers: list[LinearLayer]
+    rescaled: dict[str, str]
+    samples: list[np.ndarray] | None
+    output_dir: Path | None = None  # where the stage's trained state is written (the staging output folder)
+
+
+#: The trained state of a kd run, beside report.json: ``<linear>.quant_alpha`` and the trained ``<norm>.weight``.
+KD_STATE_FILE = "kd_state.safetensors"
+
+
+def resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise GraphqError(f"--device {name}: torch sees no CUDA device here; use --device cpu (or auto)")
+    return name
+
+
+def starting_point(job: TrainingJob, before: list[str]) -> dict[str, LayerResult]:
+    """The results of the methods before kd (awq): their scales folded into the graph, their clips kept."""
+    if not before:
+        return {}
+    from graphq.quantize import calibrated_quantize
+
+    results: dict[str, LayerResult] = {}
+    sub = dataclasses.replace(job.config, method="+".join(before))
+    calibrated_quantize(job.model, job.model_file, job.layers, sub, job.progress, job.finish, job.known_layers,
+                        job.rescaled, job.samples, on_result=lambda layer, result: results.__setitem__(layer.name, result))
+    return results
+
+
+def training_tokens(job: TrainingJob, settings: KDSettings) -> np.ndarray:
+    """[samples, tokens] int64: train_samples windows of cutoff_len tokens of the calibration text."""
+    from graphq.quantize import load_calibration_samples
+
+    config = dataclasses.replace(job.config, num_samples=settings.train_samples or job.config.num_samples,
+                                 seq_len=settings.cutoff_len or job.config.seq_len)
+    samples = load_calibration_samples(job.model_file, config)
+    length = min(len(s) for s in samples)
+    if length < 2:
+        raise GraphqError("the KD calibration samples are shorter than 2 tokens: give a longer --calib text")
+    return np.stack([np.asarray(s[:length], dtype=np.int64) for s in samples])
+
+
+def distill(job: TrainingJob, before: list[str]) -> None:
+    """Quantize ``job.layers`` by KD (from RTN, or from the methods ``before``), finishing each linear."""
+    import torch
+
+    from graphq.kd.fake_quant import FakeQuantLinear, alpha_from_clip
+    from graphq.kd.train import layer_outputs, train_layer
+    from graphq.runtimes.torch_model import (build_torch_model, decoder_layer_path, decoder_layers,
+                                             first_layer_inputs)
+
+    config = job.config
+    settings = KDSettings.from_dict(config.kd)
+    seed = config.seed if settings.seed is None else settings.seed
+    torch.manual_seed(seed)
+    device = resolve_device(config.device)
+    start_results = starting_point(job, before)
+    started = time.perf_counter()
+    torch_model = build_torch_model(job.model_file.parent, job.model, job.known_layers).to(device)
+    torch_model.requires_grad_(False)
+    tokens = torch.from_numpy(training_tokens(job, settings)).to(device)
+    _, kwargs = first_layer_inputs(torch_model, tokens[:1])
+    batch = settings.micro_batch_size
+    teacher_in = torch.cat([first_layer_inputs(torch_model, tokens[s:s + batch])[0] for s in range(0, len(tokens), batch)])
+    student_in = teacher_in.clone()
+    by_block: dict[int, list[LinearLayer]] = {}
+    outside: list[LinearLayer] = []
+    for layer in job.layers:
+        where = decoder_layer_path(layer.name)
+        (by_block.setdefault(where[1], []) if where else outside).append(layer)
+    blocks = decoder_layers(torch_model)
+    group = lambda layer: config.group_size_for(layer.in_features)  # noqa: E731
+    bar = tqdm(total=len(by_block), desc=f"kd {config.scheme} ({len(tokens)}x{tokens.shape[1]} tokens)", unit="layer",
+               disable=not job.progress, file=sys.stderr)
+    last = max(by_block, default=-1)
+    state: dict[str, np.ndarray] = {}
+    for index, block in enumerate(blocks):
+        if index > last:
+            break
+        targets = layer_outputs(block, teacher_in, kwargs, batch)
+        planned = by_block.get(index, [])
+        if planned:
+            fake = {}
+            for layer in planned:
+                module = torch_model.get_submodule(layer.name)
+                start = start_results.get(layer.name)
+                alpha = None
+                if start is not None and start.clip is not None:
+                    alpha = alpha_from_clip(start.clip, layer.weight_kn(), config.is_symmetric)
+                fake[layer.name] = FakeQuantLinear(module, config.bits, group(layer), config.is_symmetric, alpha,
+                                                   settings.min_alpha).to(device)
+                parent_name, _, attribute = layer.name.rpartition(".")
+                setattr(torch_model.get_submodule(parent_name), attribute, fake[layer.name])
+            alphas = [m.quant_alpha for m in fake.values()] if "quant_alpha" in settings.trainable_keys else []
+            norm_layers = {layer.producer_name: layer for layer in planned
+                           if layer.norm_weight is not None and layer.producer_name and "norm" in settings.trainable_keys}
+            norms = [torch_model.get_submodule(name).weight for name in norm_layers]
+            for parameter in [*alphas, *norms]:
+                parameter.requires_grad_(True)
+            steps = tqdm(total=0, desc=f"  layer {index}", unit="step", leave=False, disable=not job.progress,
+                         file=sys.stderr)
+
+            def on_step(step: int, total: int, loss: float) -> None:
+                steps.total = total
+                steps.n = step
+                steps.set_postfix(loss=f"{loss:.3e}")
+
+            training = train_layer(block, alphas if settings.enable else [], norms if settings.enable else [],
+                                   student_in, targets, kwargs, settings, seed + index, on_step)
+            steps.close()
+            block.requires_grad_(False)
+            for name, layer in norm_layers.items():
+                state[f"{name}.weight"] = torch_model.get_submodule(name).weight.detach().cpu().numpy().copy()
+                set_norm_weight(job.model, layer, state[f"{name}.weight"])
+            for layer in planned:
+                module = fake[layer.name]
+                state[f"{layer.name}.quant_alpha"] = module.quant_alpha.detach().cpu().numpy().copy()
+                clip = module.clip_ranges()
+                qw = quantize_with_clip(layer.weight_kn(), clip, config.bits, group(layer), config.is_symmetric)
+                start = start_results.get(layer.name)
+                entry = {**(start.entry if start is not None else {}), "kd_loss_start": training.loss_start,
+                         "kd_loss_end": training.loss_end, "kd_steps": training.steps,
+                         "quant_alpha_mean": float(np.mean(clip.shrink)),
+                         **({"kd_eval_losses": training.eval_losses} if training.eval_losses else {})}
+                job.finish(layer, qw, entry)
+            bar.update(1)
+            bar.set_postfix(loss=f"{training.loss_start:.2e}->{training.loss_end:.2e}")
+        student_in = layer_outputs(block, student_in, kwargs, batch)
+        teacher_in = targets
+    bar.close()
+    for layer in outside:  # lm_head: no decoder layer to train in; the starting method's (or RTN's) result
+        start = start_results.get(layer.name)
+        qw = start.weight if start is not None else quantize_rtn(layer.weight_kn(), config.bits, group(layer),
+                                                                 config.is_symmetric)
+        job.finish(layer, qw, {**(start.entry if start is not None else {}),
+                               "kd": f"outside the decoder layers: kept the {'+'.join(before) or 'rtn'} result"})
+    if job.output_dir is not None and state:
+        from safetensors.numpy import save_file
+
+        save_file(state, str(job.output_dir / KD_STATE_FILE))
+    print(f"graphq: kd trained {len(by_block)} decoder layer(s) on {len(tokens)} samples x {tokens.shape[1]} tokens "
+          f"in {time.perf_counter() - started:.0f}s ({device})", file=sys.stderr)
