@@ -31,6 +31,9 @@ class VllmAscendTarget(MsModelSlimTarget):
             if scheme == "w4a16":
                 raise GraphqError(f"--target vllm-ascend cannot serve W4A16 dense linears ({name}): its W4A16 kernels "
                                   "are for MoE experts; use --scheme w8a16 / w8a8-dynamic or --target mindie")
+            if scheme == "w4a8":
+                raise GraphqError(f"--target vllm-ascend has no static W4A8 linear ({name}): it serves W4A8_DYNAMIC; "
+                                  "use --scheme w4a8-dynamic or --target mindie")
             if scheme == "w8a16" and (group != -1 or not symmetric.get(name, True)):
                 raise GraphqError(f"--target vllm-ascend serves W8A16 per channel and symmetric only ({name} is "
                                   f"{'group ' + str(group) if group != -1 else 'asymmetric'}): use --group-size -1 --sym")
