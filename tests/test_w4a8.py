@@ -184,6 +184,19 @@ def test_vllm_ascend_w4a8_dynamic_per_channel_round_trip(tiny_models, tmp_path):
     assert artifact_roundtrip(result, tmp_path) == 0.0
 
 
+def test_group_not_dividing_in_features_round_trips(tiny_models, tmp_path):
+    """g64 on the tiny models' 96 intermediate channels: ceil(96 / 64) = 2 second-level scale columns (as W4A16's
+    layout does); load-artifacts reads the group size back from them."""
+    from graphq.artifacts.reader import open_artifacts
+
+    config = QuantConfig(scheme="w4a8-dynamic", group_size=64)
+    result = graphq.quantize(tiny_models["llama"]["onnx"], config, tmp_path / "q", progress=False)
+    artifacts = open_artifacts(result.output_dir)
+    down = "model.layers.0.mlp.down_proj"
+    assert artifacts.store.specs[f"{down}.weight_scale_second"] == ("F32", (64, 2)) and artifacts.group_size_of(down) == 64
+    assert artifact_roundtrip(result, tmp_path) == 0.0
+
+
 def test_calibrated_weights_smoothing_and_fallback(tiny_models, tiny_text, tmp_path):
     """AWQ rounds the int4 weights under w4a8 (after SmoothQuant, on the smoothed model); --act-fallback keeps
     the worst input group's activations float (W4A16); the artifacts still rebuild the model exactly."""
@@ -232,7 +245,7 @@ def test_target_refusals_before_work(tiny_models, tmp_path, capsys):
     base = ["quantize", str(tiny_models["llama"]["onnx"]), "-o", str(tmp_path / "out"), "--quiet", "--seq-len", "64"]
     cases = [
         (["--scheme", "w4a8", "--target", "vllm-ascend", "--group-size", "32"], "no static W4A8 linear"),
-        (["--scheme", "w4a8-dynamic", "--group-size", "64"], "which group size 64 does not divide"),
+        (["--scheme", "w4a8-dynamic", "--group-size", "64", "--target", "vllm-ascend"], "which group size 64 does not divide"),
         (["--scheme", "w4a8", "--format", "matmulnbits"], "is emitted as QDQ"),
         (["--scheme", "w4a8-dynamic", "--group-size", "32", "--target", "gguf"], "--target gguf has no layout for w4a8-dynamic"),
         (["--scheme", "w4a8-dynamic", "--group-size", "32", "--target", "compressed-tensors"],

@@ -33,8 +33,9 @@ weight scales, as vllm-ascend's AscendW4A8DynamicLinearMethod reads them
                              that weight * weight_scale_second lies on an int8-like range and the product of the two
                              levels is exactly graphq's group scale.
     ``weight_offset``        float32 [n, 1], zeros.
-    ``weight_scale_second``  float32 [n, k / group], the group scale divided by weight_scale.
-    ``weight_offset_second`` float32 [n, k / group], the group zero point in the signed domain (zeros when
+    ``weight_scale_second``  float32 [n, ceil(k / group)], the group scale divided by weight_scale (msModelSlim's
+                             loaders take k / group: --target vllm-ascend refuses a group that does not divide k).
+    ``weight_offset_second`` float32 [n, ceil(k / group)], the group zero point in the signed domain (zeros when
                              symmetric): w = (weight - weight_offset_second) * weight_scale_second * weight_scale.
     ``scale_bias``           float32, version 1.0.0 only: 8 * sum_k weight * weight_scale_second * weight_scale per
                              output channel, [n, 1] for column-parallel linears, [n, 16] (the sum over 16 equal
@@ -294,8 +295,8 @@ def _check_w4a8(prefix, scheme, specs, n, k, spec, fail) -> None:
                           f"{' and '.join(W4A8_SECOND_SUFFIXES)}")
     if all(second):
         d, s = specs[f"{prefix}.weight_scale_second"]
-        if d not in FLOAT_DTYPE_NAMES or len(s) != 2 or s[0] != n or not 1 <= s[1] <= k or k % s[1]:
-            raise fail("weight_scale_second", f"dtype {d} shape {list(s)}", f"a float [{n}, k / group]")
+        if d not in FLOAT_DTYPE_NAMES or len(s) != 2 or s[0] != n or not 1 <= s[1] <= k:
+            raise fail("weight_scale_second", f"dtype {d} shape {list(s)}", f"a float [{n}, ceil(k / group)]")
         d2, s2 = specs[f"{prefix}.weight_offset_second"]
         if d2 not in FLOAT_DTYPE_NAMES + ("I64", "I32", "I8") or s2 != s:
             raise fail("weight_offset_second", f"dtype {d2} shape {list(s2)}", f"[{n}, {s[1]}]")

@@ -84,16 +84,6 @@ class MsModelSlimTarget(ArtifactTarget):
         return f"quant_model_weight_{file_tag(scheme)}"
 
     # --- shared ---
-    def check(self, layer_schemes: dict[str, str], group_sizes: dict[str, int], symmetric: dict[str, bool],
-              shapes: dict[str, tuple[int, int]] | None = None) -> None:
-        super().check(layer_schemes, group_sizes, symmetric, shapes)
-        for name, scheme in layer_schemes.items():
-            group = group_sizes.get(name, -1)
-            if scheme in W4A8_LAYOUT_SCHEMES and group != -1 and shapes and shapes[name][1] % group:
-                raise GraphqError(f"{TYPES[scheme]} stores in_features / group second-level scales, but {name} has "
-                                  f"{shapes[name][1]} input channels, which group size {group} does not divide: "
-                                  "choose a group size that divides it (or -1)")
-
     def packs_int4(self, collector) -> bool:
         return collector.pack and bool(set(INT4_SCHEMES) & set(collector.layer_schemes.values()))
 

@@ -39,6 +39,10 @@ class VllmAscendTarget(MsModelSlimTarget):
                                   f"{'group ' + str(group) if group != -1 else 'asymmetric'}): use --group-size -1 --sym")
             if group != -1 and group not in GROUP_SIZES:
                 raise GraphqError(f"--target vllm-ascend supports group sizes 64 and 128, not {group} ({name})")
+            if scheme == "w4a8-dynamic" and group != -1 and shapes and shapes[name][1] % group:
+                raise GraphqError(f"--target vllm-ascend reads in_features / group second-level scales, but {name} has "
+                                  f"{shapes[name][1]} input channels, which group size {group} does not divide: "
+                                  "choose a group size that divides it (or -1)")
         fused: dict[tuple[str, str], dict[str, str]] = {}
         for name, scheme in layer_schemes.items():
             prefix, _, module = name.rpartition(".")
