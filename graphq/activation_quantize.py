@@ -1,9 +1,12 @@
-"""The W8A8 pipeline: activation calibration, optional smoothing, range choice, emission, KV-cache int8.
+"""The activation pipeline (W8A8, W4A8): activation calibration, optional smoothing, range choice, emission, KV int8.
 
-Order: (calibrate -> smooth -> ) emit W8A8-dynamic layers -> calibrate the static layers' inputs (and the KV cache)
-on that model -> choose each input's range -> emit the static layers -> QDQ the KV cache. Each W8A8 layer goes
-through ``finish(layer, qw, details)``; static ones carry ``details["input_scale"]`` and ``details["input_offset"]``
-(signed int8 convention, see ``graphq.algorithms.activation_ranges``).
+Order: (calibrate -> smooth -> ) the weight stage of the W4A8 layers (``weight_stage``: their int4 weights rounded
+by the config's method on the smoothed model and written back as float, so what follows sees them) -> emit the
+dynamic layers -> calibrate the static layers' inputs (and the KV cache) on that model -> choose each input's range
+-> emit the static layers -> QDQ the KV cache. Each layer goes through ``finish(layer, qw, details)``; static ones
+carry ``details["input_scale"]`` and ``details["input_offset"]`` (signed int8 convention, see
+``graphq.algorithms.activation_ranges``). W8A8 layers round their int8 weights here (RTN, or W8A8S's lowbit
+levels); W4A8 layers take the weights their weight stage produced.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from tqdm import tqdm
 
 from graphq.algorithms.activation_ranges import HISTOGRAM_METHODS, ActivationStats, choose_range, token_output_errors
 from graphq.algorithms.rtn import QuantizedWeight, quantize_rtn, weight_relative_mse
-from graphq.config import QuantConfig
+from graphq.config import DYNAMIC_ACTIVATION_SCHEMES, W4A8_SCHEMES, QuantConfig
 from graphq.errors import GraphqError
 from graphq.linear_layers import LinearLayer, input_groups
 from graphq.passes.kv_cache import quantize_kv_cache
@@ -27,10 +30,20 @@ from graphq.passes.w8a8 import INTEGER_FORMAT
 from graphq.runtimes.activation_capture import ActivationCapture, CalibrationResult, kv_cache_outputs
 
 FinishLayer = Callable[[LinearLayer, QuantizedWeight, dict], None]
+#: The weight stage of W4A8 layers: rounds them (rtn, awq, gptq, ...), writes the dequantized weights back into the
+#: graph and returns {layer name: (quantized weight, report entry)}.
+WeightStage = Callable[[list[LinearLayer]], dict[str, tuple[QuantizedWeight, dict]]]
+DYNAMIC_NOTE = "int8 per token, dynamic, symmetric"
+STATIC_NOTE = "int8 per tensor, static, asymmetric"
 
 
-def int8_weight(layer: LinearLayer, config: QuantConfig | None = None) -> tuple[np.ndarray, QuantizedWeight, float]:
-    """The layer's int8 per-channel weight: RTN, or W8A8S's lowbit levels for layers of scheme w8a8s."""
+def int8_weight(layer: LinearLayer, config: QuantConfig | None = None,
+                rounded: dict[str, tuple[QuantizedWeight, dict]] | None = None) -> tuple[np.ndarray, QuantizedWeight, float]:
+    """The layer's quantized weight: int8 per channel by RTN, W8A8S's lowbit levels for layers of scheme w8a8s, or
+    the int4 weight a W4A8 layer's weight stage produced (``rounded``; the graph then holds its dequantized form)."""
+    if rounded is not None and layer.name in rounded:
+        qw = rounded[layer.name][0]
+        return qw.dequantize(), qw, float(rounded[layer.name][1].get("weight_relative_mse", 0.0))
     weight = layer.weight_kn()
     if config is not None and config.scheme_for(layer.name) == "w8a8s":
         from graphq.algorithms.lowbit import quantize_lowbit
@@ -57,7 +70,7 @@ def _smooth(
     }
     smoothed: dict[str, InputChannelStats] = {}
     # The alpha search measures W8A8 error the way the layers will be quantized: per token when all are dynamic.
-    per_token = all(config.scheme_for(layer.name) == "w8a8-dynamic" for layer in layers)
+    per_token = all(config.scheme_for(layer.name) in DYNAMIC_ACTIVATION_SCHEMES for layer in layers)
     report = smooth_linear_groups(model, layers, stats, config.smooth, config.smooth_alpha, config.smooth_all_linears,
                                   smoothed_stats=smoothed, act_per_token=per_token)
     known: dict[str, ActivationStats] = {}
@@ -88,19 +101,27 @@ def activation_quantize(
     progress: bool,
     finish: FinishLayer,
     load_samples: Callable[[], list[np.ndarray]],
+    weight_stage: WeightStage | None = None,
 ) -> dict:
-    """Quantize the W8A8 layers and the KV cache; returns the report's extra top-level entries."""
+    """Quantize the W8A8 / W4A8 layers and the KV cache; returns the report's extra top-level entries.
+
+    ``weight_stage`` rounds the W4A8 layers' weights (required when there are any); it runs after smoothing, so
+    int4 weights are rounded on the smoothed model, and before the static ranges are calibrated."""
     report: dict = {}
     w8a8_layers = static_layers + dynamic_layers
     if not w8a8_layers and not config.kv_cache:
         return report
-    if w8a8_layers:
+    if any(config.scheme_for(layer.name) not in W4A8_SCHEMES for layer in w8a8_layers):
         report["integer_format"] = INTEGER_FORMAT
+    w4a8_layers = [layer for layer in w8a8_layers if config.scheme_for(layer.name) in W4A8_SCHEMES]
+    if w4a8_layers and weight_stage is None:
+        raise ValueError("W4A8 layers need a weight stage")
     smoothing = bool(config.smooth and w8a8_layers)
+    rounded: dict[str, tuple[QuantizedWeight, dict]] = {}
     if not (static_layers or config.kv_cache or smoothing):
-        for layer in tqdm(dynamic_layers, desc="w8a8-dynamic", unit="layer", disable=not progress, file=sys.stderr):
-            _, qw, error = int8_weight(layer)
-            finish(layer, qw, {"weight_relative_mse": error, "activations": "int8 per token, dynamic, symmetric"})
+        if w4a8_layers:
+            rounded = weight_stage(w4a8_layers)
+        _finish_dynamic(dynamic_layers, rounded, progress, finish)
         return report
     samples = load_samples()
     kv_outputs = kv_cache_outputs(model) if config.kv_cache else []
@@ -127,9 +148,10 @@ def activation_quantize(
         finish = _noting_rescaled_outputs(finish, smoothed)
     else:
         known = {}
-    for layer in tqdm(dynamic_layers, desc="w8a8-dynamic", unit="layer", disable=not progress, file=sys.stderr):
-        _, qw, error = int8_weight(layer)
-        finish(layer, qw, {"weight_relative_mse": error, "activations": "int8 per token, dynamic, symmetric"})
+    if w4a8_layers:
+        rounded = weight_stage(w4a8_layers)
+        known = {}  # the weight stage changed weights (and AWQ folds inputs): the statistics are measured again
+    _finish_dynamic(dynamic_layers, rounded, progress, finish)
     if static_layers or kv_outputs:
         capture = ActivationCapture(model, static_layers, kv_outputs)
         result = capture.calibrate(
@@ -145,7 +167,7 @@ def activation_quantize(
         calibration["seconds"] += result.seconds
         calibration["peak_sample_activation_bytes"] = result.peak_sample_bytes
         calibration["statistics_bytes"] = int(sum(s.nbytes for s in result.stats.values()))
-        chosen = _emit_static(model, static_layers, result, config, progress, finish)
+        chosen = _emit_static(model, static_layers, result, config, progress, finish, rounded)
         if static_layers:
             calibration["methods_chosen"] = chosen
         if kv_outputs:
@@ -154,6 +176,13 @@ def activation_quantize(
     calibration["peak_rss_bytes_after"] = _peak_rss_bytes()
     report["activation_calibration"] = calibration
     return report
+
+
+def _finish_dynamic(layers: list[LinearLayer], rounded: dict, progress: bool, finish: FinishLayer) -> None:
+    for layer in tqdm(layers, desc="dynamic activations", unit="layer", disable=not progress, file=sys.stderr):
+        _, qw, error = int8_weight(layer, rounded=rounded)
+        entry = rounded[layer.name][1] if layer.name in rounded else {"weight_relative_mse": error}
+        finish(layer, qw, {**entry, "activations": DYNAMIC_NOTE})
 
 
 def _noting_rescaled_outputs(finish: FinishLayer, smoothing_report: dict) -> FinishLayer:
@@ -170,12 +199,14 @@ def _noting_rescaled_outputs(finish: FinishLayer, smoothing_report: dict) -> Fin
 
 def _emit_static(
     model: ir.Model, layers: list[LinearLayer], result: CalibrationResult, config: QuantConfig, progress: bool,
-    finish: FinishLayer,
+    finish: FinishLayer, rounded: dict[str, tuple[QuantizedWeight, dict]] | None = None,
 ) -> dict[str, int]:
     """Choose the range of every static layer's input (once per shared input, so q/k/v quantize it alike) and emit.
 
     With ``act_fallback`` N, the N input groups whose worst per-token W8A8 output error (relative, on the sampled
-    tokens and the extreme rows) is largest keep float activations: their layers get the int8 weight only (W8A16)."""
+    tokens and the extreme rows) is largest keep float activations: their layers get the quantized weight only
+    (W8A16; W4A16 for W4A8 layers). ``rounded``: the W4A8 layers' weights from their weight stage."""
+    rounded = rounded or {}
     chosen: dict[str, int] = {}
     plans = []
     bar = tqdm(input_groups(layers), desc=f"w8a8 ranges ({config.act_method})", unit="input", disable=not progress,
@@ -184,7 +215,7 @@ def _emit_static(
         stats = result.stats[group[0].input.name]
         if stats.rows_seen == 0:
             raise GraphqError(f"calibration never produced the input of {group[0].name}")
-        weights = [int8_weight(layer, config) for layer in group]
+        weights = [int8_weight(layer, config, rounded) for layer in group]
         pairs = [(w, qw.dequantize()) for w, qw, _ in weights]
         choice = choose_range(stats, config.act_method, config.percentile,
                               weights=pairs if config.act_method == "auto" else None)
@@ -203,7 +234,9 @@ def _emit_static(
     for index, (group, stats, weights, choice, error) in enumerate(plans):
         for layer, (_, qw, weight_error) in zip(group, weights):
             details = {
+                **(rounded[layer.name][1] if layer.name in rounded else {}),
                 "weight_relative_mse": weight_error,
+                "activations": STATIC_NOTE,
                 "activation_method": choice.method,
                 "activation_range": [choice.range.lo, choice.range.hi],
                 "activation_observed": [stats.min, stats.max],
@@ -214,7 +247,7 @@ def _emit_static(
                 details["activation_output_errors"] = choice.errors
             if index in fallback:
                 details["activation_fallback"] = (
-                    f"activations kept float: W8A8 worst-token output error {error:.3g} is among the {config.act_fallback} largest"
+                    f"activations kept float: {config.scheme_for(layer.name).upper()} worst-token output error {error:.3g} is among the {config.act_fallback} largest"
                 )
             else:
                 details["input_scale"] = choice.range.scale

@@ -237,7 +237,9 @@ def _quant_config(args: argparse.Namespace):
 
     data = {}
     if getattr(args, "config", None):
-        data = QuantConfig.from_yaml(args.config).__dict__.copy()
+        from_yaml = QuantConfig.from_yaml(args.config)
+        given = getattr(from_yaml, "_given", None)
+        data = {k: v for k, v in from_yaml.__dict__.items() if k != "_given" and (given is None or k in given)}
     # Every config field the parser has a flag for; flags left unset (None) keep the YAML's or the default value.
     for field in dataclasses.fields(QuantConfig):
         value = getattr(args, field.name, None)

@@ -14,10 +14,15 @@ from graphq.errors import GraphqError
 
 #: Weight-only schemes and their weight bit width.
 WEIGHT_ONLY_SCHEMES = {"w4a16": 4, "w8a16": 8}
-#: Schemes that quantize activations too (int8 weights per channel, symmetric).
-ACTIVATION_SCHEMES = {"w8a8": 8, "w8a8-dynamic": 8, "w8a8s": 8}
+#: Schemes that quantize activations too (int8 activations); the value is the weight bit width: int8 weights per
+#: channel, symmetric (w8a8*), or int4 weights per group like w4a16 (w4a8*).
+ACTIVATION_SCHEMES = {"w8a8": 8, "w8a8-dynamic": 8, "w8a8s": 8, "w4a8": 4, "w4a8-dynamic": 4}
 #: Activation schemes with static per-tensor activation ranges (calibrated); w8a8s: msModelSlim's sparse "lowbit".
-STATIC_ACTIVATION_SCHEMES = ("w8a8", "w8a8s")
+STATIC_ACTIVATION_SCHEMES = ("w8a8", "w8a8s", "w4a8")
+#: Activation schemes whose activations are quantized per token at run time.
+DYNAMIC_ACTIVATION_SCHEMES = ("w8a8-dynamic", "w4a8-dynamic")
+#: int4 per-group weights (rounded like w4a16: rtn, awq, gptq, ...) with int8 activations, emitted as QDQ.
+W4A8_SCHEMES = ("w4a8", "w4a8-dynamic")
 SCHEMES = {**WEIGHT_ONLY_SCHEMES, **ACTIVATION_SCHEMES}
 ACT_METHODS = ("minmax", "percentile", "entropy", "mse", "auto")
 KV_CACHE_TYPES = ("int8",)
@@ -142,7 +147,9 @@ class QuantConfig:
             sub = dataclasses.replace(self, scheme_overrides={})
         else:
             sub = dataclasses.replace(self, scheme=scheme, scheme_overrides={}, symmetric=None)
-        if scheme in ACTIVATION_SCHEMES:
+        if scheme in W4A8_SCHEMES:  # the weights keep the 4-bit options (group, sym/asym, method); QDQ only
+            sub = dataclasses.replace(sub, format="qdq")
+        elif scheme in ACTIVATION_SCHEMES:
             sub = dataclasses.replace(sub, method="rtn", format="qdq", group_size=PER_CHANNEL, symmetric=True)
         return sub
 
@@ -165,7 +172,9 @@ class QuantConfig:
                 raise GraphqError(
                     f"unknown scheme '{scheme}' for pattern '{pattern}' in scheme_overrides: choose one of {', '.join(SCHEMES)}"
                 )
-        if self.scheme in ACTIVATION_SCHEMES and self.method != "rtn":
+        if self.scheme in W4A8_SCHEMES:
+            self._validate_w4a8()
+        elif self.scheme in ACTIVATION_SCHEMES and self.method != "rtn":
             from graphq.sparsity_config import activation_scheme_method_ok
 
             if not activation_scheme_method_ok(self.method):
@@ -173,7 +182,7 @@ class QuantConfig:
                     f"--method {self.method} applies to weight-only schemes; {self.scheme} quantizes weights by RTN "
                     "(use --smooth for activation outliers; pruning methods magnitude, wanda, sparsegpt apply)"
                 )
-        if self.scheme in ACTIVATION_SCHEMES and self.symmetric is False:
+        if self.scheme in ACTIVATION_SCHEMES and self.scheme not in W4A8_SCHEMES and self.symmetric is False:
             raise GraphqError(f"{self.scheme} weights are symmetric int8: drop --asym")
         if self.act_method not in ACT_METHODS:
             raise GraphqError(f"unknown activation method '{self.act_method}': choose one of {', '.join(ACT_METHODS)}")
@@ -185,7 +194,8 @@ class QuantConfig:
             if self.smooth not in SMOOTH_METHODS:
                 raise GraphqError(f"unknown --smooth '{self.smooth}': choose one of {', '.join(SMOOTH_METHODS)}")
             if not self.schemes & set(ACTIVATION_SCHEMES):
-                raise GraphqError("--smooth only helps schemes that quantize activations: use --scheme w8a8 or w8a8-dynamic")
+                raise GraphqError("--smooth only helps schemes that quantize activations: use --scheme w8a8, w8a8-dynamic, "
+                                  "w4a8 or w4a8-dynamic")
         if self.smooth_alpha != "auto":
             try:
                 alpha = float(self.smooth_alpha)
@@ -282,6 +292,15 @@ class QuantConfig:
             raise GraphqError(f"--method {self.method} trains weight-only clips: use --scheme w4a16 or w8a16")
         return self
 
+    def _validate_w4a8(self) -> None:
+        """w4a8 / w4a8-dynamic: int4 weights rounded by a weight method of the 4-bit schemes, emitted as QDQ."""
+        if "format" in getattr(self, "_given", ()) and self.format != "qdq":
+            raise GraphqError(f"{self.scheme} is emitted as QDQ (DequantizeLinear int4 weights, int8 activations): "
+                              f"drop --format {self.format} or use --format qdq")
+        if self.prunes:
+            raise GraphqError(f"{self.scheme} does not prune: --method {self.method} has a pruning method "
+                              "(use rtn, awq, gptq, awq+gptq or awq+rtn)")
+
     @property
     def prunes(self) -> bool:
         """Some method of the sequence prunes (magnitude, wanda, sparsegpt)."""
@@ -309,7 +328,9 @@ class QuantConfig:
             data["group_size"] = PER_CHANNEL
         if isinstance(data.get("exclude"), str):
             data["exclude"] = [data["exclude"]]
-        return cls(**data).validate()
+        config = cls(**data)
+        config._given = frozenset(data)  # which keys the caller set (a default format is not an explicit one)
+        return config.validate()
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "QuantConfig":

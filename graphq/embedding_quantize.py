@@ -69,7 +69,7 @@ def quantize_embedding_step(model, embedding: Embedding, tied: LinearLayer | Non
     else:
         qw = quantize_embedding(embedding, bits, config.embedding_group_size, symmetric)
     qw, _ = target.prepare(qw, {}, serving_dtype)
-    format = config.format if config.scheme not in ("w8a8", "w8a8-dynamic") else "qdq"
+    format = config.format if config.scheme not in ("w8a8", "w8a8-dynamic", "w4a8", "w4a8-dynamic") else "qdq"
     emit_embedding(model, embedding, qw, format)
     if collector is not None:
         collector.add(embedding, qw, {}, scheme=scheme_of(config))

@@ -21,7 +21,13 @@ from graphq.algorithms.sparsity import keep_pruned_zero, zero_fraction
 from graphq.activation_quantize import activation_quantize
 from graphq.artifacts.plan import plan_artifacts
 from graphq.artifacts.records import ArtifactCollector
-from graphq.config import ACTIVATION_SCHEMES, STATIC_ACTIVATION_SCHEMES, QuantConfig
+from graphq.config import (
+    ACTIVATION_SCHEMES,
+    DYNAMIC_ACTIVATION_SCHEMES,
+    STATIC_ACTIVATION_SCHEMES,
+    W4A8_SCHEMES,
+    QuantConfig,
+)
 from graphq.embedding_quantize import TIED_REASON, plan_embedding, quantize_embedding_step
 from graphq.errors import GraphqError
 from graphq.calibration_data import calibration_samples
@@ -45,6 +51,7 @@ from graphq.layer_plan import (PLAN_FILE, LayerSetting, check_names, embedding_o
                                setting_for)
 from graphq.passes.embedding import find_embedding
 from graphq.passes.emitters import emitter_for
+from graphq.passes.weights import set_layer_weight
 from graphq.precision_plan import needs_plan, plan_precision
 from graphq.selection import matches, skip_reason
 from graphq.sparsify import prune_float_layers, warn_all_zero
@@ -219,7 +226,10 @@ def mark_config(output_dir: Path, collector: ArtifactCollector) -> None:
 
 
 def describe(config: QuantConfig) -> str:
-    if config.scheme in STATIC_ACTIVATION_SCHEMES:
+    if config.scheme in W4A8_SCHEMES:
+        text = (f"{config.scheme}, {config.method}, group {config.group_size}, {'sym' if config.is_symmetric else 'asym'}, "
+                + (f"activations {config.act_method}" if config.scheme in STATIC_ACTIVATION_SCHEMES else "per-token activations"))
+    elif config.scheme in STATIC_ACTIVATION_SCHEMES:
         text = f"{config.scheme}, activations {config.act_method}"
     elif config.scheme == "w8a8-dynamic":
         text = "w8a8-dynamic, per-token activations"
@@ -259,8 +269,9 @@ def quantize(
     check_output_dir(output_dir, inputs, overwrite)
     read_model_config(model_file.parent)  # a damaged config.json is refused now, not after the quantization
     # Calibration data is read (and its errors reported) before the work; quantizing a layer needs it much later.
-    needs_samples = (config.needs_calibration and bool(config.schemes - set(ACTIVATION_SCHEMES))) or bool(
-        "w8a8" in config.schemes or config.kv_cache or config.smooth
+    calibrated_weights = set(ACTIVATION_SCHEMES) - set(W4A8_SCHEMES)  # W8A8 weights are RTN whatever the method
+    needs_samples = (config.needs_calibration and bool(config.schemes - calibrated_weights)) or bool(
+        {"w8a8", "w4a8"} & config.schemes or config.kv_cache or config.smooth
     )
     samples = load_calibration_samples(model_file, config) if needs_samples else None
     with atomic_output_dir(output_dir, overwrite=overwrite, inputs=inputs) as staging:
@@ -341,8 +352,8 @@ def quantize(
                     all_zero.append(layer.name)
             output_format = layer_config.format
             if "activation_fallback" in details:
-                # The int8 weight stays, the activations stay float: W8A16, QDQ.
-                scheme, output_format = "w8a16", "qdq"
+                # The quantized weight stays, the activations stay float: W8A16 (W4A16 for W4A8 layers), QDQ.
+                scheme, output_format = ("w4a16" if scheme in W4A8_SCHEMES else "w8a16"), "qdq"
                 entries[layer.name]["scheme"] = scheme
             if set(config.save_format) & {"safetensors", "numpy"}:
                 collector.add(layer, qw, details, scheme=scheme)
@@ -378,12 +389,37 @@ def quantize(
             else:
                 data_free_quantize(config_layers, layer_config, progress, finish)
         static_layers = [layer for scheme in STATIC_ACTIVATION_SCHEMES for layer in by_scheme.get(scheme, [])]
+        dynamic_layers = [layer for scheme in DYNAMIC_ACTIVATION_SCHEMES for layer in by_scheme.get(scheme, [])]
         if prunes:  # the W8A8 schemes round by RTN inside activation_quantize: their float weights are pruned first
             prune_float_layers(model, model_file, static_layers + by_scheme.get("w8a8-dynamic", []), config, progress,
                                lambda: load_calibration_samples(model_file, config))
+
+        def w4a8_weight_stage(stage_layers: list[LinearLayer]) -> dict[str, tuple[QuantizedWeight, dict]]:
+            """Round the W4A8 layers' int4 weights by their method (as W4A16 would) and write the dequantized
+            weights back into the graph, so later layers, the layer-wise calibration and the activation ranges
+            see them; the emitter replaces them with the integers later."""
+            rounded: dict[str, tuple[QuantizedWeight, dict]] = {}
+
+            def record(layer: LinearLayer, qw: QuantizedWeight, entry: dict) -> None:
+                qw, _ = target.prepare(qw, {}, serving_dtype)  # the stored scales: what the graph will compute
+                set_layer_weight(model, layer, qw.dequantize())
+                rounded[layer.name] = (qw, entry)
+
+            for scheme in W4A8_SCHEMES:
+                scheme_layers = [layer for layer in stage_layers if entries[layer.name]["scheme"] == scheme]
+                if not scheme_layers:
+                    continue
+                if configs[scheme].needs_calibration:
+                    calibrated_quantize(model, model_file, scheme_layers, configs[scheme], progress, record, layers,
+                                        rescaled, samples)
+                else:
+                    data_free_quantize(scheme_layers, configs[scheme], progress, record)
+            return rounded
+
         extra_report = activation_quantize(
-            model, model_file, static_layers, by_scheme.get("w8a8-dynamic", []), config, progress,
+            model, model_file, static_layers, dynamic_layers, config, progress,
             finish, lambda: samples if samples is not None else load_calibration_samples(model_file, config),
+            weight_stage=w4a8_weight_stage,
         )
         warn_all_zero(all_zero)
         for entry in layer_reports:

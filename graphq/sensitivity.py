@@ -24,7 +24,13 @@ from tqdm import tqdm
 
 from graphq.algorithms.grid import fake_quantize, fake_quantize_per_token, fake_quantize_weight, range_to_qparams
 from graphq.algorithms.rtn import quantize_rtn
-from graphq.config import ACTIVATION_SCHEMES, STATIC_ACTIVATION_SCHEMES, QuantConfig
+from graphq.config import (
+    ACTIVATION_SCHEMES,
+    DYNAMIC_ACTIVATION_SCHEMES,
+    STATIC_ACTIVATION_SCHEMES,
+    W4A8_SCHEMES,
+    QuantConfig,
+)
 from graphq.decoder_layers import decoder_regions
 from graphq.errors import GraphqError
 from graphq.evaluate import log_softmax
@@ -100,7 +106,7 @@ def _switch_for(layer: LinearLayer, scheme: str, config: QuantConfig, stats) -> 
     """The fake-quantized form of one linear under ``scheme`` and its proxy error on the captured rows."""
     weight = layer.weight_kn()
     sub = config.for_scheme(scheme)
-    if scheme in ACTIVATION_SCHEMES:
+    if scheme in ACTIVATION_SCHEMES and scheme not in W4A8_SCHEMES:  # int8 per channel (W4A8: the 4-bit grid)
         weight_q = fake_quantize_weight(weight)
     else:
         weight_q = quantize_rtn(weight, sub.bits, sub.group_size_for(layer.in_features), sub.is_symmetric).dequantize()
@@ -110,7 +116,7 @@ def _switch_for(layer: LinearLayer, scheme: str, config: QuantConfig, stats) -> 
     if scheme in STATIC_ACTIVATION_SCHEMES:
         activation = range_to_qparams(stats.min, stats.max)
         x_q = fake_quantize(x, activation.scale, activation.offset)
-    elif scheme == "w8a8-dynamic":
+    elif scheme in DYNAMIC_ACTIVATION_SCHEMES:
         activation = "per_token"
         x_q = fake_quantize_per_token(x)
     proxy = _relative_error(x @ weight, x_q @ weight_q) if len(x) else float("nan")

@@ -58,14 +58,15 @@ def test_emitter_matches_its_numpy_reference(scheme, format, kind):
     x = rng.standard_normal((1, T, K) if kind != "gemm" else (T, K)).astype(np.float32)
     x[..., 5] *= 20.0  # an outlier channel, so activation quantization is visibly at work
     (layer,) = find_linear_layers(model)
-    bits, group, symmetric = {"w4a16": (4, 32, False), "w8a16": (8, -1, True)}.get(scheme, (8, -1, True))
+    bits, group, symmetric = {"w4a16": (4, 32, False), "w8a16": (8, -1, True), "w4a8": (4, 32, False),
+                              "w4a8-dynamic": (4, 32, True)}.get(scheme, (8, -1, True))
     qw = quantize_rtn(layer.weight_kn(), bits, group, symmetric)
     details: dict = {}
-    if scheme in ("w8a8", "w8a8s"):  # static per-tensor activations (w8a8s: the sparse lowbit weight runs as W8A8)
+    if scheme in ("w8a8", "w8a8s", "w4a8"):  # static per-tensor activations (w8a8s: the sparse lowbit weight runs as W8A8)
         qp = range_to_qparams(float(x.min()), float(x.max()))
         details = {"input_scale": qp.scale, "input_offset": qp.offset}
         x_ref = fake_quantize(x, qp.scale, qp.offset)
-    elif scheme == "w8a8-dynamic":
+    elif scheme in ("w8a8-dynamic", "w4a8-dynamic"):
         x_ref = fake_quantize_per_token(x)
     else:
         x_ref = x

@@ -159,7 +159,8 @@ def inspect_artifacts(directory: Path) -> Inspection:
     store = artifacts.store
     result = Inspection(path=directory, kind="artifacts", files=[artifacts.description.name] + [f.name for f in store.files])
     for name, (n, k) in artifacts.layers.items():
-        names = [f"{name}.{s}" for s in ("weight", "weight_scale", "weight_offset", "deq_scale", "input_scale", "input_offset")]
+        names = [f"{name}.{s}" for s in ("weight", "weight_scale", "weight_offset", "deq_scale", "input_scale", "input_offset",
+                                         "weight_scale_second", "weight_offset_second", "scale_bias")]
         stored = sum(store.nbytes(t) for t in names if t in store.specs) * 8
         result.add(name, artifacts.layer_schemes[name], n * k, stored)
         result.sparsity[name] = _artifact_zero_fraction(artifacts, name, k)
@@ -168,7 +169,7 @@ def inspect_artifacts(directory: Path) -> Inspection:
     result.total_bytes = sum(f.stat().st_size for f in store.files) + artifacts.description.stat().st_size
     result.notes.append(f"written by {artifacts.producer}"
                         + (f", serving dtype {store.metadata['serving_dtype']}" if "serving_dtype" in store.metadata else ""))
-    if "w4a16" in artifacts.layer_schemes.values():
+    if {"w4a16", "w4a8", "w4a8-dynamic"} & set(artifacts.layer_schemes.values()):
         packings = set(artifacts.packing.values())
         result.notes.append("int4 weights " + ("packed two per byte" + (" along n (msModelSlim)" if "n" in packings else " along k")
                                                if artifacts.packed else "unpacked, one per int8"))
@@ -180,11 +181,14 @@ def inspect_artifacts(directory: Path) -> Inspection:
 
 def _artifact_zero_fraction(artifacts, name: str, k: int) -> float:
     """Measured zeros of one stored layer (reads its weight tensors only)."""
-    from graphq.artifacts.layout import W8A8_LAYOUT_SCHEMES, decode_weight_only
+    from graphq.artifacts.layout import W4A8_LAYOUT_SCHEMES, W8A8_LAYOUT_SCHEMES, decode_w4a8, decode_weight_only
     from graphq.algorithms.sparsity import zero_fraction
 
     scheme = artifacts.layer_schemes[name]
     tensors = artifacts.layer_tensors(name)
+    if scheme in W4A8_LAYOUT_SCHEMES:
+        return zero_fraction(decode_w4a8(tensors, k, artifacts.group_size_of(name),
+                                         artifacts.packing.get(name, "none") != "none"))
     if scheme in W8A8_LAYOUT_SCHEMES or scheme == "w8a8-dynamic" and not tensors["weight_offset"].any():
         return _zero_fraction(tensors["weight"])
     packing = artifacts.packing.get(name, "none")
@@ -224,8 +228,10 @@ def inspect_onnx(path: Path) -> Inspection:
             matmul = consumers[0].node
             activation = matmul.inputs[0].producer() if matmul.inputs[0] is not None else None
             a8 = activation is not None and activation.op_type == "DequantizeLinear"
+            # W4A8 dynamic: the per-token grid's Mul (graphq names it "<layer>.dynamic_input_dequantized").
+            per_token = activation is not None and (activation.name or "").endswith(".dynamic_input_dequantized")
             bits = _INT_BITS[weight.dtype]
-            scheme = f"w{bits}a8" if a8 else f"w{bits}a16"
+            scheme = f"w{bits}a8" if a8 else f"w{bits}a8-dynamic" if per_token else f"w{bits}a16"
             k, n = (int(d) for d in weight.const_value.shape)
             stored = sum(_nbytes(v) for v in node.inputs[:3]) * 8
             name = (node.name or "").removesuffix(".weight_dequantize") or module_path_from_node_name(matmul.name) or matmul.name

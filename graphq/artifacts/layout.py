@@ -24,6 +24,27 @@ W8A8 (per-channel symmetric int8 weights, per-tensor int8 activations x_q = roun
     ``deq_scale``      [n] = input_scale * weight_scale; float32, or for fp16 models int64 holding the float32's bits.
     ``quant_bias``     int32 [n] = round(bias / deq_scale) - input_offset * sum_k weight[n, k]   (MindIE convention),
                        so that y = deq_scale * (sum_k x_q[k] * weight[n, k] + quant_bias) ~= x @ W + bias.
+
+W4A8_DYNAMIC / W4A8 (int4 per-group weights, int8 activations per token / per tensor): msModelSlim's two-level
+weight scales, as vllm-ascend's AscendW4A8DynamicLinearMethod reads them
+    ``weight``               int8 [n, k] values in [-8, 7] (V0, --no-pack), or packed along n [n/2, k] (format
+                             version 1.0.0), as W4A16.
+    ``weight_scale``         float32 [n, 1], the first level (per channel): a power of two near max|w| / 127, so
+                             that weight * weight_scale_second lies on an int8-like range and the product of the two
+                             levels is exactly graphq's group scale.
+    ``weight_offset``        float32 [n, 1], zeros.
+    ``weight_scale_second``  float32 [n, ceil(k / group)], the group scale divided by weight_scale (msModelSlim's
+                             loaders take k / group: --target vllm-ascend refuses a group that does not divide k).
+    ``weight_offset_second`` float32 [n, ceil(k / group)], the group zero point in the signed domain (zeros when
+                             symmetric): w = (weight - weight_offset_second) * weight_scale_second * weight_scale.
+    ``scale_bias``           float32, version 1.0.0 only: 8 * sum_k weight * weight_scale_second * weight_scale per
+                             output channel, [n, 1] for column-parallel linears, [n, 16] (the sum over 16 equal
+                             slices of k, one per tensor-parallel rank up to 16) for row-parallel ones (o_proj,
+                             down_proj); vllm-ascend's linear kernels do not read it (msModelSlim computes it for
+                             its MoE kernels' unsigned int4 path).
+    W4A8 (static) adds ``input_scale`` / ``input_offset`` [1] as W8A8; there is no deq_scale / quant_bias (a
+    per-group weight has no single integer-output scale) and the bias stays a FLOAT tensor.
+    Per channel (--group-size -1): weight_scale / weight_offset hold the scale and signed zero point, no *_second.
 """
 
 from __future__ import annotations
@@ -34,13 +55,22 @@ from graphq.algorithms.rtn import QuantizedWeight
 from graphq.errors import GraphqError
 
 # graphq scheme -> the tensor type the description gives its tensors (MindIE's names).
-TYPES = {"w4a16": "W4A16", "w8a16": "W8A16", "w8a8": "W8A8", "w8a8-dynamic": "W8A8_DYNAMIC", "w8a8s": "W8A8S"}
+TYPES = {"w4a16": "W4A16", "w8a16": "W8A16", "w8a8": "W8A8", "w8a8-dynamic": "W8A8_DYNAMIC", "w8a8s": "W8A8S",
+         "w4a8": "W4A8", "w4a8-dynamic": "W4A8_DYNAMIC"}
 # Schemes stored with the W8A8 tensors (weight, input_scale, input_offset, deq_scale, quant_bias).
 W8A8_LAYOUT_SCHEMES = ("w8a8", "w8a8s")
 SCHEME_OF_TYPE = {kind: scheme for scheme, kind in TYPES.items()}
 SCHEMES = tuple(TYPES)
 WEIGHT_ONLY_SUFFIXES = ("weight", "weight_scale", "weight_offset")
 W8A8_SUFFIXES = ("weight", "input_scale", "input_offset", "deq_scale", "quant_bias")
+#: Schemes stored with msModelSlim's W4A8 tensors (two-level weight scales; static ones add input_scale / offset).
+W4A8_LAYOUT_SCHEMES = ("w4a8", "w4a8-dynamic")
+#: Schemes whose int4 weights may be packed two per byte.
+INT4_SCHEMES = ("w4a16", *W4A8_LAYOUT_SCHEMES)
+W4A8_SECOND_SUFFIXES = ("weight_scale_second", "weight_offset_second")
+#: Row-parallel linears (split by input channel under tensor parallelism): scale_bias has 16 columns for them.
+ROW_PARALLEL = ("o_proj", "down_proj")
+SCALE_BIAS_SLICES = 16
 PACKING = "int4_pairs_low_nibble_first"  # graphq's older layout: pairs along k, [n, k/2]
 #: msModelSlim's packed int4 (ascendV1, and MindIE's format version 1.0.0): pairs of adjacent output rows, [n/2, k].
 PACKING_ALONG_N = "int4_pairs_along_n_low_nibble_first"
@@ -48,11 +78,19 @@ PACKING_ALONG_N = "int4_pairs_along_n_low_nibble_first"
 
 def suffixes_for(scheme: str) -> tuple[str, ...]:
     """The tensors a layer of ``scheme`` must have (a float bias may come with all but W8A8)."""
+    if scheme == "w4a8":
+        return WEIGHT_ONLY_SUFFIXES + ("input_scale", "input_offset")
     return W8A8_SUFFIXES if scheme in W8A8_LAYOUT_SCHEMES else WEIGHT_ONLY_SUFFIXES
 
 
+def optional_suffixes(scheme: str) -> tuple[str, ...]:
+    """Tensors a layer of ``scheme`` may have beyond ``suffixes_for`` (and a float bias)."""
+    base = ("bias", "weight_scale", "weight_offset")
+    return base + W4A8_SECOND_SUFFIXES + ("scale_bias",) if scheme in W4A8_LAYOUT_SCHEMES else base
+
+
 def bits_of(scheme: str) -> int:
-    return 4 if scheme == "w4a16" else 8
+    return 4 if scheme in INT4_SCHEMES else 8
 
 
 def pack_int4(weight: np.ndarray) -> np.ndarray:
@@ -142,6 +180,57 @@ def decode_weight_only(
     return QuantizedWeight(q=q, scales=scales, zero_points=zero_points, bits=bits, group_size=k if n_groups == 1 else group_size)
 
 
+def _first_level_scale(qw: QuantizedWeight) -> np.ndarray:
+    """W4A8's per-channel weight_scale [N]: the power of two 2^ceil(log2(max|w| / 127)) (1 for an all-zero
+    channel), so dividing the group scales by it and multiplying back are exact in float32."""
+    peak = np.abs(qw.dequantize()).max(axis=0).astype(np.float64)
+    exponent = np.where(peak > 0, np.ceil(np.log2(np.maximum(peak, 1e-300) / 127.0)), 0.0)
+    return np.ldexp(np.float32(1.0), exponent.astype(np.int32)).astype(np.float32)
+
+
+def encode_w4a8(
+    qw: QuantizedWeight, bias: np.ndarray | None, float_dtype: np.dtype, pack: bool, row_parallel: bool,
+    input_scale: float | None = None, input_offset: int | None = None, act_dtype: np.dtype = np.float32,
+) -> dict[str, np.ndarray]:
+    """A 4-bit per-group QuantizedWeight (and, static, the per-tensor activation parameters) -> msModelSlim's
+    W4A8 / W4A8_DYNAMIC tensors (see the module docstring). The integers and zero points are W4A16's
+    (``encode_weight_only``); the group scales are split into the two levels."""
+    if qw.bits != 4:
+        raise GraphqError("W4A8 artifacts need 4-bit weights")
+    tensors = encode_weight_only(qw, bias, float_dtype, pack, pack_along="n")
+    if qw.n_groups > 1:
+        first = _first_level_scale(qw)  # [N]
+        group_scales = tensors.pop("weight_scale")  # [n, groups]
+        tensors["weight_scale_second"] = np.ascontiguousarray((group_scales / first[:, None]).astype(np.float32))
+        tensors["weight_offset_second"] = tensors.pop("weight_offset")
+        tensors["weight_scale"] = first[:, None].copy()
+        tensors["weight_offset"] = np.zeros_like(tensors["weight_scale"])
+    if pack:  # format version 1.0.0 carries the precomputed scale_bias
+        signed = qw.q.astype(np.float64) - (0 if qw.symmetric else 8)  # [K, N], the stored codes
+        scales = np.repeat(qw.scales.astype(np.float64), qw.group_size, axis=0)[: qw.shape[0]]
+        products = signed * scales  # weight * weight_scale_second * weight_scale
+        slices = np.array_split(products, SCALE_BIAS_SLICES if row_parallel else 1, axis=0)
+        tensors["scale_bias"] = np.ascontiguousarray(np.stack([8 * part.sum(axis=0) for part in slices], axis=1)
+                                                     .astype(np.float32))
+    if input_scale is not None:
+        tensors["input_scale"] = np.array([input_scale], dtype=act_dtype)
+        tensors["input_offset"] = np.array([input_offset], dtype=act_dtype)
+    return tensors
+
+
+def decode_w4a8(tensors: dict[str, np.ndarray], k: int, group_size: int, packed: bool) -> QuantizedWeight:
+    """Inverse of encode_w4a8's weight part: the two scale levels multiplied back into group scales."""
+    weight_only = {"weight": tensors["weight"]}
+    if "weight_scale_second" in tensors:
+        first = tensors["weight_scale"].astype(np.float32).reshape(-1, 1)
+        weight_only["weight_scale"] = (tensors["weight_scale_second"].astype(np.float32) * first).astype(np.float32)
+        weight_only["weight_offset"] = tensors["weight_offset_second"].astype(np.float32)
+    else:
+        weight_only["weight_scale"] = tensors["weight_scale"]
+        weight_only["weight_offset"] = tensors["weight_offset"]
+    return decode_weight_only(weight_only, 4, k, group_size, packed, pack_along="n")
+
+
 def encode_w8a8(
     qw: QuantizedWeight, bias: np.ndarray | None, input_scale: float, input_offset: int, float_dtype: np.dtype,
     serving_dtype: str | None = None, weight_params: bool = False,
@@ -194,13 +283,41 @@ def decode_w8a8(tensors: dict[str, np.ndarray]) -> tuple[QuantizedWeight, float,
 FLOAT_DTYPE_NAMES = ("F16", "BF16", "F32")
 
 
+def _check_w4a8(prefix, scheme, specs, n, k, spec, fail) -> None:
+    for suffix in ("weight_scale", "weight_offset"):
+        d, s = spec(suffix)
+        if d not in FLOAT_DTYPE_NAMES or s != (n, 1):
+            raise fail(suffix, f"dtype {d} shape {list(s)}", f"a float [{n}, 1]")
+    second = [f"{prefix}.{suffix}" in specs for suffix in W4A8_SECOND_SUFFIXES]
+    if any(second) and not all(second):
+        missing = W4A8_SECOND_SUFFIXES[second.index(False)]
+        raise GraphqError(f"{prefix}.{missing} is missing: per-group {TYPES[scheme]} layers need both "
+                          f"{' and '.join(W4A8_SECOND_SUFFIXES)}")
+    if all(second):
+        d, s = specs[f"{prefix}.weight_scale_second"]
+        if d not in FLOAT_DTYPE_NAMES or len(s) != 2 or s[0] != n or not 1 <= s[1] <= k:
+            raise fail("weight_scale_second", f"dtype {d} shape {list(s)}", f"a float [{n}, ceil(k / group)]")
+        d2, s2 = specs[f"{prefix}.weight_offset_second"]
+        if d2 not in FLOAT_DTYPE_NAMES + ("I64", "I32", "I8") or s2 != s:
+            raise fail("weight_offset_second", f"dtype {d2} shape {list(s2)}", f"[{n}, {s[1]}]")
+    if f"{prefix}.scale_bias" in specs:
+        d, s = specs[f"{prefix}.scale_bias"]
+        if d not in FLOAT_DTYPE_NAMES or len(s) != 2 or s[0] != n or s[1] not in (1, SCALE_BIAS_SLICES):
+            raise fail("scale_bias", f"dtype {d} shape {list(s)}", f"F32 [{n}, 1] or [{n}, {SCALE_BIAS_SLICES}]")
+    if scheme == "w4a8":
+        for suffix in ("input_scale", "input_offset"):
+            d, s = spec(suffix)
+            if d not in FLOAT_DTYPE_NAMES or s != (1,):
+                raise fail(suffix, f"dtype {d} shape {list(s)}", "a float [1]")
+
+
 def packing_of(prefix: str, scheme: str, specs: dict[str, tuple[str, tuple[int, ...]]], declared: bool | str) -> str:
     """How a layer's int4 weight is stored: "none", "k" ([n, k/2]) or "n" ([n/2, k]).
 
     ``declared`` True/"k" and "n" come from graphq's metadata; "auto" (msModelSlim folders, which say nothing)
     reads it from the shapes: rows equal to weight_scale's rows are unpacked (V0), half of them packed along n (V1).
     """
-    if scheme != "w4a16":
+    if scheme not in INT4_SCHEMES:
         return "none"
     if declared in ("k", "n", "none"):
         return declared
@@ -264,6 +381,9 @@ def check_layer(
                 d, s = specs[f"{prefix}.{suffix}"]
                 if d not in FLOAT_DTYPE_NAMES or s not in ((n, 1), (n,)):
                     raise fail(suffix, f"dtype {d} shape {list(s)}", f"a float [{n}, 1]")
+        return n, k
+    if scheme in W4A8_LAYOUT_SCHEMES:
+        _check_w4a8(prefix, scheme, specs, n, k, spec, fail)
         return n, k
     d, s = spec("weight_scale")
     if d not in FLOAT_DTYPE_NAMES or len(s) != 2 or s[0] != n or not 1 <= s[1] <= k:

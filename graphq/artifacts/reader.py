@@ -31,11 +31,14 @@ from graphq.artifacts.description import (
 from graphq.artifacts.layout import (
     PACKING,
     PACKING_ALONG_N,
+    INT4_SCHEMES,
     SCHEME_OF_TYPE,
     TYPES,
+    W4A8_LAYOUT_SCHEMES,
     W8A8_LAYOUT_SCHEMES,
     bits_of,
     check_layer,
+    optional_suffixes,
     packing_of,
     suffixes_for,
 )
@@ -81,7 +84,7 @@ class Artifacts:
     def group_size_of(self, name: str) -> int:
         """The layer's group size: graphq's metadata or the V1 header, else read from the scales' shape (V0)."""
         n, k = self.layers[name]
-        groups = self.store.specs[f"{name}.weight_scale"][1][1] if f"{name}.weight_scale" in self.store.specs else 1
+        groups = self.groups_of(name)
         if groups == 1:
             return k
         declared = self.group_size
@@ -91,6 +94,14 @@ class Artifacts:
         if math.ceil(k / size) != groups:
             raise GraphqError(f"{name}.weight_scale has {groups} groups, which no group size gives for k = {k}")
         return size
+
+    def groups_of(self, name: str) -> int:
+        """Scale columns: W4A8's weight_scale_second (its weight_scale is the per-channel first level), else
+        weight_scale's."""
+        for suffix in ("weight_scale_second", "weight_scale"):
+            if f"{name}.{suffix}" in self.store.specs:
+                return self.store.specs[f"{name}.{suffix}"][1][1]
+        return 1
 
     @property
     def serving_dtype(self) -> str:
@@ -110,7 +121,8 @@ class Artifacts:
         return bits_of(self.layer_schemes[name])
 
     def layer_tensors(self, name: str) -> dict[str, np.ndarray]:
-        suffixes = [*suffixes_for(self.layer_schemes[name]), "bias", "weight_scale", "weight_offset"]
+        scheme = self.layer_schemes[name]
+        suffixes = [*suffixes_for(scheme), *optional_suffixes(scheme)]
         return {s: self.store.get(f"{name}.{s}") for s in dict.fromkeys(suffixes) if f"{name}.{s}" in self.store.specs}
 
 
@@ -192,7 +204,7 @@ def classify(directory: Path, description: Description, store) -> Artifacts:
                 artifacts.duplicates.append(tensor)
                 continue
             prefix, _, suffix = tensor.rpartition(".")
-            allowed = suffixes_for(layer_scheme) + ("bias", "weight_scale", "weight_offset")
+            allowed = suffixes_for(layer_scheme) + optional_suffixes(layer_scheme)
             if suffix not in allowed:
                 raise GraphqError(f"{tensor}: {tensor_type} layers have no '{suffix}' tensor (expected {', '.join(allowed)})")
             other = artifacts.layer_schemes.setdefault(prefix, layer_scheme)
@@ -208,7 +220,7 @@ def classify(directory: Path, description: Description, store) -> Artifacts:
     declared = _declared_packing(store.metadata)
     for prefix, layer_scheme in artifacts.layer_schemes.items():
         artifacts.layers[prefix] = check_layer(prefix, layer_scheme, store.specs, declared)
-        if layer_scheme == "w4a16":
+        if layer_scheme in INT4_SCHEMES:
             artifacts.packing[prefix] = packing_of(prefix, layer_scheme, store.specs, declared)
     _check_group_counts(artifacts)
     if artifacts.duplicates:
@@ -233,7 +245,7 @@ def _check_group_counts(artifacts: Artifacts) -> None:
         if layer_scheme in W8A8_LAYOUT_SCHEMES or "embed" in prefix.rsplit(".", 1)[-1]:
             continue  # a quantized embedding has its own group size (--embedding-group-size), read from its scales
         n, k = artifacts.layers[prefix]
-        groups = artifacts.store.specs[f"{prefix}.weight_scale"][1][1]
+        groups = artifacts.groups_of(prefix)
         if groups == 1:
             continue
         expected = -(-k // group_size) if group_size > 0 else 1

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from graphq.artifacts.layout import W8A8_LAYOUT_SCHEMES, decode_w8a8, decode_weight_only
+from graphq.artifacts.layout import W4A8_LAYOUT_SCHEMES, W8A8_LAYOUT_SCHEMES, decode_w4a8, decode_w8a8, decode_weight_only
+from graphq.artifacts.layout import TYPES
 from graphq.artifacts.naming import float_tensor_sources
 from graphq.artifacts.reader import Artifacts, open_artifacts
 from graphq.errors import GraphqError
@@ -176,7 +177,15 @@ def apply_artifacts(model, artifacts: Artifacts, format: str) -> None:
         packing = artifacts.packing.get(name, "none")
         weight = tensors["weight"]
         if bits == 4 and packing == "none" and (weight.min() < -8 or weight.max() > 7):
-            raise GraphqError(f"{name}.weight holds values outside the int4 range [-8, 7]: not W4A16 data")
+            raise GraphqError(f"{name}.weight holds values outside the int4 range [-8, 7]: not {TYPES[scheme]} data")
+        if scheme in W4A8_LAYOUT_SCHEMES:
+            qw = decode_w4a8(tensors, k, artifacts.group_size_of(name), packing != "none")
+            details = {}
+            if scheme == "w4a8":
+                details = {"input_scale": float(tensors["input_scale"][0]),
+                           "input_offset": int(round(float(tensors["input_offset"][0])))}
+            emitter.emit(model, layer, qw, details)
+            continue
         qw = decode_weight_only(tensors, bits, k, artifacts.group_size_of(name), packing != "none",
                                 pack_along="n" if packing == "n" else "k")
         emitter.emit(model, layer, qw, {})

@@ -58,10 +58,10 @@ class ArtifactCollector:
         scheme = scheme or self.scheme
         if scheme not in TYPES:
             raise GraphqError(f"{layer.name}: no artifact layout for scheme {scheme}")
-        if scheme in W8A8_LAYOUT_SCHEMES:
+        if scheme in W8A8_LAYOUT_SCHEMES or scheme == "w4a8":
             missing = [key for key in ("input_scale", "input_offset") if key not in details]
             if missing:
-                raise GraphqError(f"{layer.name}: W8A8 artifacts need {' and '.join(missing)} from the quantizer")
+                raise GraphqError(f"{layer.name}: {TYPES[scheme]} artifacts need {' and '.join(missing)} from the quantizer")
         tensors = self.target.encode_layer(self, layer, qw, details, scheme)
         if self.spill_dir is not None:
             self.spill_dir.mkdir(parents=True, exist_ok=True)

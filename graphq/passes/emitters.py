@@ -100,3 +100,23 @@ register_emitter("w8a8", "qdq", _emit_w8a8_static, "QuantizeLinear/DequantizeLin
 # W8A8S (sparse lowbit) runs as W8A8: its int8 weight holds the zeros and the 4-bit levels.
 register_emitter("w8a8s", "qdq", _emit_w8a8_static, "as w8a8: the pruned, lowbit int8 weight through DequantizeLinear")
 register_emitter("w8a8-dynamic", "qdq", _emit_w8a8_dynamic, "per-token scales in the graph, then MatMulInteger")
+
+
+def _emit_w4a8_static(model: ir.Model, layer: LinearLayer, weight, details: dict) -> str:
+    from graphq.passes.w4a8 import emit_w4a8
+
+    emit_w4a8(model, layer, weight, details["input_scale"], details["input_offset"])
+    return _layer_output_name(layer)
+
+
+def _emit_w4a8_dynamic(model: ir.Model, layer: LinearLayer, weight, details: dict) -> str:
+    from graphq.passes.w4a8 import emit_w4a8_dynamic
+
+    emit_w4a8_dynamic(model, layer, weight)
+    return _layer_output_name(layer)
+
+
+register_emitter("w4a8", "qdq", _emit_w4a8_static,
+                 "QuantizeLinear/DequantizeLinear on the input, blocked int4 DequantizeLinear on the weight")
+register_emitter("w4a8-dynamic", "qdq", _emit_w4a8_dynamic,
+                 "per-token int8 grid on the input in the graph, blocked int4 DequantizeLinear on the weight")

@@ -48,6 +48,15 @@ def weight_as_u8(qw: QuantizedWeight) -> tuple[np.ndarray, np.ndarray, np.ndarra
 def emit_w8a8(model: ir.Model, layer: LinearLayer, qw: QuantizedWeight, input_scale: float, input_offset: int) -> None:
     """Rewrite one linear layer to W8A8 static: QDQ on its input (scalar scale, offset in the int8 convention
     x_q = clip(round(x / scale) + offset, -128, 127)) and DQ on its per-channel 8-bit weight."""
+    quantize_input(model, layer, input_scale, input_offset)
+    q, weight_scale, weight_zero_point = weight_as_u8(qw)
+    weight = insert_weight_dequantize(model, layer, q, weight_scale, weight_zero_point, {"axis": 1})
+    feed_weight(model, layer, weight.outputs[0])
+
+
+def quantize_input(model: ir.Model, layer: LinearLayer, input_scale: float, input_offset: int) -> None:
+    """QuantizeLinear -> DequantizeLinear (uint8, scalar scale and zero point ``input_offset + 128``) on the layer's
+    input: the static per-tensor activation grid of W8A8 and W4A8 (``grid.fake_quantize`` is its reference)."""
     if not input_scale > 0 or not np.isfinite(input_scale):
         raise ValueError(f"{layer.name}: input scale must be positive and finite, got {input_scale}")
     if not QMIN <= int(input_offset) <= -QMIN - 1:
@@ -65,6 +74,3 @@ def emit_w8a8(model: ir.Model, layer: LinearLayer, qw: QuantizedWeight, input_sc
     graph.insert_before(layer.node, quantize)
     graph.insert_before(layer.node, dequantize)
     layer.node.replace_input_with(0, dequantize.outputs[0])
-    q, weight_scale, weight_zero_point = weight_as_u8(qw)
-    weight = insert_weight_dequantize(model, layer, q, weight_scale, weight_zero_point, {"axis": 1})
-    feed_weight(model, layer, weight.outputs[0])

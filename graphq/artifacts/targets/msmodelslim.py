@@ -23,7 +23,17 @@ import numpy as np
 
 from graphq.artifacts.description import FLOAT, KV_CACHE_TYPE, file_tag
 from graphq.artifacts.dtypes import TORCH_NAMES, cast, numpy_dtype
-from graphq.artifacts.layout import PACKING_ALONG_N, TYPES, W8A8_LAYOUT_SCHEMES, encode_w8a8, encode_weight_only
+from graphq.artifacts.layout import (
+    INT4_SCHEMES,
+    PACKING_ALONG_N,
+    ROW_PARALLEL,
+    TYPES,
+    W4A8_LAYOUT_SCHEMES,
+    W8A8_LAYOUT_SCHEMES,
+    encode_w4a8,
+    encode_w8a8,
+    encode_weight_only,
+)
 from graphq.artifacts.numpy_io import write_numpy
 from graphq.artifacts.safetensors_io import GB, write_safetensors
 from graphq.artifacts.targets import ArtifactTarget, WriteJob
@@ -57,7 +67,7 @@ def kv_cache_tensors(kv_cache: dict, channels: dict[str, int]) -> dict[str, np.n
 
 
 class MsModelSlimTarget(ArtifactTarget):
-    schemes = ("w4a16", "w8a16", "w8a8", "w8a8-dynamic", "w8a8s")
+    schemes = ("w4a16", "w8a16", "w8a8", "w8a8-dynamic", "w8a8s", "w4a8", "w4a8-dynamic")
     #: MindIE and vllm-ascend take float16 or bfloat16 only (config.json torch_dtype).
     dtypes = ("fp16", "bf16")
     save_formats = ("onnx", "safetensors", "numpy")
@@ -75,7 +85,7 @@ class MsModelSlimTarget(ArtifactTarget):
 
     # --- shared ---
     def packs_int4(self, collector) -> bool:
-        return collector.pack and "w4a16" in collector.layer_schemes.values()
+        return collector.pack and bool(set(INT4_SCHEMES) & set(collector.layer_schemes.values()))
 
     def encode_layer(self, collector, layer, qw, details, scheme) -> dict[str, np.ndarray]:
         model_dtype = np.dtype(layer.dtype.numpy())
@@ -84,6 +94,13 @@ class MsModelSlimTarget(ArtifactTarget):
         if scheme in W8A8_LAYOUT_SCHEMES:  # W8A8S is W8A8's tensors with the pruned zeros in the weight
             return encode_w8a8(qw, bias, float(details["input_scale"]), int(details["input_offset"]), model_dtype,
                                serving_dtype=serving, weight_params=True)
+        if scheme in W4A8_LAYOUT_SCHEMES:
+            static = scheme == "w4a8"
+            act_dtype = np.float16 if model_dtype == np.float16 else np.float32
+            return encode_w4a8(qw, None if bias is None else cast(bias, serving), numpy_dtype(serving), collector.pack,
+                               layer.name.rsplit(".", 1)[-1] in ROW_PARALLEL,
+                               float(details["input_scale"]) if static else None,
+                               int(details["input_offset"]) if static else None, act_dtype)
         pack = collector.pack and scheme == "w4a16"
         return encode_weight_only(qw, None if bias is None else cast(bias, serving), numpy_dtype(serving), pack,
                                   pack_along="n")

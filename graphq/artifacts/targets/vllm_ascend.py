@@ -31,11 +31,18 @@ class VllmAscendTarget(MsModelSlimTarget):
             if scheme == "w4a16":
                 raise GraphqError(f"--target vllm-ascend cannot serve W4A16 dense linears ({name}): its W4A16 kernels "
                                   "are for MoE experts; use --scheme w8a16 / w8a8-dynamic or --target mindie")
+            if scheme == "w4a8":
+                raise GraphqError(f"--target vllm-ascend has no static W4A8 linear ({name}): it serves W4A8_DYNAMIC; "
+                                  "use --scheme w4a8-dynamic or --target mindie")
             if scheme == "w8a16" and (group != -1 or not symmetric.get(name, True)):
                 raise GraphqError(f"--target vllm-ascend serves W8A16 per channel and symmetric only ({name} is "
                                   f"{'group ' + str(group) if group != -1 else 'asymmetric'}): use --group-size -1 --sym")
             if group != -1 and group not in GROUP_SIZES:
                 raise GraphqError(f"--target vllm-ascend supports group sizes 64 and 128, not {group} ({name})")
+            if scheme == "w4a8-dynamic" and group != -1 and shapes and shapes[name][1] % group:
+                raise GraphqError(f"--target vllm-ascend reads in_features / group second-level scales, but {name} has "
+                                  f"{shapes[name][1]} input channels, which group size {group} does not divide: "
+                                  "choose a group size that divides it (or -1)")
         fused: dict[tuple[str, str], dict[str, str]] = {}
         for name, scheme in layer_schemes.items():
             prefix, _, module = name.rpartition(".")
