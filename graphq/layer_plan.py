@@ -130,7 +130,7 @@ def read_plan(path: str | Path) -> dict[str, dict]:
 
 def setting_for(name: str, entry: dict, config, in_features: int) -> LayerSetting:
     """The entry as a scheme and grid, or a one-line error naming it (unknown bits, impossible group)."""
-    from graphq.config import ACTIVATION_SCHEMES, PER_CHANNEL
+    from graphq.config import ACTIVATION_SCHEMES, PER_CHANNEL, W4A8_SCHEMES
     from graphq.weight_methods import resolve_methods
 
     weight, given_input = entry["weight"], entry.get("input", {})
@@ -152,7 +152,7 @@ def setting_for(name: str, entry: dict, config, in_features: int) -> LayerSettin
     method = weight.get("method", sub.method)
     if not isinstance(symmetric, bool) or not isinstance(method, str):
         raise GraphqError(f"plan entry '{name}': symmetric must be true/false and method a string")
-    if scheme in ACTIVATION_SCHEMES:
+    if scheme in ACTIVATION_SCHEMES and scheme not in W4A8_SCHEMES:
         if (group_size != PER_CHANNEL and group_size < in_features) or not symmetric or method != "rtn":
             raise GraphqError(f"plan entry '{name}': {scheme} weights are symmetric int8 per channel by rtn "
                               "(group_size -1, symmetric true, method rtn)")

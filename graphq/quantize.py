@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import resource
 import shutil
 import sys
@@ -195,17 +196,33 @@ def apply_precision_plan(
     return kept, {"precision_plan": plan.report()}
 
 
-def read_layer_plan(model: ir.Model, layers: list[LinearLayer], config: QuantConfig) -> tuple[dict, QuantConfig]:
-    """``--plan``: its entries by name (each naming a tensor of the model), and the config with the embedding entry
-    applied; no plan: ({}, config)."""
+def read_layer_plan(model: ir.Model, layers: list[LinearLayer], config: QuantConfig
+                    ) -> tuple[dict[str, LayerSetting], QuantConfig]:
+    """``--plan``: each planned linear's setting, and the config with the plan applied: the embedding entry, and
+    every planned scheme as an exact-name scheme override (so every pass asking ``scheme_for`` sees the plan)."""
     if not config.plan:
         return {}, config
     strategy = read_plan(config.plan)
     embedding = find_embedding(model)
     check_names(strategy, [*([embedding.name] if embedding is not None else []), *(l.name for l in layers)], config.plan)
-    if embedding is not None and embedding.name in strategy:
-        config = dataclasses.replace(config, **embedding_options(strategy[embedding.name], embedding.name)).validate()
-    return strategy, config
+    settings = {layer.name: setting_for(layer.name, strategy[layer.name], config, layer.in_features)
+                for layer in layers if layer.name in strategy}
+    options = embedding_options(strategy[embedding.name], embedding.name) if embedding is not None \
+        and embedding.name in strategy else {}
+    overrides = {f"^{re.escape(name)}$": setting.scheme for name, setting in settings.items() if setting.scheme != "float"}
+    return settings, dataclasses.replace(config, scheme_overrides={**overrides, **config.scheme_overrides},
+                                         **options).validate()
+
+
+def group_by_config(layers: list[LinearLayer], layer_configs: dict[str, QuantConfig]
+                    ) -> list[tuple[QuantConfig, list[LinearLayer]]]:
+    """The linears by the config they are quantized under (one pass of a weight method per distinct config)."""
+    groups: dict[str, tuple[QuantConfig, list[LinearLayer]]] = {}
+    for layer in layers:
+        layer_config = layer_configs[layer.name]
+        key = json.dumps(layer_config.to_dict(), sort_keys=True, default=str)
+        groups.setdefault(key, (layer_config, []))[1].append(layer)
+    return list(groups.values())
 
 
 def config_for_layer(config: QuantConfig, scheme: str, setting: LayerSetting | None) -> QuantConfig:
@@ -238,7 +255,9 @@ def describe(config: QuantConfig) -> str:
                 f"{'sym' if config.is_symmetric else 'asym'}")
     if config.sparsity or config.sparsity_pattern:
         text += f", pruned {config.sparsity_pattern or config.sparsity}"
-    if config.scheme_overrides:
+    if config.plan:
+        text += f", plan {config.plan}"
+    elif config.scheme_overrides:
         text += f", overrides {config.scheme_overrides}"
     if config.smooth:
         text += f", smooth {config.smooth}"
@@ -284,10 +303,8 @@ def quantize(
                 if quantized else
                 f"{model_file} has no quantizable linear layers (MatMul/Gemm with a constant weight): nothing to quantize"
             )
-        strategy, config = read_layer_plan(model, layers, config)
+        settings, config = read_layer_plan(model, layers, config)
         embedding, tied = plan_embedding(model, layers, config)
-        settings = {name: setting_for(name, strategy[name], config, layer.in_features)
-                    for layer in layers for name in [layer.name] if name in strategy}
         layer_reports = []
         chosen = []
         for layer in layers:
@@ -367,14 +384,10 @@ def quantize(
                 lambda: load_calibration_samples(model_file, config))
         rescaled: dict[str, str] = {}  # linear -> why a fold rescaled its output channels (verify reads it)
         by_scheme: dict[str, list[LinearLayer]] = {}
-        by_config: dict[str, tuple[QuantConfig, list[LinearLayer]]] = {}  # one weight-only pass per distinct config
         for layer, entry in chosen:
             by_scheme.setdefault(entry["scheme"], []).append(layer)
-            layer_config = layer_configs[layer.name]
-            key = json.dumps(layer_config.to_dict(), sort_keys=True, default=str)
-            by_config.setdefault(key, (layer_config, []))[1].append(layer)
         # Weight-only layers first: the activations of W8A8 layers are then calibrated on the partly quantized model.
-        for layer_config, config_layers in by_config.values():
+        for layer_config, config_layers in group_by_config([layer for layer, _ in chosen], layer_configs):
             if layer_config.scheme in ACTIVATION_SCHEMES:
                 continue
             trainer = next((m for m in resolve_methods(layer_config.method) if m.trains), None)
@@ -405,15 +418,12 @@ def quantize(
                 set_layer_weight(model, layer, qw.dequantize())
                 rounded[layer.name] = (qw, entry)
 
-            for scheme in W4A8_SCHEMES:
-                scheme_layers = [layer for layer in stage_layers if entries[layer.name]["scheme"] == scheme]
-                if not scheme_layers:
-                    continue
-                if configs[scheme].needs_calibration:
-                    calibrated_quantize(model, model_file, scheme_layers, configs[scheme], progress, record, layers,
+            for layer_config, config_layers in group_by_config(stage_layers, layer_configs):
+                if layer_config.needs_calibration:
+                    calibrated_quantize(model, model_file, config_layers, layer_config, progress, record, layers,
                                         rescaled, samples)
                 else:
-                    data_free_quantize(scheme_layers, configs[scheme], progress, record)
+                    data_free_quantize(config_layers, layer_config, progress, record)
             return rounded
 
         extra_report = activation_quantize(
