@@ -15,6 +15,7 @@ import numpy as np
 import onnx_ir as ir
 from tqdm import tqdm
 
+from graphq.algorithms.codebook import CodebookWeight
 from graphq.algorithms.rtn import QuantizedWeight
 from graphq.activation_quantize import activation_quantize
 from graphq.artifacts.records import ArtifactCollector
@@ -52,6 +53,8 @@ class QuantizeResult:
 
 def quantized_weight_bytes(qw: QuantizedWeight) -> int:
     """Storage of the integer weight plus its scales (float32) and zero points (bits each)."""
+    if isinstance(qw, CodebookWeight):  # codes at their bits, tables and scales at their dtype
+        return int(np.ceil(qw.storage_bytes()))
     k, n = qw.shape
     bits = k * n * qw.bits + qw.scales.size * 32
     if qw.zero_points is not None:
@@ -66,9 +69,14 @@ FinishLayer = Callable[[LinearLayer, QuantizedWeight, dict], None]
 def data_free_quantize(layers: list[LinearLayer], config: QuantConfig, progress: bool, finish: FinishLayer) -> None:
     """Methods that need no data (rtn): each linear alone, from its float weight."""
     rounder = rounding_method(resolve_methods(config.method))
+    warned: list[str] = []
     for layer in tqdm(layers, desc=f"{config.method} {config.scheme}", unit="layer", disable=not progress, file=sys.stderr):
         result = rounder.round_data_free(layer, layer.weight_kn(), config)
         finish(layer, result.weight, result.entry)
+        warned.extend(f"{layer.name}: {w}" for w in result.warnings)
+    if warned:
+        print(f"graphq: warning: {len(warned)} layer warning(s) (first: {warned[0]}); see 'warnings' in report.json",
+              file=sys.stderr)
 
 
 def calibrated_quantize(
@@ -157,6 +165,11 @@ def describe(config: QuantConfig) -> str:
         text = f"w8a8, activations {config.act_method}"
     elif config.scheme == "w8a8-dynamic":
         text = "w8a8-dynamic, per-token activations"
+    elif config.weight_format != "uniform":
+        group = "per channel" if config.group_size == -1 else f"group {config.group_size}"
+        data = "weighted by calibration" if config.needs_calibration else "data-free"
+        text = (f"{config.scheme}, {config.weight_format} tables of {2 ** config.bits} {config.lut_table_dtype} "
+                f"entries, {config.method} ({data}), {group}")
     else:
         text = (f"{config.scheme}, {config.format}, {config.method}, group {config.group_size}, "
                 f"{'sym' if config.is_symmetric else 'asym'}")
@@ -234,17 +247,18 @@ def quantize(
         def finish(layer: LinearLayer, qw: QuantizedWeight, details: dict) -> None:
             scheme = entries[layer.name]["scheme"]
             layer_config = configs[scheme]
+            codebook = isinstance(qw, CodebookWeight)
             entries[layer.name].update(
                 bits=layer_config.bits,
                 group_size=qw.group_size if qw.group_size < layer.in_features else -1,
-                symmetric=qw.symmetric,
-                format=layer_config.format,
+                symmetric=None if codebook else qw.symmetric,
+                format="lut" if codebook else layer_config.format,
                 method=layer_config.method,
                 weight_bytes_before=int(layer.in_features * layer.out_features * layer.dtype.itemsize),
                 weight_bytes_after=quantized_weight_bytes(qw),
                 **details,
             )
-            output_format = layer_config.format
+            output_format = "lut" if codebook else layer_config.format
             if "activation_fallback" in details:
                 # The int8 weight stays, the activations stay float: W8A16, QDQ.
                 scheme, output_format = "w8a16", "qdq"

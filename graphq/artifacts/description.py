@@ -28,10 +28,12 @@ def weight_stem(scheme: str) -> str:
     return f"quant_model_weight_{file_tag(scheme)}"
 
 
-def write_description(path: Path, scheme: str, tensor_types: dict[str, str], kv_cache: bool, version: str) -> None:
+def write_description(
+    path: Path, scheme: str, tensor_types: dict[str, str], kv_cache: bool, version: str, model_type: str | None = None
+) -> None:
     from graphq.artifacts.layout import TYPES
 
-    data = {"model_quant_type": TYPES[scheme], "version": version}
+    data = {"model_quant_type": model_type or TYPES[scheme], "version": version}
     if kv_cache:
         data["kv_cache_type"] = KV_CACHE_TYPE
     data.update(tensor_types)

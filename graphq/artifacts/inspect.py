@@ -87,6 +87,11 @@ def inspect_artifacts(directory: Path) -> Inspection:
     store = artifacts.store
     result = Inspection(path=directory, kind="artifacts", files=[artifacts.description.name] + [f.name for f in store.files])
     for name, (n, k) in artifacts.layers.items():
+        if name in artifacts.codebook:  # packed codes + tables (+ their scales): the tables count
+            names = [f"{name}.{s}" for s in ("weight", "weight_lut", "weight_lut_scale")]
+            stored = sum(store.nbytes(t) for t in names if t in store.specs) * 8
+            result.add(name, artifacts.codebook[name]["type"].lower().replace("_", "-"), n * k, stored)
+            continue
         names = [f"{name}.{s}" for s in ("weight", "weight_scale", "weight_offset", "deq_scale", "input_scale", "input_offset")]
         stored = sum(store.nbytes(t) for t in names if t in store.specs) * 8
         result.add(name, artifacts.layer_schemes[name], n * k, stored)
@@ -121,6 +126,17 @@ def inspect_onnx(path: Path) -> Inspection:
             stored = sum(_nbytes(v) for v in node.inputs[1:4]) * 8
             name = (node.outputs[0].name or "").removesuffix(".quantized_output") or module_path_from_node_name(node.name) or node.name
             result.add(name, f"w{bits}a16", k * n, stored)
+        elif node.op_type == "Gather" and (node.name or "").endswith(".lut_weight"):
+            # graphq.passes.lut: codes + tables (+ scales) count; the int64 index offsets (K + N) do not
+            name = node.name.removesuffix(".lut_weight")
+            inits = model.graph.initializers
+            shape, table = inits.get(f"{name}.weight_shape"), inits.get(f"{name}.weight_lut")
+            if shape is None or table is None or shape.const_value is None:
+                continue
+            k, n = (int(d) for d in shape.const_value.numpy())
+            bits = int(table.const_value.shape[-1]).bit_length() - 1
+            stored = sum(_nbytes(inits.get(f"{name}.{s}")) for s in ("weight_codes", "weight_lut", "weight_lut_scale")) * 8
+            result.add(name, f"w{bits}a16-lut", k * n, stored)
         elif node.op_type == "DequantizeLinear":
             weight = node.inputs[0]
             if weight is None or weight.const_value is None or weight.dtype not in _INT_BITS:

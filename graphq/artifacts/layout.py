@@ -31,8 +31,18 @@ from graphq.algorithms.rtn import QuantizedWeight
 from graphq.errors import GraphqError
 
 # graphq scheme -> the tensor type the description gives its tensors (MindIE's names).
-TYPES = {"w4a16": "W4A16", "w8a16": "W8A16", "w8a8": "W8A8", "w8a8-dynamic": "W8A8_DYNAMIC"}
+TYPES = {"w4a16": "W4A16", "w8a16": "W8A16", "w8a8": "W8A8", "w8a8-dynamic": "W8A8_DYNAMIC", "w3a16": "W3A16_LUT"}
 SCHEME_OF_TYPE = {kind: scheme for scheme, kind in TYPES.items()}
+# Codebook (LUT) layers (graphq.artifacts.codebook: weight = packed codes, weight_lut, weight_lut_scale): their
+# tensor type -> scheme. NF4 layers are typed NF4; a model whose layers are codebooks has model_quant_type
+# W4A16_LUT / W3A16_LUT.
+LUT_TYPES = {"W4A16_LUT": "w4a16", "W3A16_LUT": "w3a16", "NF4": "w4a16"}
+LUT_SUFFIXES = ("weight", "weight_lut", "weight_lut_scale")
+SCHEME_OF_TYPE.update({"W4A16_LUT": "w4a16"})
+
+
+def lut_type(scheme: str, weight_format: str) -> str:
+    return "NF4" if weight_format == "nf4" else f"{TYPES[scheme].removesuffix('_LUT')}_LUT"
 SCHEMES = tuple(TYPES)
 WEIGHT_ONLY_SUFFIXES = ("weight", "weight_scale", "weight_offset")
 W8A8_SUFFIXES = ("weight", "input_scale", "input_offset", "deq_scale", "quant_bias")

@@ -20,7 +20,18 @@ from graphq.artifacts.description import (
     read_description,
     weight_stem,
 )
-from graphq.artifacts.layout import PACKING, SCHEME_OF_TYPE, TYPES, bits_of, check_layer, suffixes_for
+import json
+
+from graphq.artifacts.layout import (
+    LUT_SUFFIXES,
+    LUT_TYPES,
+    PACKING,
+    SCHEME_OF_TYPE,
+    TYPES,
+    bits_of,
+    check_layer,
+    suffixes_for,
+)
 from graphq.artifacts.numpy_io import NumpyStore
 from graphq.artifacts.safetensors_io import SafetensorsStore
 from graphq.errors import GraphqError
@@ -40,6 +51,7 @@ class Artifacts:
     layer_schemes: dict[str, str] = field(default_factory=dict)  # HF module name -> graphq scheme
     float_names: list[str] = field(default_factory=list)
     kv_names: list[str] = field(default_factory=list)
+    codebook: dict[str, dict] = field(default_factory=dict)  # LUT layers: type, in_features, bits, group_size
 
     @property
     def packed(self) -> bool:
@@ -53,7 +65,7 @@ class Artifacts:
         return bits_of(self.layer_schemes[name])
 
     def layer_tensors(self, name: str) -> dict[str, np.ndarray]:
-        suffixes = [*suffixes_for(self.layer_schemes[name]), "bias"]
+        suffixes = [*(LUT_SUFFIXES if name in self.codebook else suffixes_for(self.layer_schemes[name])), "bias"]
         return {s: self.store.get(f"{name}.{s}") for s in suffixes if f"{name}.{s}" in self.store.specs}
 
 
@@ -88,6 +100,13 @@ def open_artifacts(directory: str | Path, scheme: str | None = None, numpy: bool
             if kv_type != KV_CACHE_TYPE:
                 raise GraphqError(f"{name} is a KV-cache tensor but {description.name} has no kv_cache_type")
             artifacts.kv_names.append(name)
+        elif tensor_type in LUT_TYPES:
+            prefix, _, suffix = name.rpartition(".")
+            if suffix not in LUT_SUFFIXES + ("bias",):
+                raise GraphqError(f"{name}: {tensor_type} layers have no '{suffix}' tensor "
+                                  f"(expected {', '.join(LUT_SUFFIXES)}, bias)")
+            artifacts.layer_schemes.setdefault(prefix, LUT_TYPES[tensor_type])
+            artifacts.codebook.setdefault(prefix, {"type": tensor_type})
         elif tensor_type in SCHEME_OF_TYPE:
             layer_scheme = SCHEME_OF_TYPE[tensor_type]
             prefix, _, suffix = name.rpartition(".")
@@ -99,8 +118,10 @@ def open_artifacts(directory: str | Path, scheme: str | None = None, numpy: bool
                 raise GraphqError(f"{name} is typed {tensor_type} but other tensors of {prefix} are {TYPES[other]}")
         else:
             raise GraphqError(f"{name} has type {tensor_type!r}: expected one of {', '.join(SCHEME_OF_TYPE)}, {FLOAT}, {KV_CACHE_TYPE}")
+    _read_codebook_layers(artifacts)
     for prefix, layer_scheme in artifacts.layer_schemes.items():
-        artifacts.layers[prefix] = check_layer(prefix, layer_scheme, store.specs, artifacts.packed)
+        if prefix not in artifacts.codebook:
+            artifacts.layers[prefix] = check_layer(prefix, layer_scheme, store.specs, artifacts.packed)
     _check_group_counts(artifacts)
     return artifacts
 
@@ -116,7 +137,7 @@ def _check_group_counts(artifacts: Artifacts) -> None:
     except ValueError:
         raise GraphqError(f"the artifacts' metadata has group_size {raw!r}, not an integer: write the artifacts again") from None
     for prefix, layer_scheme in artifacts.layer_schemes.items():
-        if layer_scheme == "w8a8":
+        if layer_scheme == "w8a8" or prefix in artifacts.codebook:
             continue
         n, k = artifacts.layers[prefix]
         groups = artifacts.store.specs[f"{prefix}.weight_scale"][1][1]
@@ -128,3 +149,37 @@ def _check_group_counts(artifacts: Artifacts) -> None:
                 f"{prefix}.weight_scale has {groups} groups for {k} input channels, but the metadata's group_size "
                 f"{group_size} gives {expected}: the artifact is inconsistent, write it again"
             )
+
+
+def _read_codebook_layers(artifacts: Artifacts) -> None:
+    """LUT layers: K, bits and group size from the metadata's lut_layers; the codes' and tables' shapes checked."""
+    if not artifacts.codebook:
+        return
+    from graphq.passes.lut import packed_length
+
+    try:
+        recorded = json.loads(artifacts.store.metadata.get("lut_layers", ""))
+    except ValueError:
+        recorded = None
+    if not isinstance(recorded, dict):
+        raise GraphqError("the artifacts hold LUT layers but their metadata has no readable lut_layers: write them again")
+    for prefix, info in artifacts.codebook.items():
+        entry = recorded.get(prefix)
+        if not isinstance(entry, dict) or entry.get("type") != info["type"] or not all(
+            isinstance(entry.get(key), int) for key in ("in_features", "bits", "group_size")
+        ):
+            raise GraphqError(f"{prefix} is a {info['type']} layer the metadata's lut_layers does not describe")
+        info.update(entry)
+        for suffix in ("weight", "weight_lut"):
+            if f"{prefix}.{suffix}" not in artifacts.store.specs:
+                raise GraphqError(f"{prefix}.{suffix} is missing: a {info['type']} layer needs weight and weight_lut")
+        dtype, shape = artifacts.store.specs[f"{prefix}.weight"]
+        k, bits = entry["in_features"], entry["bits"]
+        if bits not in (3, 4) or dtype != "U8" or len(shape) != 2 or shape[1] != packed_length(k, bits):
+            raise GraphqError(f"{prefix}.weight has dtype {dtype} shape {list(shape)}, but a {k}-input {bits}-bit "
+                              f"{info['type']} layer needs uint8 [n, {packed_length(k, bits) if bits in (3, 4) else '?'}]")
+        dtype, table_shape = artifacts.store.specs[f"{prefix}.weight_lut"]
+        if dtype not in ("F16", "I8", "F32") or table_shape[-1] != 1 << bits or len(table_shape) not in (2, 3):
+            raise GraphqError(f"{prefix}.weight_lut has dtype {dtype} shape {list(table_shape)}: expected "
+                              f"[n, {1 << bits}] or [n, groups, {1 << bits}]")
+        artifacts.layers[prefix] = (shape[0], k)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from graphq.artifacts.codebook import from_tensors as codebook_from_tensors
 from graphq.artifacts.layout import decode_w8a8, decode_weight_only
 from graphq.artifacts.naming import float_tensor_sources
 from graphq.artifacts.reader import Artifacts, open_artifacts
@@ -107,11 +108,11 @@ def apply_artifacts(model, artifacts: Artifacts, format: str) -> None:
         sources[name].store(model, array)
     # Activation schemes have one form (QDQ); weight-only layers take the requested format.
     emitters = {scheme: emitter_for(scheme, format if format in formats_of(scheme) else "qdq")
-                for scheme in set(artifacts.layer_schemes.values())}
+                for name, scheme in artifacts.layer_schemes.items() if name not in artifacts.codebook}
     for name, (n, k) in artifacts.layers.items():
         layer = by_name[name]
         scheme = artifacts.layer_schemes[name]
-        emitter = emitters[scheme]
+        emitter = emitters.get(scheme)  # codebook layers: the lut emitter, below
         if (n, k) != (layer.out_features, layer.in_features):
             raise GraphqError(
                 f"{name}.weight is for a [{n}, {k}] layer but the float model's {name} is "
@@ -131,6 +132,11 @@ def apply_artifacts(model, artifacts: Artifacts, format: str) -> None:
                               f"but the artifacts {'do not hold' if 'bias' not in tensors else 'hold'} {name}.bias")
         if "bias" in tensors:
             set_layer_bias(model, layer, tensors["bias"].astype(layer.bias.const_value.dtype.numpy()))
+        if name in artifacts.codebook:
+            info = artifacts.codebook[name]
+            cw = codebook_from_tensors(tensors, k, info["bits"], info["group_size"])
+            emitter_for(scheme, "lut").emit(model, layer, cw, {})
+            continue
         bits = artifacts.bits(name)
         packed = artifacts.packed and scheme == "w4a16"
         weight = tensors["weight"]

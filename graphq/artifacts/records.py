@@ -17,7 +17,11 @@ import onnx_ir as ir
 
 from graphq.algorithms.rtn import QuantizedWeight
 from graphq.artifacts.description import FLOAT, KV_CACHE_TYPE, description_name, weight_stem, write_description
-from graphq.artifacts.layout import PACKING, TYPES, encode_w8a8, encode_weight_only
+import json
+
+from graphq.algorithms.codebook import CodebookWeight
+from graphq.artifacts.codebook import to_tensors as codebook_tensors
+from graphq.artifacts.layout import PACKING, TYPES, encode_w8a8, encode_weight_only, lut_type
 from graphq.artifacts.naming import float_tensor_sources
 from graphq.artifacts.numpy_io import write_numpy
 from graphq.artifacts.safetensors_io import GB, write_safetensors
@@ -52,6 +56,7 @@ class ArtifactCollector:
         self.spill_dir = spill_dir
         self.layers: dict[str, dict[str, np.ndarray | Path]] = {}
         self.layer_schemes: dict[str, str] = {}
+        self.codebook: dict[str, dict] = {}  # codebook (LUT) layers: type, in_features, bits, group_size
 
     def add(self, layer: LinearLayer, qw: QuantizedWeight, details: dict, scheme: str | None = None) -> None:
         scheme = scheme or self.scheme
@@ -59,7 +64,16 @@ class ArtifactCollector:
             raise GraphqError(f"{layer.name}: no artifact layout for scheme {scheme}")
         bias = None if layer.bias is None else layer.bias.const_value.numpy()
         float_dtype = np.dtype(layer.dtype.numpy())
-        if scheme == "w8a8":
+        if isinstance(qw, CodebookWeight):
+            tensors = codebook_tensors(qw)
+            if bias is not None:
+                tensors["bias"] = np.asarray(bias).astype(bias.dtype)
+            group_size = -1 if qw.per_channel else qw.group_size
+            self.codebook[layer.name] = {
+                "type": lut_type(scheme, details.get("weight_format", "lut")),
+                "in_features": layer.in_features, "bits": qw.bits, "group_size": group_size,
+            }
+        elif scheme == "w8a8":
             missing = [key for key in ("input_scale", "input_offset") if key not in details]
             if missing:
                 raise GraphqError(f"{layer.name}: W8A8 artifacts need {' and '.join(missing)} from the quantizer")
@@ -85,6 +99,7 @@ class ArtifactCollector:
             "group_size": str(self.group_size),
             "symmetric": str(self.symmetric).lower(),
             "weight_packing": PACKING if self.pack and "w4a16" in self.layer_schemes.values() else "none",
+            **({"lut_mode": "true", "lut_layers": json.dumps(self.codebook, sort_keys=True)} if self.codebook else {}),
         }
 
     def write(
@@ -102,7 +117,8 @@ class ArtifactCollector:
         kv = kv_cache_tensors(kv_cache) if kv_cache else {}
         types = {name: FLOAT for name in floats}
         for name, tensors in self.layers.items():
-            types.update({f"{name}.{suffix}": TYPES[self.layer_schemes[name]] for suffix in tensors})
+            kind = self.codebook[name]["type"] if name in self.codebook else TYPES[self.layer_schemes[name]]
+            types.update({f"{name}.{suffix}": kind for suffix in tensors})
         types.update({name: KV_CACHE_TYPE for name in kv})
         clash = set(floats) & {f"{n}.{s}" for n, t in self.layers.items() for s in t}
         if clash:
@@ -126,6 +142,7 @@ class ArtifactCollector:
             written += write_numpy(tensors(), types, out_dir, stem, metadata)
         if "safetensors" in formats or "numpy" in formats:
             path = out_dir / description_name(self.scheme)
-            write_description(path, self.scheme, types, bool(kv), version)
+            model_type = f"{TYPES[self.scheme].removesuffix('_LUT')}_LUT" if self.codebook else None
+            write_description(path, self.scheme, types, bool(kv), version, model_type)
             written.append(path)
         return written
