@@ -219,3 +219,17 @@ def test_lut_graph_computes_the_dequantized_weight(tiny_models, tmp_path):
     shutil.copytree(source, tmp_path / "ref")
     save_model(reference, tmp_path / "ref" / "model.onnx")
     np.testing.assert_allclose(logits(out, IDS), logits(tmp_path / "ref", IDS), rtol=0, atol=1e-4)
+
+
+def test_verify_works_unchanged_on_lut_models(tiny_models, tiny_text, tmp_path):
+    """verify finds every LUT layer's output (report.json's quantized_output) and gives a finite SQNR."""
+    from graphq.evaluate import read_text, token_windows
+    from graphq.tokenizer import load_tokenizer
+    from graphq.verify import verify
+
+    source = tiny_models["llama"]["onnx"]
+    out = quantize(source, lut_config(weight_format="shared", group_size=32), tmp_path / "q", progress=False).output_dir
+    windows = token_windows(load_tokenizer(source), read_text(tiny_text), 64, 128)
+    result = verify(source, out, windows)
+    assert len(result.layers) == 14
+    assert all(np.isfinite(e.sqnr_db) and 0 < e.sqnr_db < 80 for e in result.layers)
