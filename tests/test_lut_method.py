@@ -45,6 +45,17 @@ def test_data_free_lut_quantizes_and_runs(tiny_models, tmp_path, kwargs):
     assert layers and all(e["format"] == "lut" and e["weight_format"] == config.weight_format for e in layers)
     assert all(e["method"] == "lut" and "lut_table" in e and e["bits_per_weight"] > config.bits for e in layers)
     assert result.report["calibration_samples"] == 0
+    for e in layers:  # bits per weight as documented: codes + tables (+ scales), per layer
+        k, bits = e["in_features"], config.bits
+        expected = {
+            ("lut", "float16"): bits + 16 * (1 << bits) / (k if config.group_size == -1 else config.group_size),
+            ("lut", "int8"): bits + (8 * (1 << bits) + 16) / (k if config.group_size == -1 else config.group_size),
+        }.get((config.weight_format, config.lut_table_dtype))
+        if config.weight_format in ("nf4", "iq4nl", "shared"):  # one shared table, a float16 scale per group
+            n = e["out_features"]
+            table_bits = 16 if config.weight_format != "iq4nl" else 8
+            expected = bits + (16 * -(-k // config.group_size) * n + table_bits * 16) / (k * n)
+        assert abs(e["bits_per_weight"] - expected) < 1e-3, (e["name"], e["bits_per_weight"], expected)
     got, floating = logits(result.output_dir, IDS), logits(tiny_models["llama"]["onnx"], IDS)
     assert np.isfinite(got).all() and 0 < np.abs(got - floating).max() < 5
 
@@ -123,6 +134,15 @@ def test_few_distinct_weights_fall_back_and_warn(tiny_models, tmp_path, capsys):
     entry = next(e for e in result.report["layers"] if e["name"] == layer.name)
     assert entry["weight_relative_mse"] < 1e-6 and "fewer distinct weights" in entry["warnings"][0]
     assert "warning" in capsys.readouterr().err
+
+
+def test_load_artifacts_refuses_format_lut_for_uniform_layers(tiny_models, tmp_path):
+    from graphq.artifacts.rebuild import load_artifacts
+
+    out = quantize(tiny_models["llama"]["onnx"], QuantConfig(group_size=32), tmp_path / "q", progress=False).output_dir
+    with pytest.raises(GraphqError, match="unknown format 'lut'"):
+        load_artifacts(out, tmp_path / "rebuilt", format="lut")
+    assert not (tmp_path / "rebuilt").exists()
 
 
 def test_cli_lut(tiny_models, tmp_path):

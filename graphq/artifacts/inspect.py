@@ -98,7 +98,7 @@ def inspect_artifacts(directory: Path) -> Inspection:
     result.float_tensors = len(artifacts.float_names)
     result.float_bytes = sum(store.nbytes(t) for t in artifacts.float_names)
     result.total_bytes = sum(f.stat().st_size for f in store.files) + artifacts.description.stat().st_size
-    if "w4a16" in artifacts.layer_schemes.values():
+    if any(s == "w4a16" and n not in artifacts.codebook for n, s in artifacts.layer_schemes.items()):
         result.notes.append("int4 weights " + ("packed two per byte" if artifacts.packed else "unpacked, one per int8"))
     if artifacts.kv_cache_type:
         result.notes.append(f"KV cache {artifacts.kv_cache_type}: {len(artifacts.kv_names)} scale/offset tensors")

@@ -61,8 +61,9 @@ def load_artifacts(
     artifacts = open_artifacts(artifact_dir, scheme=scheme, numpy=numpy)
     model_file = resolve_model_file(float_model) if float_model is not None else _source_model_of(artifact_dir)
     format = format or _format_of(artifact_dir)
-    if format not in formats_of("w4a16"):
-        raise GraphqError(f"unknown format '{format}': choose {' or '.join(formats_of('w4a16'))}")
+    choices = [f for f in formats_of("w4a16") if f != "lut"]  # codebook layers always rebuild as lut
+    if format not in choices:
+        raise GraphqError(f"unknown format '{format}': choose {' or '.join(choices)}")
     read_model_config(model_file.parent)  # its config.json is copied and marked at the end: refuse a damaged one now
     with atomic_output_dir(output_dir, overwrite=overwrite, inputs=[model_file.parent, artifact_dir]) as staging:
         model = load_model(model_file)
