@@ -24,7 +24,7 @@ from graphq import QuantConfig, quantize
 
 CALIB = str(DATA / "sensesensibility.txt")
 
-# name -> (QuantConfig kwargs, calibrated); "ort-hqq" is onnxruntime's HQQ (bench.anchors).
+# name -> QuantConfig kwargs; "ort-hqq" is onnxruntime's HQQ (bench.anchors); "bench-rtn3" bench.lut's 3-bit RTN.
 ROWS = {
     "uniform RTN asym g128 (graphq)": dict(method="rtn", group_size=128, symmetric=False),
     "NF4 g64 (data-free)": dict(method="lut", weight_format="nf4", group_size=64),
@@ -41,6 +41,7 @@ ROWS = {
                                                            group_size=-1, lut_table_dtype="int8", calib=CALIB),
     "3-bit AWQ+LUT per-channel, int8 table": dict(scheme="w3a16", method="awq+lut", weight_format="lut",
                                                   group_size=-1, lut_table_dtype="int8", calib=CALIB),
+    "uniform RTN asym g128 3-bit (bench.lut, 4-bit carrier)": "bench-rtn3",
     "graphq AWQ+GPTQ asym g128": dict(method="awq+gptq", group_size=128, symmetric=False, calib=CALIB),
 }
 
@@ -70,6 +71,11 @@ def run_row(name: str, spec, float_dir: Path, out_dir: Path, args) -> tuple[floa
         ort_matmulnbits(float_dir, out_dir, bits=4, block_size=128, symmetric=False,
                         algo_config=HQQWeightOnlyQuantConfig(block_size=128, bits=4))
         return time.perf_counter() - started, 4 + (16 + 4) / 128
+    if spec == "bench-rtn3":  # graphq refuses uniform w3a16 (no 3-bit MatMulNBits): bench.lut's 4-bit carrier
+        from bench.lut import quantize_variant, rtn_layer
+
+        seconds, bpw, _ = quantize_variant(float_dir, out_dir, rtn_layer(3, 128))
+        return seconds, bpw
     config = QuantConfig(save_format=["onnx"], num_samples=args.num_samples, seq_len=512, seed=0, **spec)
     result = quantize(float_dir, config, out_dir, progress=False)
     return time.perf_counter() - started, bits_per_weight(result.report)

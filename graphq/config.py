@@ -234,6 +234,8 @@ class QuantConfig:
         if self.group_size != PER_CHANNEL and self.group_size <= levels:
             raise GraphqError(f"--group-size {self.group_size} is too small for {levels}-entry tables: a table needs "
                               f"more than {levels} weights per group (use {levels * 2} or more, or -1 per channel)")
+        if self.lut_table_dtype != "float16" and fmt != "lut":
+            raise GraphqError(f"--lut-table-dtype applies to --weight-format lut; {fmt} stores its own table")
         if fmt in ("nf4", "iq4nl") and self.group_size == PER_CHANNEL:
             raise GraphqError(f"--weight-format {fmt} scales its fixed table per group: give --group-size (e.g. 64)")
 

@@ -168,8 +168,9 @@ def describe(config: QuantConfig) -> str:
     elif config.weight_format != "uniform":
         group = "per channel" if config.group_size == -1 else f"group {config.group_size}"
         data = "weighted by calibration" if config.needs_calibration else "data-free"
-        text = (f"{config.scheme}, {config.weight_format} tables of {2 ** config.bits} {config.lut_table_dtype} "
-                f"entries, {config.method} ({data}), {group}")
+        dtype = f" {config.lut_table_dtype}" if config.weight_format == "lut" else ""
+        text = (f"{config.scheme}, {config.weight_format} tables of {2 ** config.bits}{dtype} entries, "
+                f"{config.method} ({data}), {group}")
     else:
         text = (f"{config.scheme}, {config.format}, {config.method}, group {config.group_size}, "
                 f"{'sym' if config.is_symmetric else 'asym'}")

@@ -104,6 +104,8 @@ def test_data_aware_lut_lowers_the_output_error_against_data_free(tiny_models, t
         (dict(weight_format="uniform"), "add --weight-format"),
         (dict(method="rtn"), "needs --method lut"),
         (dict(weight_format="table"), "unknown --weight-format"),
+        (dict(weight_format="nf4", group_size=32, lut_table_dtype="int8"), "applies to --weight-format lut"),
+        (dict(symmetric=True), "no zero point"),
         (dict(scheme="w3a16", method="rtn", weight_format="uniform"), "no uniform 3-bit kernel"),
     ],
 )
