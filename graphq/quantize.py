@@ -15,6 +15,7 @@ import numpy as np
 import onnx_ir as ir
 from tqdm import tqdm
 
+from graphq.algorithms.codebook import CodebookWeight
 from graphq.algorithms.rtn import QuantizedWeight
 from graphq.algorithms.sparsity import keep_pruned_zero, zero_fraction
 from graphq.activation_quantize import activation_quantize
@@ -58,6 +59,8 @@ class QuantizeResult:
 
 def quantized_weight_bytes(qw: QuantizedWeight) -> int:
     """Storage of the integer weight plus its scales (float32) and zero points (bits each)."""
+    if isinstance(qw, CodebookWeight):  # codes at their bits, tables and scales at their dtype
+        return int(np.ceil(qw.storage_bytes()))
     k, n = qw.shape
     bits = k * n * qw.bits + qw.scales.size * 32
     if qw.zero_points is not None:
@@ -73,6 +76,7 @@ def data_free_quantize(layers: list[LinearLayer], config: QuantConfig, progress:
     """Methods that need no data (rtn): each linear alone, from its float weight."""
     methods = resolve_methods(config.method)
     rounder = rounding_method(methods)
+    warned: list[str] = []
     for layer in tqdm(layers, desc=f"{config.method} {config.scheme}", unit="layer", disable=not progress, file=sys.stderr):
         weight, keep = layer.weight_kn(), None
         for method in methods:  # data-free pruning (magnitude) before rounding
@@ -83,6 +87,10 @@ def data_free_quantize(layers: list[LinearLayer], config: QuantConfig, progress:
         if keep is not None:
             result.weight = keep_pruned_zero(result.weight, keep)
         finish(layer, result.weight, result.entry)
+        warned.extend(f"{layer.name}: {w}" for w in result.warnings)
+    if warned:
+        print(f"graphq: warning: {len(warned)} layer warning(s) (first: {warned[0]}); see 'warnings' in report.json",
+              file=sys.stderr)
 
 
 def calibrated_quantize(
@@ -191,6 +199,12 @@ def describe(config: QuantConfig) -> str:
         text = f"{config.scheme}, activations {config.act_method}"
     elif config.scheme == "w8a8-dynamic":
         text = "w8a8-dynamic, per-token activations"
+    elif config.weight_format != "uniform":
+        group = "per channel" if config.group_size == -1 else f"group {config.group_size}"
+        data = "weighted by calibration" if config.needs_calibration else "data-free"
+        dtype = f" {config.lut_table_dtype}" if config.weight_format == "lut" else ""
+        text = (f"{config.scheme}, {config.weight_format} tables of {2 ** config.bits}{dtype} entries, "
+                f"{config.method} ({data}), {group}")
     else:
         text = (f"{config.scheme}, {config.format}, {config.method}, group {config.group_size}, "
                 f"{'sym' if config.is_symmetric else 'asym'}")
@@ -285,11 +299,12 @@ def quantize(
             qw, details = target.prepare(qw, details, serving_dtype)
             scheme = entries[layer.name]["scheme"]
             layer_config = configs[scheme]
+            codebook = isinstance(qw, CodebookWeight)
             entries[layer.name].update(
                 bits=layer_config.bits,
                 group_size=qw.group_size if qw.group_size < layer.in_features else -1,
-                symmetric=qw.symmetric,
-                format=layer_config.format,
+                symmetric=None if codebook else qw.symmetric,
+                format="lut" if codebook else layer_config.format,
                 method=layer_config.method,
                 weight_bytes_before=int(layer.in_features * layer.out_features * layer.dtype.itemsize),
                 weight_bytes_after=quantized_weight_bytes(qw),
@@ -299,7 +314,7 @@ def quantize(
                 entries[layer.name]["sparsity"] = zero_fraction(qw)
                 if entries[layer.name]["sparsity"] == 1.0:
                     all_zero.append(layer.name)
-            output_format = layer_config.format
+            output_format = "lut" if codebook else layer_config.format
             if "activation_fallback" in details:
                 # The int8 weight stays, the activations stay float: W8A16, QDQ.
                 scheme, output_format = "w8a16", "qdq"

@@ -80,6 +80,8 @@ class WeightMethod:
     calibrated: ClassVar[bool] = True
     rounds: ClassVar[bool] = False
     prunes: ClassVar[bool] = False  # zeroes weights (needs --sparsity or --sparsity-pattern)
+    #: data-free by itself (calibrated = False) but calibrated when data is given (lut: weighted k-means)
+    uses_data: ClassVar[bool] = False
 
     def transform(self, work: RegionWork) -> None:
         """Rewrite the float weights of the region (and fold what that needs); the float function must not change."""
