@@ -48,6 +48,7 @@ from graphq.sparsify import prune_float_layers, warn_all_zero
 from graphq.sparsity_config import check_layers_fit
 from graphq.version import __version__
 from graphq.weight_methods import quantize_region, resolve_methods, rounding_method, statistics_needed
+from graphq.weight_methods.lut import codebook_summary
 
 
 @dataclass
@@ -363,6 +364,7 @@ def quantize(
         elapsed = time.perf_counter() - started
         peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         quantized = [e for e in layer_reports if "skipped" not in e]
+        codebook = codebook_summary(config, quantized)
         report = {
             "graphq_version": __version__,
             "source_model": str(model_file.resolve()),
@@ -378,6 +380,7 @@ def quantize(
             "serving_dtype": serving_dtype,
             **({"dtype_warning": dtype_warning} if dtype_warning else {}),
             **({"embedding": embedding_report} if embedding_report else {}),
+            **({"codebook": codebook} if codebook else {}),
             "peak_rss_bytes": peak_rss,
             "calibration_samples": len(samples) if samples is not None else 0,  # may be fewer than num_samples
             **plan_report,
@@ -401,7 +404,10 @@ def quantize(
     final_file = output_dir / MODEL_FILENAME
     print(
         f"graphq: quantized {len(quantized)} of {len(layer_reports)} linear layers ({describe(config)}) in {elapsed:.1f}s; "
-        f"model {size_before / 2**20:.1f} MiB -> {size_after / 2**20:.1f} MiB; wrote {output_dir}",
+        f"model {size_before / 2**20:.1f} MiB -> {size_after / 2**20:.1f} MiB"
+        + (f" ({codebook['bits_per_weight']} bits/weight with {codebook['table_bytes'] / 2**10:.1f} KiB of tables)"
+           if codebook else "")
+        + f"; wrote {output_dir}",
         file=sys.stderr,
     )
     if dtype_warning:

@@ -64,6 +64,7 @@ def _entry(cw: CodebookWeight, weight: np.ndarray, config, importance: np.ndarra
         "weight_format": config.weight_format,
         "lut_table": table_description(cw, config.weight_format),
         "lut_table_shape": list(cw.table.shape),
+        "lut_table_bytes": int(cw.table.nbytes + (0 if cw.table_scales is None else cw.table_scales.size * 2)),
         "bits_per_weight": round(cw.bits_per_weight(), 4),
         "weight_relative_mse": codebook_relative_mse(weight, cw),
     }
@@ -75,6 +76,26 @@ def _entry(cw: CodebookWeight, weight: np.ndarray, config, importance: np.ndarra
             "they hold those distinct values"
         ]
     return entry
+
+
+def codebook_summary(config, entries: list[dict]) -> dict | None:
+    """report.json's ``codebook``: the method, the table format and size over the codebook layers (None if none)."""
+    layers = [e for e in entries if e.get("format") == "lut"]
+    if not layers:
+        return None
+    weights = sum(e["in_features"] * e["out_features"] for e in layers)
+    return {
+        "method": config.method,
+        "weight_format": config.weight_format,
+        "data_aware": config.needs_calibration,
+        "tables": sorted({e["lut_table"] for e in layers}),
+        "table_entries": 1 << config.bits,
+        "table_bytes": sum(e["lut_table_bytes"] for e in layers),  # tables and their scales, all layers
+        "layers": len(layers),
+        "bits_per_weight": round(sum(e["bits_per_weight"] * e["in_features"] * e["out_features"] for e in layers)
+                                 / weights, 4),
+        "fallback_layers": sum(1 for e in layers if e.get("warnings")),
+    }
 
 
 class Lut(WeightMethod):
