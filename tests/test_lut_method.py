@@ -255,3 +255,100 @@ def test_verify_works_unchanged_on_lut_models(tiny_models, tiny_text, tmp_path):
     result = verify(source, out, windows)
     assert len(result.layers) == 14
     assert all(np.isfinite(e.sqnr_db) and 0 < e.sqnr_db < 80 for e in result.layers)
+
+
+# ------------------------------------------------------------------------- targets, refusals, report (issue 11)
+
+LUT_FLAGS = ["--method", "lut", "--weight-format", "lut", "--group-size", "-1"]
+TARGET_REFUSALS = {
+    "compressed-tensors": (["--target", "compressed-tensors"], ["compressed-tensors", "codebook (LUT)"]),
+    "gguf": (["--target", "gguf"], ["gguf", "codebook (LUT)"]),
+    "vllm-ascend": (["--target", "vllm-ascend", "--dtype", "fp16"], ["vllm-ascend", "codebook (LUT)"]),
+    "vllm-ascend-w3": (["--target", "vllm-ascend", "--dtype", "fp16", "--scheme", "w3a16"], ["vllm-ascend"]),
+    "w8a8": (["--scheme", "w8a8"], ["w8a8"]),
+    "w8a8-lut-rounding": (["--scheme", "w8a8", "--method", "rtn"], ["cannot serve scheme w8a8"]),
+    "group-16": (["--group-size", "16"], ["too small for 16-entry tables"]),
+    "pruning": (["--method", "magnitude+lut", "--sparsity", "0.5"], ["pruning"]),
+    "target-bits": (["--target-bits", "5"], ["--target-bits", "uniform"]),
+}
+
+
+@pytest.mark.parametrize("case", list(TARGET_REFUSALS))
+def test_lut_refusals_are_one_line_from_the_cli(capsys, tiny_models, tmp_path, case):
+    """Targets that cannot hold codebook layers, schemes they cannot serve, tables larger than a group: one
+    ``graphq: error:`` line, exit 2, nothing written."""
+    from tests.test_cli import assert_one_error, run_cli
+
+    flags, fragments = TARGET_REFUSALS[case]
+    code, out, err = run_cli(capsys, "quantize", tiny_models["llama"]["onnx"], "-o", tmp_path / "q", *LUT_FLAGS, *flags)
+    assert_one_error(code, out, err, *fragments)
+    assert not (tmp_path / "q").exists()
+
+
+def test_onnx_only_lut_needs_no_codebook_target(tiny_models, tmp_path):
+    """--save-format onnx writes no artifacts, so a target without a codebook layout does not matter."""
+    config = lut_config(target="gguf")
+    result = quantize(tiny_models["llama"]["onnx"], config, tmp_path / "q", progress=False)
+    assert result.report["artifacts"] == {} and result.report["codebook"]["layers"] == 14
+
+
+def test_report_names_method_and_table_size(tiny_models, tiny_text, tmp_path, capsys):
+    config = lut_config(method="awq+lut", calib=str(tiny_text), lut_table_dtype="int8")
+    result = quantize(tiny_models["llama"]["onnx"], config, tmp_path / "q", progress=False)
+    summary = result.report["codebook"]
+    layers = [e for e in result.report["layers"] if "skipped" not in e]
+    # per channel int8: one [N, 16] int8 table and an fp16 scale per output channel
+    assert summary["table_bytes"] == sum(e["out_features"] * (16 + 2) for e in layers)
+    assert summary["method"] == "awq+lut" and summary["weight_format"] == "lut" and summary["data_aware"]
+    assert summary["table_entries"] == 16 and summary["tables"] == ["16-entry int8 table per output channel, "
+                                                                    "float16 scale per table"]
+    assert all(e["lut_table_bytes"] == e["out_features"] * 18 for e in layers)
+    line = next(line for line in capsys.readouterr().err.splitlines() if line.startswith("graphq: quantized"))
+    assert "awq+lut (weighted by calibration)" in line and "KiB of tables" in line and "bits/weight" in line
+
+
+def test_fp16_serving_artifacts_rebuild_bit_identical_with_biases(tiny_models, tmp_path, capsys):
+    """mindie with --dtype fp16 on the Qwen2 model (q/k/v biases, tied embeddings): the biases are stored in fp16
+    and typed FLOAT, the tables as they are; load-artifacts rebuilds every initializer exactly."""
+    from graphq.cli import main
+    from safetensors.numpy import load_file
+
+    source = tiny_models["qwen2"]["onnx"]
+    config = lut_config(save_format=["onnx", "safetensors"], dtype="fp16", weight_format="nf4", group_size=32)
+    out = quantize(source, config, tmp_path / "q", progress=False).output_dir
+    description = json.loads((out / "quant_model_description_w4a16.json").read_text())
+    tensors = load_file(out / "quant_model_weight_w4a16.safetensors")
+    bias = "model.layers.0.self_attn.q_proj.bias"
+    assert description[bias] == "FLOAT" and tensors[bias].dtype == np.float16
+    assert description["model.layers.0.self_attn.q_proj.weight_lut"] == "NF4"
+    assert "version" not in description  # no uniform int4 is packed
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float16"
+    assert main(["load-artifacts", str(out), "-o", str(tmp_path / "rebuilt")]) == 0
+    (a, _), (b, _) = _initializers(out), _initializers(tmp_path / "rebuilt")
+    assert set(a) == set(b) and all(np.array_equal(a[name], b[name]) and a[name].dtype == b[name].dtype for name in a)
+    assert np.array_equal(logits(out, IDS), logits(tmp_path / "rebuilt", IDS))
+
+
+def test_damaged_lut_metadata_is_refused_naming_the_layer(tiny_models, tmp_path):
+    """A LUT layer lut_layers does not describe, or codes of the wrong width: one line naming the tensor."""
+    from safetensors.numpy import load_file, save_file
+    from graphq.artifacts.reader import open_artifacts
+
+    out = quantize(tiny_models["llama"]["onnx"], lut_config(save_format=["onnx", "safetensors"]), tmp_path / "q",
+                   progress=False).output_dir
+    path = out / "quant_model_weight_w4a16.safetensors"
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="np") as f:
+        metadata = f.metadata()
+    tensors = load_file(path)
+    layers = json.loads(metadata["lut_layers"])
+    name = sorted(layers)[0]
+    damaged = dict(metadata, lut_layers=json.dumps({k: v for k, v in layers.items() if k != name}))
+    save_file(tensors, path, metadata=damaged)
+    with pytest.raises(GraphqError, match=f"{name} is a W4A16_LUT layer the metadata's lut_layers does not describe"):
+        open_artifacts(out)
+    tensors[f"{name}.weight"] = tensors[f"{name}.weight"][:, :-1].copy()
+    save_file(tensors, path, metadata=metadata)
+    with pytest.raises(GraphqError, match=rf"{name}\.weight has dtype U8 shape"):
+        open_artifacts(out)
