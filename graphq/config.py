@@ -167,6 +167,7 @@ class QuantConfig:
                 raise GraphqError(
                     f"unknown scheme '{scheme}' for pattern '{pattern}' in scheme_overrides: choose one of {', '.join(SCHEMES)}"
                 )
+        self._check_codebook_schemes()
         if self.scheme in ACTIVATION_SCHEMES and self.method != "rtn":
             from graphq.sparsity_config import activation_scheme_method_ok
 
@@ -285,14 +286,30 @@ class QuantConfig:
 
         return any(getattr(method, "prunes", False) for method in resolve_methods(self.method))
 
-    def _validate_codebook(self) -> None:
-        """--weight-format and --method lut: a scheme the tables can serve, groups larger than the table."""
+    def _check_codebook_schemes(self) -> None:
+        """--weight-format known, and a codebook one only for schemes its tables serve (checked before the
+        scheme's own method checks, so w8a8 with a codebook says so)."""
         from graphq.weight_methods.lut import CODEBOOK_FORMATS, WEIGHT_FORMATS
-        from graphq.weight_methods import resolve_methods, rounding_method
 
         fmt = self.weight_format
         if fmt not in WEIGHT_FORMATS:
             raise GraphqError(f"unknown --weight-format '{fmt}': choose one of {', '.join(WEIGHT_FORMATS)}")
+        if fmt == "uniform":
+            return
+        served = [s for s in self.schemes
+                  if s in WEIGHT_ONLY_SCHEMES and WEIGHT_ONLY_SCHEMES[s] in CODEBOOK_FORMATS[fmt]]
+        unserved = sorted(self.schemes - set(served))
+        if unserved:
+            bits = " or ".join(f"w{b}a16" for b in CODEBOOK_FORMATS[fmt])
+            raise GraphqError(f"--weight-format {fmt} cannot serve scheme {unserved[0]}: it writes {bits} weights")
+
+    def _validate_codebook(self) -> None:
+        """--weight-format and --method lut: a method that writes tables, groups larger than the table, a target
+        that stores them."""
+        from graphq.weight_methods.lut import CODEBOOK_FORMATS
+        from graphq.weight_methods import resolve_methods, rounding_method
+
+        fmt = self.weight_format
         if self.lut_table_dtype not in ("float16", "int8"):
             raise GraphqError(f"--lut-table-dtype must be float16 or int8, got {self.lut_table_dtype!r}")
         lut_rounds = rounding_method(resolve_methods(self.method)).name == "lut"
@@ -305,11 +322,6 @@ class QuantConfig:
                 raise GraphqError("w3a16 has no uniform 3-bit kernel: use --weight-format lut or shared "
                                   "(or --scheme w4a16)")
             return
-        served = [s for s in schemes if s in WEIGHT_ONLY_SCHEMES and WEIGHT_ONLY_SCHEMES[s] in CODEBOOK_FORMATS[fmt]]
-        unserved = sorted(schemes - set(served))
-        if unserved:
-            bits = " or ".join(f"w{b}a16" for b in CODEBOOK_FORMATS[fmt])
-            raise GraphqError(f"--weight-format {fmt} cannot serve scheme {unserved[0]}: it writes {bits} weights")
         if not lut_rounds:
             raise GraphqError(f"--weight-format {fmt} needs --method lut (or a sequence ending in it, e.g. awq+lut), "
                               f"not {self.method}")

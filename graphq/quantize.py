@@ -405,7 +405,7 @@ def quantize(
     print(
         f"graphq: quantized {len(quantized)} of {len(layer_reports)} linear layers ({describe(config)}) in {elapsed:.1f}s; "
         f"model {size_before / 2**20:.1f} MiB -> {size_after / 2**20:.1f} MiB"
-        + (f" ({codebook['bits_per_weight']} bits/weight with {codebook['table_bytes'] / 2**10:.1f} KiB of tables)"
+        + (f" ({codebook['bits_per_weight']} bits/weight with {codebook['table_bytes'] / 2**10:.1f} KiB of tables and scales)"
            if codebook else "")
         + f"; wrote {output_dir}",
         file=sys.stderr,

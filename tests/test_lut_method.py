@@ -265,7 +265,7 @@ TARGET_REFUSALS = {
     "gguf": (["--target", "gguf"], ["gguf", "codebook (LUT)"]),
     "vllm-ascend": (["--target", "vllm-ascend", "--dtype", "fp16"], ["vllm-ascend", "codebook (LUT)"]),
     "vllm-ascend-w3": (["--target", "vllm-ascend", "--dtype", "fp16", "--scheme", "w3a16"], ["vllm-ascend"]),
-    "w8a8": (["--scheme", "w8a8"], ["w8a8"]),
+    "w8a8": (["--scheme", "w8a8"], ["cannot serve scheme w8a8"]),
     "w8a8-lut-rounding": (["--scheme", "w8a8", "--method", "rtn"], ["cannot serve scheme w8a8"]),
     "group-16": (["--group-size", "16"], ["too small for 16-entry tables"]),
     "pruning": (["--method", "magnitude+lut", "--sparsity", "0.5"], ["pruning"]),
