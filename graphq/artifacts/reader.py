@@ -111,6 +111,8 @@ class Artifacts:
         return "fp32"
 
     def bits(self, name: str) -> int:
+        if name in self.codebook:  # 3- or 4-bit codes, as lut_layers records
+            return self.codebook[name]["bits"]
         return bits_of(self.layer_schemes[name])
 
     def layer_tensors(self, name: str) -> dict[str, np.ndarray]:
