@@ -83,14 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("model", help="export folder or model.onnx (tokenizer beside it)")
     quantize.add_argument("-o", "--output", required=True, help="output folder (must not exist)")
     quantize.add_argument("--config", help="YAML file of options; command-line options override it")
-    quantize.add_argument("--scheme", help="w4a16 (default), w8a16, w8a8 (static activations) or w8a8-dynamic (per token)")
+    quantize.add_argument("--scheme", help="w4a16 (default), w8a16, w3a16 (codebook weights only), w8a8 (static activations) or "
+                          "w8a8-dynamic (per token)")
     quantize.add_argument("--group-size", type=int, help="input channels per scale: 32, 64, 128 (default), -1 per-channel")
     sym = quantize.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="symmetric", action="store_const", const=True, help="symmetric (no zero point)")
     sym.add_argument("--asym", dest="symmetric", action="store_const", const=False, help="asymmetric (zero point)")
     quantize.add_argument("--format", help="matmulnbits (default, onnxruntime) or qdq (DequantizeLinear, NPUs)")
-    quantize.add_argument("--method", help="rtn (default, no data), awq, gptq, or a sequence such as awq+gptq "
-                          "(calibrated layer by layer)")
+    quantize.add_argument("--method", help="rtn (default, no data), awq, gptq, lut (codebook; data-free, or weighted "
+                          "with --calib), or a sequence such as awq+gptq, awq+lut (calibrated layer by layer)")
     quantize.add_argument("--calib", help="calibration data: text, JSON or JSONL (field 'text', or 'src'/'tgt'); default: samples/")
     quantize.add_argument("--calib-texts", nargs="+", metavar="TEXT", help="calibration prompts given inline")
     quantize.add_argument("--calib-field", help="JSON/JSONL field holding the text (default 'text')")
@@ -113,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--save-format", help="comma list of onnx, safetensors, numpy (default onnx,safetensors)")
     quantize.add_argument("--part-file-size", type=float, metavar="GB", help="shard the safetensors into files of at most GB")
     quantize.add_argument("--no-pack", dest="pack", action="store_const", const=False, help="W4A16 artifacts: one int4 value per int8 byte")
+    quantize.add_argument("--weight-format", help="uniform (default, integer grid) or a codebook with --method lut: lut "
+                          "(k-means table per channel / --group-size), shared, nf4, iq4nl")
+    quantize.add_argument("--lut-table-dtype", help="codebook table entries: float16 (default) or int8 (+ a float16 scale)")
     quantize.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     quantize.add_argument("--quiet", action="store_true", help="no progress bar")
     # Sensitivity-ranked precision (issue 14).

@@ -13,7 +13,7 @@ from graphq.config_schema import check_config
 from graphq.errors import GraphqError
 
 #: Weight-only schemes and their weight bit width.
-WEIGHT_ONLY_SCHEMES = {"w4a16": 4, "w8a16": 8}
+WEIGHT_ONLY_SCHEMES = {"w4a16": 4, "w8a16": 8, "w3a16": 3}  # w3a16: codebook (--weight-format) weights only
 #: Schemes that quantize activations too (int8 activations); the value is the weight bit width: int8 weights per
 #: channel, symmetric (w8a8*), or int4 weights per group like w4a16 (w4a8*).
 ACTIVATION_SCHEMES = {"w8a8": 8, "w8a8-dynamic": 8, "w8a8s": 8, "w4a8": 4, "w4a8-dynamic": 4}
@@ -117,6 +117,11 @@ class QuantConfig:
     # plan: a per-layer plan file (graphq plan; dopt's dopt_config.json layout) that decides each tensor's precision.
     plan: str | None = None
     device: str = "auto"
+    # Codebook weights (issue 11): --weight-format uniform (the integer grid) or a lookup table per linear: lut
+    # (learned per output channel / group), shared (one learned table, per-group scales), nf4, iq4nl (fixed tables);
+    # lut_table_dtype: float16 table entries, or int8 entries with a float16 scale per table.
+    weight_format: str = "uniform"
+    lut_table_dtype: str = "float16"
 
     def group_size_for(self, in_features: int) -> int:
         """The group size for a layer with ``in_features`` inputs: a group covering all of K is per-channel (-1)."""
@@ -127,7 +132,10 @@ class QuantConfig:
         """Weight-only layer-by-layer calibration: some method of the sequence needs data (AWQ / GPTQ)."""
         from graphq.weight_methods import resolve_methods
 
-        return any(method.calibrated for method in resolve_methods(self.method))
+        # A method that uses data when given (lut) calibrates when --calib / --calib-texts name some.
+        given = self.calib is not None or bool(self.calib_texts)
+        return any(method.calibrated or (given and method.uses_data)
+                   for method in resolve_methods(self.method))
 
     @property
     def bits(self) -> int:
@@ -172,6 +180,7 @@ class QuantConfig:
                 raise GraphqError(
                     f"unknown scheme '{scheme}' for pattern '{pattern}' in scheme_overrides: choose one of {', '.join(SCHEMES)}"
                 )
+        self._check_codebook_schemes()
         if self.scheme in W4A8_SCHEMES:
             self._validate_w4a8()
         elif self.scheme in ACTIVATION_SCHEMES and self.method != "rtn":
@@ -283,13 +292,16 @@ class QuantConfig:
         from graphq.sparsity_config import validate_sparsity
 
         validate_sparsity(self)
+        self._validate_codebook()
         from graphq.kd.settings import KDSettings
 
         KDSettings.from_dict(self.kd)
         if self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"):
             raise GraphqError(f"unknown --device '{self.device}': choose auto, cpu or cuda (cuda:N)")
-        if any(m.trains for m in resolve_methods(self.method)) and self.scheme not in WEIGHT_ONLY_SCHEMES:
-            raise GraphqError(f"--method {self.method} trains weight-only clips: use --scheme w4a16 or w8a16")
+        if any(m.trains for m in resolve_methods(self.method)) and (
+                self.scheme not in WEIGHT_ONLY_SCHEMES or self.weight_format != "uniform"):
+            raise GraphqError(f"--method {self.method} trains the clips of uniform weight-only grids: use --scheme "
+                              "w4a16 or w8a16 without --weight-format")
         return self
 
     def _validate_w4a8(self) -> None:
@@ -307,6 +319,70 @@ class QuantConfig:
         from graphq.weight_methods import resolve_methods
 
         return any(getattr(method, "prunes", False) for method in resolve_methods(self.method))
+
+    def _check_codebook_schemes(self) -> None:
+        """--weight-format known, and a codebook one only for schemes its tables serve (checked before the
+        scheme's own method checks, so w8a8 with a codebook says so)."""
+        from graphq.weight_methods.lut import CODEBOOK_FORMATS, WEIGHT_FORMATS
+
+        fmt = self.weight_format
+        if fmt not in WEIGHT_FORMATS:
+            raise GraphqError(f"unknown --weight-format '{fmt}': choose one of {', '.join(WEIGHT_FORMATS)}")
+        if fmt == "uniform":
+            return
+        served = [s for s in self.schemes
+                  if s in WEIGHT_ONLY_SCHEMES and WEIGHT_ONLY_SCHEMES[s] in CODEBOOK_FORMATS[fmt]]
+        unserved = sorted(self.schemes - set(served))
+        if unserved:
+            bits = " or ".join(f"w{b}a16" for b in CODEBOOK_FORMATS[fmt])
+            raise GraphqError(f"--weight-format {fmt} cannot serve scheme {unserved[0]}: it writes {bits} weights")
+
+    def _validate_codebook(self) -> None:
+        """--weight-format and --method lut: a method that writes tables, groups larger than the table, a target
+        that stores them."""
+        from graphq.weight_methods.lut import CODEBOOK_FORMATS
+        from graphq.weight_methods import resolve_methods, rounding_method
+
+        fmt = self.weight_format
+        if self.lut_table_dtype not in ("float16", "int8"):
+            raise GraphqError(f"--lut-table-dtype must be float16 or int8, got {self.lut_table_dtype!r}")
+        lut_rounds = rounding_method(resolve_methods(self.method)).name == "lut"
+        schemes = self.schemes
+        if fmt == "uniform":
+            if lut_rounds:
+                raise GraphqError(f"--method {self.method} writes codebook weights: add --weight-format "
+                                  f"{' or '.join(CODEBOOK_FORMATS)}")
+            if "w3a16" in schemes:
+                raise GraphqError("w3a16 has no uniform 3-bit kernel: use --weight-format lut or shared "
+                                  "(or --scheme w4a16)")
+            return
+        if not lut_rounds:
+            raise GraphqError(f"--weight-format {fmt} needs --method lut (or a sequence ending in it, e.g. awq+lut), "
+                              f"not {self.method}")
+        if self.format != "matmulnbits":
+            raise GraphqError(f"--weight-format {fmt} is written as a lookup table (Gather + MatMul): drop --format")
+        if self.symmetric is not None:
+            raise GraphqError(f"--weight-format {fmt} has no zero point to choose: drop --sym / --asym")
+        levels = max(1 << WEIGHT_ONLY_SCHEMES[s] for s in schemes)
+        if self.group_size != PER_CHANNEL and self.group_size <= levels:
+            raise GraphqError(f"--group-size {self.group_size} is too small for {levels}-entry tables: a table needs "
+                              f"more than {levels} weights per group (use {levels * 2} or more, or -1 per channel)")
+        if self.lut_table_dtype != "float16" and fmt != "lut":
+            raise GraphqError(f"--lut-table-dtype applies to --weight-format lut; {fmt} stores its own table")
+        if fmt in ("nf4", "iq4nl") and self.group_size == PER_CHANNEL:
+            raise GraphqError(f"--weight-format {fmt} scales its fixed table per group: give --group-size (e.g. 64)")
+        if self.prunes:
+            raise GraphqError(f"--weight-format {fmt} has no exact-zero code to keep pruned weights on: drop the "
+                              "pruning method (or use --weight-format uniform)")
+        if self.target_bits is not None or self.disable_level or self.fallback_scheme is not None:
+            raise GraphqError(f"--disable-level / --target-bits rank linears by the uniform grid's error: not with "
+                              f"--weight-format {fmt}")
+        from graphq.artifacts.targets import target_for
+
+        target = target_for(self.target)
+        if not target.codebook and set(self.save_format) & {"safetensors", "numpy"}:
+            raise GraphqError(f"--target {self.target} has no layout for codebook (LUT) weights: use --target mindie, "
+                              "or --save-format onnx")
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

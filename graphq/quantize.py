@@ -17,6 +17,7 @@ import numpy as np
 import onnx_ir as ir
 from tqdm import tqdm
 
+from graphq.algorithms.codebook import CodebookWeight
 from graphq.algorithms.rtn import QuantizedWeight
 from graphq.algorithms.sparsity import keep_pruned_zero, zero_fraction
 from graphq.activation_quantize import activation_quantize
@@ -59,6 +60,7 @@ from graphq.sparsify import prune_float_layers, warn_all_zero
 from graphq.sparsity_config import check_layers_fit
 from graphq.version import __version__
 from graphq.weight_methods import LayerResult, quantize_region, resolve_methods, rounding_method, statistics_needed
+from graphq.weight_methods.lut import codebook_summary
 
 
 @dataclass
@@ -70,6 +72,8 @@ class QuantizeResult:
 
 def quantized_weight_bytes(qw: QuantizedWeight) -> int:
     """Storage of the integer weight plus its scales (float32) and zero points (bits each)."""
+    if isinstance(qw, CodebookWeight):  # codes at their bits, tables and scales at their dtype
+        return int(np.ceil(qw.storage_bytes()))
     k, n = qw.shape
     bits = k * n * qw.bits + qw.scales.size * 32
     if qw.zero_points is not None:
@@ -85,6 +89,7 @@ def data_free_quantize(layers: list[LinearLayer], config: QuantConfig, progress:
     """Methods that need no data (rtn): each linear alone, from its float weight."""
     methods = resolve_methods(config.method)
     rounder = rounding_method(methods)
+    warned: list[str] = []
     for layer in tqdm(layers, desc=f"{config.method} {config.scheme}", unit="layer", disable=not progress, file=sys.stderr):
         weight, keep = layer.weight_kn(), None
         for method in methods:  # data-free pruning (magnitude) before rounding
@@ -95,6 +100,10 @@ def data_free_quantize(layers: list[LinearLayer], config: QuantConfig, progress:
         if keep is not None:
             result.weight = keep_pruned_zero(result.weight, keep)
         finish(layer, result.weight, result.entry)
+        warned.extend(f"{layer.name}: {w}" for w in result.warnings)
+    if warned:
+        print(f"graphq: warning: {len(warned)} layer warning(s) (first: {warned[0]}); see 'warnings' in report.json",
+              file=sys.stderr)
 
 
 def calibrated_quantize(
@@ -250,6 +259,12 @@ def describe(config: QuantConfig) -> str:
         text = f"{config.scheme}, activations {config.act_method}"
     elif config.scheme == "w8a8-dynamic":
         text = "w8a8-dynamic, per-token activations"
+    elif config.weight_format != "uniform":
+        group = "per channel" if config.group_size == -1 else f"group {config.group_size}"
+        data = "weighted by calibration" if config.needs_calibration else "data-free"
+        dtype = f" {config.lut_table_dtype}" if config.weight_format == "lut" else ""
+        text = (f"{config.scheme}, {config.weight_format} tables of {2 ** config.bits}{dtype} entries, "
+                f"{config.method} ({data}), {group}")
     else:
         text = (f"{config.scheme}, {config.format}, {config.method}, group {config.group_size}, "
                 f"{'sym' if config.is_symmetric else 'asym'}")
@@ -353,11 +368,12 @@ def quantize(
             qw, details = target.prepare(qw, details, serving_dtype)
             scheme = entries[layer.name]["scheme"]
             layer_config = layer_configs[layer.name]
+            codebook = isinstance(qw, CodebookWeight)
             entries[layer.name].update(
                 bits=layer_config.bits,
                 group_size=qw.group_size if qw.group_size < layer.in_features else -1,
-                symmetric=qw.symmetric,
-                format=layer_config.format,
+                symmetric=None if codebook else qw.symmetric,
+                format="lut" if codebook else layer_config.format,
                 method=layer_config.method,
                 weight_bytes_before=int(layer.in_features * layer.out_features * layer.dtype.itemsize),
                 weight_bytes_after=quantized_weight_bytes(qw),
@@ -367,7 +383,7 @@ def quantize(
                 entries[layer.name]["sparsity"] = zero_fraction(qw)
                 if entries[layer.name]["sparsity"] == 1.0:
                     all_zero.append(layer.name)
-            output_format = layer_config.format
+            output_format = "lut" if codebook else layer_config.format
             if "activation_fallback" in details:
                 # The quantized weight stays, the activations stay float: W8A16 (W4A16 for W4A8 layers), QDQ.
                 scheme, output_format = ("w4a16" if scheme in W4A8_SCHEMES else "w8a16"), "qdq"
@@ -444,6 +460,7 @@ def quantize(
         elapsed = time.perf_counter() - started
         peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         quantized = [e for e in layer_reports if "skipped" not in e]
+        codebook = codebook_summary(config, quantized)
         report = {
             "graphq_version": __version__,
             "source_model": str(model_file.resolve()),
@@ -459,6 +476,7 @@ def quantize(
             "serving_dtype": serving_dtype,
             **({"dtype_warning": dtype_warning} if dtype_warning else {}),
             **({"embedding": embedding_report} if embedding_report else {}),
+            **({"codebook": codebook} if codebook else {}),
             "peak_rss_bytes": peak_rss,
             "calibration_samples": len(samples) if samples is not None else 0,  # may be fewer than num_samples
             **plan_report,
@@ -485,7 +503,10 @@ def quantize(
     final_file = output_dir / MODEL_FILENAME
     print(
         f"graphq: quantized {len(quantized)} of {len(layer_reports)} linear layers ({describe(config)}) in {elapsed:.1f}s; "
-        f"model {size_before / 2**20:.1f} MiB -> {size_after / 2**20:.1f} MiB; wrote {output_dir}",
+        f"model {size_before / 2**20:.1f} MiB -> {size_after / 2**20:.1f} MiB"
+        + (f" ({codebook['bits_per_weight']} bits/weight with {codebook['table_bytes'] / 2**10:.1f} KiB of tables and scales)"
+           if codebook else "")
+        + f"; wrote {output_dir}",
         file=sys.stderr,
     )
     if dtype_warning:

@@ -111,7 +111,8 @@ def test_model_without_linear_layers(capsys, tmp_path, add_only_model):
 @pytest.mark.parametrize(
     "flags,fragment",
     [
-        (["--scheme", "w3a16"], "unknown scheme 'w3a16'"),
+        (["--scheme", "w2a16"], "unknown scheme 'w2a16'"),  # w3a16 exists (codebook weights only)
+        (["--scheme", "w3a16"], "w3a16 has no uniform 3-bit kernel"),
         (["--group-size", "48"], "group size 48"),
         (["--group-size", "8"], "group size 8"),
         (["--group-size", "0"], "group size 0"),

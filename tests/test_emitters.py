@@ -61,6 +61,10 @@ def test_emitter_matches_its_numpy_reference(scheme, format, kind):
     bits, group, symmetric = {"w4a16": (4, 32, False), "w8a16": (8, -1, True), "w4a8": (4, 32, False),
                               "w4a8-dynamic": (4, 32, True)}.get(scheme, (8, -1, True))
     qw = quantize_rtn(layer.weight_kn(), bits, group, symmetric)
+    if format == "lut":  # codebook emitters take a CodebookWeight (3 or 4 bits, tables per group of 32 inputs)
+        from graphq.algorithms.codebook import lut_quantize
+
+        qw = lut_quantize(layer.weight_kn(), int(scheme[1]), 32)
     details: dict = {}
     if scheme in ("w8a8", "w8a8s", "w4a8"):  # static per-tensor activations (w8a8s: the sparse lowbit weight runs as W8A8)
         qp = range_to_qparams(float(x.min()), float(x.max()))

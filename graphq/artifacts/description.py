@@ -66,14 +66,14 @@ class Description:
 
 
 def parse_description(path: Path, data: object) -> Description:
-    from graphq.artifacts.layout import SCHEME_OF_TYPE
+    from graphq.artifacts.layout import MODEL_TYPES
 
     if not isinstance(data, dict) or not isinstance(data.get("model_quant_type"), str):
         raise GraphqError(f"{path} has no model_quant_type: it is not a quant_model_description file")
-    scheme = SCHEME_OF_TYPE.get(data["model_quant_type"])
+    scheme = MODEL_TYPES.get(data["model_quant_type"])
     if scheme is None:
         raise GraphqError(
-            f"{path.name}: model_quant_type {data['model_quant_type']} is not one of {', '.join(SCHEME_OF_TYPE)}"
+            f"{path.name}: model_quant_type {data['model_quant_type']} is not one of {', '.join(MODEL_TYPES)}"
         )
     header = {k: v for k, v in data.items() if k in META_KEYS}
     types = {k: v for k, v in data.items() if k not in META_KEYS}

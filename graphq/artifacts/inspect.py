@@ -159,6 +159,11 @@ def inspect_artifacts(directory: Path) -> Inspection:
     store = artifacts.store
     result = Inspection(path=directory, kind="artifacts", files=[artifacts.description.name] + [f.name for f in store.files])
     for name, (n, k) in artifacts.layers.items():
+        if name in artifacts.codebook:  # packed codes + tables (+ their scales): the tables count
+            names = [f"{name}.{s}" for s in ("weight", "weight_lut", "weight_lut_scale")]
+            stored = sum(store.nbytes(t) for t in names if t in store.specs) * 8
+            result.add(name, artifacts.codebook[name]["type"].lower().replace("_", "-"), n * k, stored)
+            continue
         names = [f"{name}.{s}" for s in ("weight", "weight_scale", "weight_offset", "deq_scale", "input_scale", "input_offset",
                                          "weight_scale_second", "weight_offset_second", "scale_bias")]
         stored = sum(store.nbytes(t) for t in names if t in store.specs) * 8
@@ -169,10 +174,13 @@ def inspect_artifacts(directory: Path) -> Inspection:
     result.total_bytes = sum(f.stat().st_size for f in store.files) + artifacts.description.stat().st_size
     result.notes.append(f"written by {artifacts.producer}"
                         + (f", serving dtype {store.metadata['serving_dtype']}" if "serving_dtype" in store.metadata else ""))
-    if {"w4a16", "w4a8", "w4a8-dynamic"} & set(artifacts.layer_schemes.values()):
+    if any(s in ("w4a16", "w4a8", "w4a8-dynamic") and n not in artifacts.codebook
+           for n, s in artifacts.layer_schemes.items()):
         packings = set(artifacts.packing.values())
         result.notes.append("int4 weights " + ("packed two per byte" + (" along n (msModelSlim)" if "n" in packings else " along k")
                                                if artifacts.packed else "unpacked, one per int8"))
+    if artifacts.codebook:
+        result.notes.append(f"lut_mode: {len(artifacts.codebook)} codebook layers, their sizes include the tables")
     result.notes.extend(artifacts.notes)
     if artifacts.kv_cache_type:
         result.notes.append(f"KV cache {artifacts.kv_cache_type}: {len(artifacts.kv_names)} scale/offset tensors")
@@ -218,6 +226,17 @@ def inspect_onnx(path: Path) -> Inspection:
             name = (node.outputs[0].name or "").removesuffix(".quantized_output") or module_path_from_node_name(node.name) or node.name
             result.add(name, f"w{bits}a16", k * n, stored)
             result.sparsity[name] = _matmulnbits_zero_fraction(node)
+        elif node.op_type == "Gather" and (node.name or "").endswith(".lut_weight"):
+            # graphq.passes.lut: codes + tables (+ scales) count; the int64 index offsets (K + N) do not
+            name = node.name.removesuffix(".lut_weight")
+            inits = model.graph.initializers
+            shape, table = inits.get(f"{name}.weight_shape"), inits.get(f"{name}.weight_lut")
+            if shape is None or table is None or shape.const_value is None:
+                continue
+            k, n = (int(d) for d in shape.const_value.numpy())
+            bits = int(table.const_value.shape[-1]).bit_length() - 1
+            stored = sum(_nbytes(inits.get(f"{name}.{s}")) for s in ("weight_codes", "weight_lut", "weight_lut_scale")) * 8
+            result.add(name, f"w{bits}a16-lut", k * n, stored)
         elif node.op_type == "DequantizeLinear":
             weight = node.inputs[0]
             if weight is None or weight.const_value is None or weight.dtype not in _INT_BITS:

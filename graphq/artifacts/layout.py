@@ -74,6 +74,23 @@ SCALE_BIAS_SLICES = 16
 PACKING = "int4_pairs_low_nibble_first"  # graphq's older layout: pairs along k, [n, k/2]
 #: msModelSlim's packed int4 (ascendV1, and MindIE's format version 1.0.0): pairs of adjacent output rows, [n/2, k].
 PACKING_ALONG_N = "int4_pairs_along_n_low_nibble_first"
+# Codebook (LUT) layers (graphq.artifacts.codebook: weight = packed codes, weight_lut, weight_lut_scale): their
+# tensor type -> scheme. NF4 layers are typed NF4 (msModelSlim's name), other tables W<b>A16_LUT; a model whose
+# quantized layers are codebooks has model_quant_type W4A16_LUT / W3A16_LUT.
+LUT_TYPES = {"W4A16_LUT": "w4a16", "W3A16_LUT": "w3a16", "NF4": "w4a16"}
+LUT_SUFFIXES = ("weight", "weight_lut", "weight_lut_scale")
+#: a description's model_quant_type -> graphq scheme (uniform and codebook models)
+MODEL_TYPES = {**SCHEME_OF_TYPE, "W4A16_LUT": "w4a16", "W3A16_LUT": "w3a16"}
+
+
+def lut_type(bits: int, weight_format: str) -> str:
+    """The description type of a codebook layer: NF4 for the NF4 table, else W<bits>A16_LUT."""
+    return "NF4" if weight_format == "nf4" else f"W{bits}A16_LUT"
+
+
+def model_quant_type(scheme: str, codebook: bool) -> str:
+    """model_quant_type of a model of ``scheme`` whose quantized layers are codebooks (or not)."""
+    return f"W{scheme[1]}A16_LUT" if codebook else TYPES[scheme]
 
 
 def suffixes_for(scheme: str) -> tuple[str, ...]:

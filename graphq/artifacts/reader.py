@@ -11,6 +11,7 @@ sharded index points at files that exist and hold what it says. Any failure is o
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -29,6 +30,8 @@ from graphq.artifacts.description import (
     weight_stem,
 )
 from graphq.artifacts.layout import (
+    LUT_SUFFIXES,
+    LUT_TYPES,
     PACKING,
     PACKING_ALONG_N,
     INT4_SCHEMES,
@@ -69,6 +72,7 @@ class Artifacts:
     header: dict = field(default_factory=dict)
     producer: str = "graphq"  # or "msModelSlim V0" / "msModelSlim ascendV1"
     notes: list[str] = field(default_factory=list)
+    codebook: dict[str, dict] = field(default_factory=dict)  # LUT layers: type, in_features, bits, group_size
 
     @property
     def packed(self) -> bool:
@@ -118,11 +122,16 @@ class Artifacts:
         return "fp32"
 
     def bits(self, name: str) -> int:
+        if name in self.codebook:  # 3- or 4-bit codes, as lut_layers records
+            return self.codebook[name]["bits"]
         return bits_of(self.layer_schemes[name])
 
     def layer_tensors(self, name: str) -> dict[str, np.ndarray]:
-        scheme = self.layer_schemes[name]
-        suffixes = [*suffixes_for(scheme), *optional_suffixes(scheme)]
+        if name in self.codebook:
+            suffixes = [*LUT_SUFFIXES, "bias"]
+        else:
+            scheme = self.layer_schemes[name]
+            suffixes = [*suffixes_for(scheme), *optional_suffixes(scheme)]
         return {s: self.store.get(f"{name}.{s}") for s in dict.fromkeys(suffixes) if f"{name}.{s}" in self.store.specs}
 
 
@@ -197,6 +206,15 @@ def classify(directory: Path, description: Description, store) -> Artifacts:
             if artifacts.kv_cache_type != KV_CACHE_TYPE:
                 raise GraphqError(f"{tensor} is a KV-cache tensor but {name} has no kv_cache_type")
             artifacts.kv_names.append(tensor)
+        elif tensor_type in LUT_TYPES:
+            prefix, _, suffix = tensor.rpartition(".")
+            if suffix not in LUT_SUFFIXES + ("bias",):
+                raise GraphqError(f"{tensor}: {tensor_type} layers have no '{suffix}' tensor "
+                                  f"(expected {', '.join(LUT_SUFFIXES)})")
+            other = artifacts.layer_schemes.setdefault(prefix, LUT_TYPES[tensor_type])
+            if artifacts.codebook.setdefault(prefix, {"type": tensor_type})["type"] != tensor_type \
+                    or other != LUT_TYPES[tensor_type]:
+                raise GraphqError(f"{tensor} is typed {tensor_type} but other tensors of {prefix} are not")
         elif tensor_type in SCHEME_OF_TYPE:
             layer_scheme = SCHEME_OF_TYPE[tensor_type]
             copy = _NORM_COPY.fullmatch(tensor)
@@ -208,17 +226,21 @@ def classify(directory: Path, description: Description, store) -> Artifacts:
             if suffix not in allowed:
                 raise GraphqError(f"{tensor}: {tensor_type} layers have no '{suffix}' tensor (expected {', '.join(allowed)})")
             other = artifacts.layer_schemes.setdefault(prefix, layer_scheme)
-            if other != layer_scheme:
+            if other != layer_scheme or prefix in artifacts.codebook:
                 raise GraphqError(f"{tensor} is typed {tensor_type} but other tensors of {prefix} are {TYPES[other]}")
         else:
-            raise GraphqError(f"{tensor} has type {tensor_type!r}: expected one of {', '.join(SCHEME_OF_TYPE)}, {FLOAT}, {KV_CACHE_TYPE}")
+            raise GraphqError(f"{tensor} has type {tensor_type!r}: expected one of "
+                              f"{', '.join([*SCHEME_OF_TYPE, *LUT_TYPES])}, {FLOAT}, {KV_CACHE_TYPE}")
     for tensor in float_candidates:
         prefix, _, suffix = tensor.rpartition(".")
         if suffix == "bias" and prefix in artifacts.layer_schemes:
             continue  # a quantized linear's float bias (msModelSlim types it FLOAT): part of the layer
         artifacts.float_names.append(tensor)
+    _read_codebook_layers(artifacts)
     declared = _declared_packing(store.metadata)
     for prefix, layer_scheme in artifacts.layer_schemes.items():
+        if prefix in artifacts.codebook:
+            continue  # checked by _read_codebook_layers
         artifacts.layers[prefix] = check_layer(prefix, layer_scheme, store.specs, declared)
         if layer_scheme in INT4_SCHEMES:
             artifacts.packing[prefix] = packing_of(prefix, layer_scheme, store.specs, declared)
@@ -242,6 +264,8 @@ def _check_group_counts(artifacts: Artifacts) -> None:
     except ValueError:
         raise GraphqError(f"the artifacts' metadata has group_size {raw!r}, not an integer: write the artifacts again") from None
     for prefix, layer_scheme in artifacts.layer_schemes.items():
+        if prefix in artifacts.codebook:
+            continue  # codebook layers record their group size in lut_layers
         if layer_scheme in W8A8_LAYOUT_SCHEMES or "embed" in prefix.rsplit(".", 1)[-1]:
             continue  # a quantized embedding has its own group size (--embedding-group-size), read from its scales
         n, k = artifacts.layers[prefix]
@@ -254,3 +278,40 @@ def _check_group_counts(artifacts: Artifacts) -> None:
                 f"{prefix}.weight_scale has {groups} groups for {k} input channels, but the metadata's group_size "
                 f"{group_size} gives {expected}: the artifact is inconsistent, write it again"
             )
+
+
+def _read_codebook_layers(artifacts: Artifacts) -> None:
+    """LUT layers: K, bits and group size from the metadata's lut_layers; the codes' and tables' shapes checked."""
+    if not artifacts.codebook:
+        return
+    from graphq.passes.lut import packed_length
+
+    try:
+        recorded = json.loads(artifacts.store.metadata.get("lut_layers", ""))
+    except ValueError:
+        recorded = None
+    if not isinstance(recorded, dict):
+        raise GraphqError("the artifacts hold LUT layers but their metadata has no readable lut_layers: write them again")
+    specs = artifacts.store.specs
+    for prefix, info in artifacts.codebook.items():
+        entry = recorded.get(prefix)
+        if not isinstance(entry, dict) or entry.get("type") != info["type"] or not all(
+            isinstance(entry.get(key), int) and not isinstance(entry.get(key), bool)
+            for key in ("in_features", "bits", "group_size")
+        ):
+            raise GraphqError(f"{prefix} is a {info['type']} layer the metadata's lut_layers does not describe")
+        info.update(entry)
+        for suffix in ("weight", "weight_lut"):
+            if f"{prefix}.{suffix}" not in specs:
+                raise GraphqError(f"{prefix}.{suffix} is missing: a {info['type']} layer needs weight and weight_lut")
+        dtype, shape = specs[f"{prefix}.weight"]
+        k, bits = entry["in_features"], entry["bits"]
+        row_bytes = packed_length(k, bits) if bits in (3, 4) and k > 0 else None
+        if row_bytes is None or dtype != "U8" or len(shape) != 2 or shape[1] != row_bytes:
+            raise GraphqError(f"{prefix}.weight has dtype {dtype} shape {list(shape)}, but a {k}-input {bits}-bit "
+                              f"{info['type']} layer needs uint8 [n, {row_bytes or '?'}]")
+        dtype, table_shape = specs[f"{prefix}.weight_lut"]
+        if dtype not in ("F16", "I8", "F32") or len(table_shape) not in (2, 3) or table_shape[-1] != 1 << bits:
+            raise GraphqError(f"{prefix}.weight_lut has dtype {dtype} shape {list(table_shape)}: expected "
+                              f"[n, {1 << bits}] or [n, groups, {1 << bits}]")
+        artifacts.layers[prefix] = (shape[0], k)

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
+from graphq.artifacts.codebook import from_tensors as codebook_from_tensors
 from graphq.artifacts.layout import W4A8_LAYOUT_SCHEMES, W8A8_LAYOUT_SCHEMES, decode_w4a8, decode_w8a8, decode_weight_only
 from graphq.artifacts.layout import TYPES
 from graphq.artifacts.naming import float_tensor_sources
@@ -68,8 +69,9 @@ def load_artifacts(
         artifacts = open_artifacts(artifact_dir, scheme=scheme, numpy=numpy)
     model_file = resolve_model_file(float_model) if float_model is not None else _source_model_of(artifact_dir)
     format = format or _format_of(artifact_dir)
-    if format not in formats_of("w4a16"):
-        raise GraphqError(f"unknown format '{format}': choose {' or '.join(formats_of('w4a16'))}")
+    choices = [f for f in formats_of("w4a16") if f != "lut"]  # codebook layers always rebuild as lut
+    if format not in choices:
+        raise GraphqError(f"unknown format '{format}': choose {' or '.join(choices)}")
     read_model_config(model_file.parent)  # its config.json is copied and marked at the end: refuse a damaged one now
     with atomic_output_dir(output_dir, overwrite=overwrite, inputs=[model_file.parent, artifact_dir]) as staging:
         model = load_model(model_file)
@@ -136,7 +138,7 @@ def apply_artifacts(model, artifacts: Artifacts, format: str) -> None:
         sources[name].store(model, array.astype(sources[name].dtype))
     # Activation schemes have one form (QDQ); weight-only layers take the requested format.
     emitters = {scheme: emitter_for(scheme, format if format in formats_of(scheme) else "qdq")
-                for scheme in set(artifacts.layer_schemes.values())}
+                for name, scheme in artifacts.layer_schemes.items() if name not in artifacts.codebook}
     for name, (n, k) in artifacts.layers.items():
         if quantized_embedding and name == embedding.name:
             # The quantized token embedding (and a tied lm_head with the same integers), as quantize emitted them.
@@ -153,7 +155,7 @@ def apply_artifacts(model, artifacts: Artifacts, format: str) -> None:
             continue
         layer = by_name[name]
         scheme = artifacts.layer_schemes[name]
-        emitter = emitters[scheme]
+        emitter = emitters.get(scheme)  # codebook layers: the lut emitter, below
         if (n, k) != (layer.out_features, layer.in_features):
             raise GraphqError(
                 f"{name}.weight is for a [{n}, {k}] layer but the float model's {name} is "
@@ -173,6 +175,11 @@ def apply_artifacts(model, artifacts: Artifacts, format: str) -> None:
                               f"but the artifacts {'do not hold' if 'bias' not in tensors else 'hold'} {name}.bias")
         if "bias" in tensors:
             set_layer_bias(model, layer, np.asarray(tensors["bias"]).astype(layer.bias.const_value.dtype.numpy()))
+        if name in artifacts.codebook:  # codebook layers always rebuild through the lut emitter
+            info = artifacts.codebook[name]
+            cw = codebook_from_tensors(tensors, k, info["bits"], info["group_size"])
+            emitter_for(scheme, "lut").emit(model, layer, cw, {})
+            continue
         bits = artifacts.bits(name)
         packing = artifacts.packing.get(name, "none")
         weight = tensors["weight"]

@@ -15,9 +15,10 @@ from typing import Iterator
 import numpy as np
 import onnx_ir as ir
 
+from graphq.algorithms.codebook import CodebookWeight
 from graphq.algorithms.rtn import QuantizedWeight
 from graphq.artifacts.dtypes import dtype_of_numpy
-from graphq.artifacts.layout import TYPES, W8A8_LAYOUT_SCHEMES
+from graphq.artifacts.layout import TYPES, W8A8_LAYOUT_SCHEMES, lut_type
 from graphq.artifacts.targets import DEFAULT_TARGET, ArtifactTarget, WriteJob, target_for
 from graphq.errors import GraphqError
 from graphq.linear_layers import LinearLayer
@@ -45,6 +46,9 @@ class ArtifactCollector:
         self.layer_schemes: dict[str, str] = {}
         self.layer_group_sizes: dict[str, int] = {}  # -1 per channel
         self.layer_shapes: dict[str, tuple[int, int]] = {}  # (n, k) = (out, in)
+        # codebook (LUT) layers: description type (W4A16_LUT / W3A16_LUT / NF4), in_features, bits, group_size (-1
+        # per channel): what graphq.artifacts.codebook.from_tensors needs beside the tensors
+        self.codebook: dict[str, dict] = {}
         self.float_linears: list[str] = []  # linears left float, known once write() sees the graph's layers
         self.tied: set[str] = set()  # quantized linears stored through another tensor (a tied lm_head)
         self.target_report: dict | None = None  # what the target wants in report.json (e.g. gguf's re-rounded layers)
@@ -56,7 +60,8 @@ class ArtifactCollector:
 
     def add(self, layer: LinearLayer, qw: QuantizedWeight, details: dict, scheme: str | None = None) -> None:
         scheme = scheme or self.scheme
-        if scheme not in TYPES:
+        codebook = isinstance(qw, CodebookWeight)
+        if scheme not in TYPES and not codebook:
             raise GraphqError(f"{layer.name}: no artifact layout for scheme {scheme}")
         if scheme in W8A8_LAYOUT_SCHEMES or scheme == "w4a8":
             missing = [key for key in ("input_scale", "input_offset") if key not in details]
@@ -75,6 +80,12 @@ class ArtifactCollector:
         self.layer_schemes[layer.name] = scheme
         self.layer_group_sizes[layer.name] = qw.group_size if qw.group_size < layer.in_features else -1
         self.layer_shapes[layer.name] = (layer.out_features, layer.in_features)
+        if codebook:
+            self.codebook[layer.name] = {
+                "type": lut_type(qw.bits, details.get("weight_format", "lut")),
+                "in_features": layer.in_features, "bits": qw.bits,
+                "group_size": -1 if qw.per_channel else qw.group_size,
+            }
 
     def quantized_names(self) -> set[str]:
         """Modules whose graph tensors are quantized: collected layers and those tied to one."""

@@ -93,6 +93,20 @@ def _emit_w8a8_dynamic(model: ir.Model, layer: LinearLayer, weight, details: dic
     return _layer_output_name(layer) if kept_bias else output.name
 
 
+def _emit_lut(model: ir.Model, layer: LinearLayer, weight, details: dict) -> str:
+    from graphq.passes.lut import emit_lut
+
+    kept_bias = layer.bias_node is not None
+    gemm_bias = layer.node.op_type == "Gemm" and len(layer.node.inputs) > 2 and layer.node.inputs[2] is not None
+    graph_output = layer.output.name if layer.output in model.graph.outputs else None
+    emit_lut(model, layer, weight)
+    if graph_output is not None:  # the new output took the graph output's name
+        return graph_output
+    if kept_bias:  # MatMul + Add: the Add stays, now fed by the LUT MatMul
+        return _layer_output_name(layer)
+    return f"{layer.name}.lut_bias" if gemm_bias else f"{layer.name}.lut_matmul"
+
+
 for _scheme in ("w4a16", "w8a16"):
     register_emitter(_scheme, "matmulnbits", _emit_matmulnbits, "com.microsoft.MatMulNBits (onnxruntime CPU/GPU)")
     register_emitter(_scheme, "qdq", _emit_qdq_weight, "DequantizeLinear on the integer weight, then MatMul")
@@ -120,3 +134,5 @@ register_emitter("w4a8", "qdq", _emit_w4a8_static,
                  "QuantizeLinear/DequantizeLinear on the input, blocked int4 DequantizeLinear on the weight")
 register_emitter("w4a8-dynamic", "qdq", _emit_w4a8_dynamic,
                  "per-token int8 grid on the input in the graph, blocked int4 DequantizeLinear on the weight")
+for _scheme in ("w4a16", "w3a16"):
+    register_emitter(_scheme, "lut", _emit_lut, "codebook weights: Gather from packed codes and tables, then MatMul")

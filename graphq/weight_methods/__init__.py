@@ -14,7 +14,7 @@ from graphq.weight_methods.registry import (
 )
 
 # The built-in methods register themselves on import.
-from graphq.weight_methods import awq, gptq, kd, magnitude, rtn, sparsegpt, wanda  # noqa: E402,F401
+from graphq.weight_methods import awq, gptq, kd, lut, magnitude, rtn, sparsegpt, wanda  # noqa: E402,F401
 
 from graphq.weight_methods.region import RegionResult, quantize_region, relative_output_error  # noqa: E402
 

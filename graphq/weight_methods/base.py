@@ -86,6 +86,8 @@ class WeightMethod:
 
     def check_sequence(self, names: list[str]) -> None:
         """Refuse (GraphqError) a method string this method cannot be part of, e.g. ``gptq+kd``."""
+    #: data-free by itself (calibrated = False) but calibrated when data is given (lut: weighted k-means)
+    uses_data: ClassVar[bool] = False
 
     def transform(self, work: RegionWork) -> None:
         """Rewrite the float weights of the region (and fold what that needs); the float function must not change."""

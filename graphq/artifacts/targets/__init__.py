@@ -72,6 +72,8 @@ class ArtifactTarget:
     kv_cache: bool = False
     #: whether the layout can hold a quantized token embedding (--quantize-embeddings)
     embeddings: bool = False
+    #: whether the layout can hold codebook (LUT) layers (--weight-format lut, shared, nf4, iq4nl)
+    codebook: bool = False
 
     def default_dtype(self, model_dtype: str) -> str:
         return model_dtype if model_dtype in self.dtypes else self.dtypes[0]

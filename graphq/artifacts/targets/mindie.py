@@ -11,7 +11,6 @@ graphq's own version goes to the safetensors metadata (``graphq_version``). conf
 from __future__ import annotations
 
 from graphq.artifacts.description import file_tag
-from graphq.artifacts.layout import TYPES
 from graphq.artifacts.targets import register_target
 from graphq.artifacts.targets.msmodelslim import FORMAT_VERSION, MsModelSlimTarget
 
@@ -20,12 +19,14 @@ class MindieTarget(MsModelSlimTarget):
     name = "mindie"
     loaded_by = "MindIE (msModelSlim V0 layout)"
     embeddings = True  # msModelSlim's Quant_Embed
+    codebook = True  # lut_mode: W4A16_LUT / W3A16_LUT / NF4 layers (graphq.artifacts.codebook)
+    schemes = MsModelSlimTarget.schemes + ("w3a16",)  # 3-bit codebooks only (config refuses uniform w3a16)
 
     def description_name(self, scheme: str) -> str:
         return f"quant_model_description_{file_tag(scheme)}.json"
 
     def description_header(self, job, packed: bool, kv: bool) -> dict:
-        data = {"model_quant_type": TYPES[job.collector.scheme]}
+        data = {"model_quant_type": self.model_quant_type(job.collector)}
         if packed:
             data["version"] = FORMAT_VERSION
         return data

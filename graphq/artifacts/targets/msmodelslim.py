@@ -23,6 +23,8 @@ import numpy as np
 
 from graphq.artifacts.description import FLOAT, KV_CACHE_TYPE, file_tag
 from graphq.artifacts.dtypes import TORCH_NAMES, cast, numpy_dtype
+from graphq.algorithms.codebook import CodebookWeight
+from graphq.artifacts.codebook import to_tensors as codebook_tensors
 from graphq.artifacts.layout import (
     INT4_SCHEMES,
     PACKING_ALONG_N,
@@ -33,6 +35,7 @@ from graphq.artifacts.layout import (
     encode_w4a8,
     encode_w8a8,
     encode_weight_only,
+    model_quant_type,
 )
 from graphq.artifacts.numpy_io import write_numpy
 from graphq.artifacts.safetensors_io import GB, write_safetensors
@@ -85,12 +88,22 @@ class MsModelSlimTarget(ArtifactTarget):
 
     # --- shared ---
     def packs_int4(self, collector) -> bool:
-        return collector.pack and bool(set(INT4_SCHEMES) & set(collector.layer_schemes.values()))
+        return collector.pack and any(s in INT4_SCHEMES and n not in collector.codebook
+                                      for n, s in collector.layer_schemes.items())
+
+    def model_quant_type(self, collector) -> str:
+        """The description's model_quant_type: W4A16_LUT / W3A16_LUT when the quantized layers are codebooks."""
+        return model_quant_type(collector.scheme, bool(collector.codebook))
 
     def encode_layer(self, collector, layer, qw, details, scheme) -> dict[str, np.ndarray]:
         model_dtype = np.dtype(layer.dtype.numpy())
         serving = collector.serving_dtype(model_dtype)
         bias = None if layer.bias is None else layer.bias.const_value.numpy()
+        if isinstance(qw, CodebookWeight):  # lut_mode: packed codes, weight_lut (+ weight_lut_scale), the float bias
+            tensors = codebook_tensors(qw)
+            if bias is not None:
+                tensors["bias"] = cast(bias, serving)
+            return tensors
         if scheme in W8A8_LAYOUT_SCHEMES:  # W8A8S is W8A8's tensors with the pruned zeros in the weight
             return encode_w8a8(qw, bias, float(details["input_scale"]), int(details["input_offset"]), model_dtype,
                                serving_dtype=serving, weight_params=True)
@@ -115,6 +128,9 @@ class MsModelSlimTarget(ArtifactTarget):
             "weight_packing": PACKING_ALONG_N if self.packs_int4(collector) else "none",
             "serving_dtype": collector.serving_dtype(),
             "target": self.name,
+            # codebook layers: K, bits and group size per layer (the packed codes' padding hides them)
+            **({"lut_mode": "true", "lut_layers": json.dumps(collector.codebook, sort_keys=True)}
+               if collector.codebook else {}),
         }
 
     def write(self, job: WriteJob) -> list[Path]:
@@ -126,7 +142,9 @@ class MsModelSlimTarget(ArtifactTarget):
         for name, tensors in collector.layers.items():
             for suffix in tensors:
                 # msModelSlim types a quantized linear's bias FLOAT: it is the float bias, not a quantized tensor.
-                types[f"{name}.{suffix}"] = FLOAT if suffix == "bias" else TYPES[collector.layer_schemes[name]]
+                codebook = collector.codebook.get(name)
+                kind = codebook["type"] if codebook else TYPES[collector.layer_schemes[name]]
+                types[f"{name}.{suffix}"] = FLOAT if suffix == "bias" else kind
         types.update({name: KV_CACHE_TYPE for name in kv})
 
         def tensors() -> Iterator[tuple[str, np.ndarray]]:

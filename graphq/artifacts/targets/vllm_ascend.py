@@ -9,7 +9,6 @@ them: W4A16 dense linears (its W4A16 is for MoE experts), W8A16 with groups or z
 
 from __future__ import annotations
 
-from graphq.artifacts.layout import TYPES
 from graphq.artifacts.targets import register_target
 from graphq.artifacts.targets.msmodelslim import FORMAT_VERSION, MsModelSlimTarget
 from graphq.errors import GraphqError
@@ -59,7 +58,7 @@ class VllmAscendTarget(MsModelSlimTarget):
 
     def description_header(self, job, packed: bool, kv: bool) -> dict:
         groups = {g for g in job.collector.layer_group_sizes.values() if g != -1}
-        return {"version": FORMAT_VERSION, "model_quant_type": TYPES[job.collector.scheme],
+        return {"version": FORMAT_VERSION, "model_quant_type": self.model_quant_type(job.collector),
                 "group_size": max(groups) if groups else 0}
 
     def edit_config(self, config: dict, collector) -> dict:
