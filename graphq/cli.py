@@ -111,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--exclude", nargs="+", metavar="PATTERN", help="keep layers matching these glob/regex patterns float")
     quantize.add_argument("--quantize-lm-head", action="store_const", const=True, help="quantize lm_head too")
     quantize.add_argument("--seed", type=int)
-    quantize.add_argument("--save-format", help="comma list of onnx, safetensors, numpy (default onnx,safetensors)")
+    quantize.add_argument("--save-format", help="comma list of onnx, safetensors, numpy, params (quantization parameters "
+                          "and fake-quant weights; default onnx,safetensors)")
     quantize.add_argument("--part-file-size", type=float, metavar="GB", help="shard the safetensors into files of at most GB")
     quantize.add_argument("--no-pack", dest="pack", action="store_const", const=False, help="W4A16 artifacts: one int4 value per int8 byte")
     quantize.add_argument("--weight-format", help="uniform (default, integer grid) or a codebook with --method lut: lut "

@@ -28,7 +28,7 @@ ACT_METHODS = ("minmax", "percentile", "entropy", "mse", "auto")
 KV_CACHE_TYPES = ("int8",)
 SMOOTH_METHODS = ("smoothquant", "os+")
 FORMATS = ("matmulnbits", "qdq")
-SAVE_FORMATS = ("onnx", "safetensors", "numpy")
+SAVE_FORMATS = ("onnx", "safetensors", "numpy", "params")  # params: graphq.artifacts.params (every target)
 # Weight methods are registered objects (graphq.weight_methods): any registered name, or a sequence joined with +.
 PER_CHANNEL = -1
 
@@ -284,7 +284,7 @@ class QuantConfig:
                 raise GraphqError(f"--embedding-group-size must be a power of two >= 16 or -1, got {group!r}")
         if self.kv_cache is not None and not target.kv_cache:
             raise GraphqError(f"--target {self.target} has no place for graphq's per-head int8 KV cache: drop --kv-cache")
-        unsupported = [f for f in self.save_format if f not in target.save_formats]
+        unsupported = [f for f in self.save_format if f not in target.save_formats and f != "params"]
         if unsupported:
             raise GraphqError(f"--target {self.target} writes {', '.join(target.save_formats)}, not {unsupported[0]}")
         if self.num_samples < 1 or self.seq_len < 2:

@@ -21,6 +21,7 @@ from graphq.algorithms.codebook import CodebookWeight
 from graphq.algorithms.rtn import QuantizedWeight
 from graphq.algorithms.sparsity import keep_pruned_zero, zero_fraction
 from graphq.activation_quantize import activation_quantize
+from graphq.artifacts.params import ParamsRecorder
 from graphq.artifacts.plan import plan_artifacts
 from graphq.artifacts.records import ArtifactCollector
 from graphq.config import (
@@ -363,6 +364,7 @@ def quantize(
         if prunes:
             check_layers_fit([layer for layer, _ in chosen], config)
         all_zero: list[str] = []
+        params = ParamsRecorder(staging / ".params-layers") if "params" in config.save_format else None
 
         def finish(layer: LinearLayer, qw: QuantizedWeight, details: dict) -> None:
             qw, details = target.prepare(qw, details, serving_dtype)
@@ -390,6 +392,8 @@ def quantize(
                 entries[layer.name]["scheme"] = scheme
             if set(config.save_format) & {"safetensors", "numpy"}:
                 collector.add(layer, qw, details, scheme=scheme)
+            if params is not None:
+                params.add(layer, qw, details, scheme, layer_config.method)
             entries[layer.name]["quantized_output"] = emitter_for(scheme, output_format).emit(model, layer, qw, details)
 
         embedding_report = None
@@ -486,6 +490,9 @@ def quantize(
         artifact_files = collector.write(
             model, layers, staging, config.save_format, config.part_file_size, __version__, report.get("kv_cache")
         )
+        if params is not None:
+            artifact_files += params.write(staging, __version__)
+            shutil.rmtree(params.spill_dir, ignore_errors=True)
         report["artifacts"] = {path.name: path.stat().st_size for path in artifact_files}
         if collector.target_report:
             report[target.name] = collector.target_report

@@ -13,6 +13,7 @@ from safetensors.numpy import load_file
 import graphq.kd.fake_quant as fake_quant
 from graphq.algorithms.awq import quantize_with_clip, search_awq_clip
 from graphq.algorithms.rtn import quantize_rtn
+from graphq.artifacts.params import FAKE_QUANT_FILE, PARAMS_FILE, PARAMS_JSON
 from graphq.config import QuantConfig
 from graphq.errors import GraphqError
 from graphq.kd.engine import KD_STATE_FILE
@@ -149,8 +150,12 @@ def test_written_back_onnx_computes_what_the_torch_fake_quant_model_does(kind, t
     from graphq.runtimes.torch_model import build_torch_model
 
     source = tiny_models[kind]["onnx"]
-    result = quantize(source, kd_config(tiny_text), tmp_path / "kd", progress=False)
+    config = kd_config(tiny_text)
+    config.save_format = ["onnx", "safetensors", "params"]
+    result = quantize(source, config, tmp_path / "kd", progress=False)
     state = load_file(str(tmp_path / "kd" / KD_STATE_FILE))
+    fake_weights = load_file(str(tmp_path / "kd" / FAKE_QUANT_FILE))
+    params = json.loads((tmp_path / "kd" / PARAMS_JSON).read_text())["layers"]
     entries = [e for e in result.report["layers"] if "skipped" not in e]
     assert entries and all(e["kd_loss_end"] <= e["kd_loss_start"] for e in entries)
     assert any(k.endswith("layernorm.weight") for k in state)  # norms were trained and written back
@@ -167,6 +172,10 @@ def test_written_back_onnx_computes_what_the_torch_fake_quant_model_does(kind, t
             fq = FakeQuantLinear(student.get_submodule(entry["name"]), 4, 32, False,
                                  state[f"{entry['name']}.quant_alpha"])
             setattr(student.get_submodule(parent), attribute, fq)
+            # The extracted fake-quant weight is the module's; the extracted grid range is the learned clip's.
+            np.testing.assert_allclose(fake_weights[f"{entry['name']}.weight"],
+                                       fq.dequantized_weight().numpy().T, atol=1e-7)
+            assert params[entry["name"]]["method"] == "kd" and params[entry["name"]]["group_size"] == 32
         torch_logits = student(input_ids=torch.from_numpy(IDS[None])).logits[0].numpy()
     onnx_logits = OrtCausalLM(tmp_path / "kd").logits(IDS)
     np.testing.assert_allclose(onnx_logits, torch_logits, atol=2e-4 * np.abs(torch_logits).max())
@@ -220,3 +229,19 @@ def test_report_names_the_kd_training(tiny_models, tiny_text, tmp_path):
     entry = next(e for e in result.report["layers"] if "skipped" not in e)
     assert entry["method"] == "kd" and entry["kd_steps"] == 4 and len(entry["kd_eval_losses"]) == 4
     assert 0.3 <= entry["quant_alpha_mean"] <= 1.0
+
+
+def test_extracted_params_of_w8a8_hold_the_input_ranges(tiny_models, tiny_text, tmp_path):
+    config = QuantConfig(scheme="w8a8", calib=str(tiny_text), num_samples=4, seq_len=32,
+                         save_format=["onnx", "params"])
+    quantize(tiny_models["llama"]["onnx"], config, tmp_path / "w8", progress=False)
+    params = json.loads((tmp_path / "w8" / PARAMS_JSON).read_text())["layers"]
+    tensors = load_file(str(tmp_path / "w8" / PARAMS_FILE))
+    entry = params["model.layers.0.self_attn.q_proj"]
+    assert entry["scheme"] == "w8a8" and entry["bits"] == 8 and entry["symmetric"] and entry["group_size"] == -1
+    assert entry["input_scale"] > 0 and -128 <= entry["input_offset"] <= 127
+    scale = tensors["model.layers.0.self_attn.q_proj.weight_scale"]
+    # the grid of a signed scale s covers [-128 s, 127 s] (or its mirror when s < 0: the extreme maps to -128)
+    np.testing.assert_allclose(tensors["model.layers.0.self_attn.q_proj.weight_clip_max"],
+                               np.maximum(-128 * scale, 127 * scale), rtol=1e-6)
+    assert not (tmp_path / "w8" / ".params-layers").exists()

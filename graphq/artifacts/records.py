@@ -23,8 +23,6 @@ from graphq.artifacts.targets import DEFAULT_TARGET, ArtifactTarget, WriteJob, t
 from graphq.errors import GraphqError
 from graphq.linear_layers import LinearLayer
 
-SAVE_FORMATS = ("onnx", "safetensors", "numpy")
-
 
 class ArtifactCollector:
     """Receives (layer, qw, details) from quantize's finish callback; the target writes the artifacts at the end.
