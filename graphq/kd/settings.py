@@ -33,15 +33,15 @@ class KDSettings:
     weight_decay: float = 0.0
     warmup_steps: int = 0
     num_epochs: int = 2
-    learning_rate: float = 5e-3
+    learning_rate: float = 1e-2
     lr_scheduler_type: str = "cosine"
     trainable_keys: list[str] = field(default_factory=lambda: ["quant_alpha", "norm"])
     logging_step: int = 10
     eval_step: int = 0
-    train_samples: int | None = 64
+    train_samples: int | None = 128
     cutoff_len: int | None = 256
     seed: int | None = None
-    norm_learning_rate: float | None = None
+    norm_learning_rate: float | None = 1e-3  # None: learning_rate
     min_alpha: float = 0.3
     # The first position of every sample (BOS) carries the attention sink's massive activations; their squared
     # error would outweigh every other token's from the middle layers on, so the loss leaves them out.

@@ -53,6 +53,7 @@ def train_layer(
     on_step: Callable[[int, int, float], None] | None = None,
 ) -> LayerTraining:
     """AdamW on ``alphas`` (+ ``norms``) minimising MSE(block(inputs), targets); deterministic given ``seed``.
+    The parameters end at the best state seen (``loss_end`` is its loss).
 
     ``on_step(step, total_steps, running_loss)`` is called every ``settings.logging_step`` optimizer steps."""
     from transformers import get_scheduler
@@ -75,6 +76,10 @@ def train_layer(
                               num_training_steps=total_steps)
     generator = torch.Generator().manual_seed(seed)
     step, running, eval_losses = 0, [], []
+    trained = [*alphas, *norms]
+    # The state with the lowest loss over all samples is kept (start or end of an epoch): training never leaves a
+    # layer worse than where it started.
+    best_loss, best_state = loss_start, [p.detach().clone() for p in trained]
     for _ in range(settings.num_epochs):
         order = torch.randperm(inputs.shape[0], generator=generator)
         chunks = list(order.split(batch))
@@ -94,4 +99,10 @@ def train_layer(
                 running = []
             if settings.eval_step and step % settings.eval_step == 0:
                 eval_losses.append(layer_loss(block, inputs, targets, kwargs, batch, skip))
-    return LayerTraining(loss_start, layer_loss(block, inputs, targets, kwargs, batch, skip), step, eval_losses)
+        epoch_loss = layer_loss(block, inputs, targets, kwargs, batch, skip)
+        if epoch_loss < best_loss:
+            best_loss, best_state = epoch_loss, [p.detach().clone() for p in trained]
+    with torch.no_grad():
+        for parameter, value in zip(trained, best_state):
+            parameter.copy_(value)
+    return LayerTraining(loss_start, best_loss, step, eval_losses)
