@@ -190,3 +190,14 @@ def test_calibration_jsonl_without_the_field_is_refused(tiny_models, tmp_path):
     config = QuantConfig(method="awq", calib=str(calib), seq_len=64)
     with pytest.raises(GraphqError, match="no 'text'"):
         quantize(tiny_models["llama"]["onnx"], config, tmp_path / "out", progress=False)
+
+
+def test_the_tail_is_left_out_unless_a_linear_there_is_calibrated(tiny_models):
+    """A tied lm_head reads the transposed embedding; walking the tail for nothing held it per sample (memory)."""
+    model = ir.load(tiny_models["qwen2"]["onnx"] / "model.onnx")
+    every = find_linear_layers(model)
+    decoder = [layer for layer in every if layer.layer_index is not None]
+    without = LayerwiseCalibration(model, decoder, _samples(2, 8), {}, all_layers=every)
+    assert [r.index for r in without.regions] == [0, 1]
+    with_tail = LayerwiseCalibration(model, every, _samples(2, 8), {}, all_layers=every)
+    assert [r.index for r in with_tail.regions] == [0, 1, None] or not any(l.layer_index is None for l in every)

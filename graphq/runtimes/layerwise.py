@@ -84,8 +84,12 @@ class LayerwiseCalibration:
         self.tokens_per_sample = max(1, -(-tokens_per_input // len(samples)))
         self.rng = np.random.default_rng(seed)
         self.threads = threads
-        # The region boundaries come from every linear of the model (a run may quantize one linear of a layer).
+        # The region boundaries come from every linear of the model (a run may quantize one linear of a layer); the
+        # tail (final norm, lm_head) only when a linear there is calibrated: its static inputs (a tied lm_head's
+        # transposed embedding) would otherwise be computed and held per sample for nothing.
         self.regions = decoder_regions(model, all_layers or layers)
+        if not any(layer.layer_index is None for layer in layers):
+            self.regions = [region for region in self.regions if region.index is not None]
         # Only regions holding layers to quantize are calibrated; the walk stops after the last of them.
         self.active_regions = [r for r in self.regions if any(l.layer_index == r.index for l in layers)]
         self.peak_stream_bytes = 0
