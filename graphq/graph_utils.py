@@ -16,6 +16,24 @@ def add_initializer(graph: ir.Graph, name: str, array: np.ndarray | ir.TensorPro
     return value
 
 
+class NodeBuilder:
+    """Nodes and initializers a pass adds for one layer, named ``<node_prefix><suffix>`` and
+    ``<const_prefix><suffix>``; ``nodes`` keeps them in creation order for inserting into the graph."""
+
+    def __init__(self, graph: ir.Graph, node_prefix: str, const_prefix: str):
+        self.graph, self.node_prefix, self.const_prefix = graph, node_prefix, const_prefix
+        self.nodes: list[ir.Node] = []
+
+    def const(self, suffix: str, array: np.ndarray) -> ir.Value:
+        return add_initializer(self.graph, f"{self.const_prefix}{suffix}", array)
+
+    def op(self, op_type: str, inputs: list[ir.Value], suffix: str, **attributes) -> ir.Value:
+        node = ir.node(op_type, inputs=inputs, attributes=attributes, name=f"{self.node_prefix}{suffix}")
+        node.outputs[0].name = f"{self.node_prefix}{suffix}"
+        self.nodes.append(node)
+        return node.outputs[0]
+
+
 def unique_initializer_name(graph: ir.Graph, name: str) -> str:
     if name not in graph.initializers:
         return name

@@ -33,7 +33,7 @@ import onnx_ir as ir
 
 from graphq.algorithms.codebook import CodebookWeight
 from graphq.errors import GraphqError
-from graphq.graph_utils import add_initializer
+from graphq.graph_utils import NodeBuilder
 from graphq.linear_layers import LinearLayer
 from graphq.passes.matmulnbits import replace_node_output
 
@@ -110,16 +110,8 @@ def emit_lut(model: ir.Model, layer: LinearLayer, cw: CodebookWeight) -> None:
     if cw.table_scales is None and (table_groups, table_columns) != (cw.n_groups, n):
         raise GraphqError(f"{layer.name}: a shared table {cw.table.shape} needs per-group scales")
     name = layer.name
-    nodes: list[ir.Node] = []
-
-    def const(suffix: str, array: np.ndarray) -> ir.Value:
-        return add_initializer(graph, f"{name}.{suffix}", array)
-
-    def op(op_type: str, inputs: list[ir.Value], suffix: str, **attributes) -> ir.Value:
-        node = ir.node(op_type, inputs=inputs, attributes=attributes, name=f"{name}.lut_{suffix}")
-        node.outputs[0].name = f"{name}.lut_{suffix}"
-        nodes.append(node)
-        return node.outputs[0]
+    builder = NodeBuilder(graph, f"{name}.lut_", f"{name}.")
+    op, const, nodes = builder.op, builder.const, builder.nodes
 
     def int64s(*values: int) -> np.ndarray:
         return np.array(values, dtype=np.int64)

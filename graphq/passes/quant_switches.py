@@ -19,7 +19,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphq.algorithms.grid import ActivationRange
-from graphq.graph_utils import add_initializer
+from graphq.graph_utils import NodeBuilder, add_initializer
 from graphq.linear_layers import LinearLayer
 from graphq.passes.w8a8_dynamic import per_token_grid
 
@@ -73,16 +73,8 @@ def _switch_input(model: ir.Model, layer: LinearLayer, gate: ir.Value, activatio
     graph = model.graph
     x = layer.input
     dtype = layer.dtype.numpy()
-    nodes: list[ir.Node] = []
-
-    def op(op_type: str, inputs: list[ir.Value], suffix: str, **attributes) -> ir.Value:
-        node = ir.node(op_type, inputs=inputs, attributes=attributes, name=f"{layer.name}.input_switch_{suffix}")
-        node.outputs[0].name = f"{layer.name}.input_switch_{suffix}"
-        nodes.append(node)
-        return node.outputs[0]
-
-    def const(suffix: str, array: np.ndarray) -> ir.Value:
-        return add_initializer(graph, f"{layer.name}.input_switch_{suffix}", array)
+    builder = NodeBuilder(graph, f"{layer.name}.input_switch_", f"{layer.name}.input_switch_")
+    op, const, nodes = builder.op, builder.const, builder.nodes
 
     if isinstance(activation, ActivationRange):
         scale = const("scale", np.array(activation.scale, dtype=dtype))

@@ -20,11 +20,10 @@ NPU's W4A8 kernel computes up to its accumulation order. References: ``grid.fake
 
 from __future__ import annotations
 
-import numpy as np
 import onnx_ir as ir
 
 from graphq.algorithms.rtn import QuantizedWeight
-from graphq.graph_utils import add_initializer
+from graphq.graph_utils import NodeBuilder
 from graphq.linear_layers import LinearLayer
 from graphq.passes.qdq import emit_dequantize_linear
 from graphq.passes.w8a8 import quantize_input
@@ -49,16 +48,8 @@ def emit_w4a8_dynamic(model: ir.Model, layer: LinearLayer, qw: QuantizedWeight) 
     graph = model.graph
     name = layer.name
     float_type = layer.dtype.numpy()
-    nodes: list[ir.Node] = []
-
-    def const(suffix: str, array: np.ndarray) -> ir.Value:
-        return add_initializer(graph, f"{name}.{suffix}", array)
-
-    def op(op_type: str, inputs: list[ir.Value], suffix: str, **attributes) -> ir.Value:
-        node = ir.node(op_type, inputs=inputs, attributes=attributes, name=f"{name}.dynamic_{suffix}")
-        node.outputs[0].name = f"{name}.dynamic_{suffix}"
-        nodes.append(node)
-        return node.outputs[0]
+    builder = NodeBuilder(graph, f"{name}.dynamic_", f"{name}.")
+    op, const, nodes = builder.op, builder.const, builder.nodes
 
     clipped, token_scale = per_token_grid(op, const, layer.input, float_type)
     dequantized = op("Mul", [clipped, token_scale], "input_dequantized")

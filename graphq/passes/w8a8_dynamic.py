@@ -16,7 +16,7 @@ import onnx_ir as ir
 
 from graphq.algorithms.grid import MIN_TOKEN_ABSMAX, PER_TOKEN_QMAX, fake_quantize_per_token  # noqa: F401 (the reference)
 from graphq.algorithms.rtn import QuantizedWeight
-from graphq.graph_utils import add_initializer, set_opset
+from graphq.graph_utils import NodeBuilder, set_opset
 from graphq.linear_layers import LinearLayer
 from graphq.passes.qdq import QDQ_IR_VERSION, QDQ_OPSET
 from graphq.passes.w8a8 import weight_as_u8
@@ -43,16 +43,8 @@ def emit_w8a8_dynamic(model: ir.Model, layer: LinearLayer, qw: QuantizedWeight) 
     float_type = layer.dtype.numpy()
     q, w_scale, w_zero_point = weight_as_u8(qw)
 
-    def const(suffix: str, array: np.ndarray) -> ir.Value:
-        return add_initializer(graph, f"{name}.{suffix}", array)
-
-    nodes: list[ir.Node] = []
-
-    def op(op_type: str, inputs: list[ir.Value], suffix: str, **attributes) -> ir.Value:
-        node = ir.node(op_type, inputs=inputs, attributes=attributes, name=f"{name}.dynamic_{suffix}")
-        node.outputs[0].name = f"{name}.dynamic_{suffix}"
-        nodes.append(node)
-        return node.outputs[0]
+    builder = NodeBuilder(graph, f"{name}.dynamic_", f"{name}.")
+    op, const, nodes = builder.op, builder.const, builder.nodes
 
     clipped, token_scale = per_token_grid(op, const, layer.input, float_type)
     shifted = op("Add", [clipped, const("u8_shift", np.array(128, dtype=float_type))], "shifted")
