@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import DATA, Evaluator, bench_arguments, float_export
+from graphq.memory import peak_rss_bytes
 from graphq.model_io import model_size_bytes
 
 GROUP = 128
@@ -71,18 +72,7 @@ def variants() -> list[Variant]:
 
 
 def own_peak_rss_bytes() -> int:
-    """This process's peak resident memory since it was exec'ed (VmHWM).
-
-    Not ru_maxrss: on Linux, ru_maxrss survives execve, and a child started by (v)fork + exec from this bench
-    begins with the bench's own high-water mark (about 2 GB once the evaluator ran), hiding the quantizer's.
-    """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return peak_rss_bytes()
 
 
 def _child_result(seconds: float, **extra) -> dict:

@@ -11,7 +11,6 @@ levels); W4A8 layers take the weights their weight stage produced.
 
 from __future__ import annotations
 
-import resource
 import sys
 import time
 from typing import Callable
@@ -25,6 +24,7 @@ from graphq.algorithms.rtn import QuantizedWeight, quantize_rtn, weight_relative
 from graphq.config import DYNAMIC_ACTIVATION_SCHEMES, W4A8_SCHEMES, QuantConfig
 from graphq.errors import GraphqError
 from graphq.linear_layers import LinearLayer, input_groups
+from graphq.memory import peak_rss_bytes
 from graphq.passes.kv_cache import quantize_kv_cache
 from graphq.passes.w8a8 import INTEGER_FORMAT
 from graphq.runtimes.activation_capture import ActivationCapture, CalibrationResult, kv_cache_outputs
@@ -86,10 +86,6 @@ def _smooth(
         elif before is not None:
             known[name] = before
     return report, known
-
-
-def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def activation_quantize(
@@ -173,7 +169,7 @@ def activation_quantize(
         if kv_outputs:
             report["kv_cache"] = quantize_kv_cache(model, result.kv)
     calibration["seconds"] = round(calibration["seconds"], 3)
-    calibration["peak_rss_bytes_after"] = _peak_rss_bytes()
+    calibration["peak_rss_bytes_after"] = peak_rss_bytes()
     report["activation_calibration"] = calibration
     return report
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import resource
 import shutil
 import sys
 import time
@@ -53,6 +52,7 @@ from graphq.model_io import (
 from graphq.layer_plan import (PLAN_FILE, LayerSetting, check_names, embedding_options, plan_from_report, read_plan,
                                setting_for)
 from graphq.passes.embedding import find_embedding
+from graphq.memory import peak_rss_bytes
 from graphq.passes.emitters import emitter_for
 from graphq.passes.weights import set_layer_weight
 from graphq.precision_plan import needs_plan, plan_precision
@@ -462,7 +462,7 @@ def quantize(
         size_before = model_size_bytes(model_file)
         size_after = model_size_bytes(out_model_file) if out_model_file.is_file() else 0
         elapsed = time.perf_counter() - started
-        peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak_rss = peak_rss_bytes()
         quantized = [e for e in layer_reports if "skipped" not in e]
         codebook = codebook_summary(config, quantized)
         report = {

@@ -10,7 +10,6 @@ function backs ``graphq prune`` (a dense-float model with the zeros in place, fo
 from __future__ import annotations
 
 import json
-import resource
 import sys
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ import onnx_ir as ir
 from tqdm import tqdm
 
 from graphq.config import QuantConfig
+from graphq.memory import peak_rss_bytes
 from graphq.errors import GraphqError
 from graphq.linear_layers import LinearLayer, find_linear_layers
 from graphq.model_io import MODEL_FILENAME, atomic_output_dir, copy_side_files, load_model, resolve_model_file, save_model
@@ -114,7 +114,7 @@ def prune(model_path: str | Path, config: QuantConfig, output_dir: str | Path, o
             "source_model": str(model_file.resolve()),
             "config": config.to_dict(),
             "elapsed_seconds": round(time.perf_counter() - started, 3),
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_rss_bytes": peak_rss_bytes(),
             "layers": [{**layer.describe(), "scheme": "float", "sparsity": measured[layer.name]} if layer.name in measured
                        else {**layer.describe(), "scheme": "float", "skipped": "not pruned"} for layer in layers],
         }
