@@ -54,10 +54,20 @@ def entry_for(kind: str, strategy: str, scheme: str, group_size: int, symmetric:
     """One plan entry; ``scheme`` 'float' writes weight bit 16."""
     if scheme == "float":
         return {"type": kind, "quant_strategy": strategy, "weight": {"bit": FLOAT_BITS}, "input": {"bit": FLOAT_BITS}}
-    bits = {v: k for k, v in scheme_bits().items()}[scheme]
-    return {"type": kind, "quant_strategy": strategy,
+    bits = {v: k for k, v in scheme_bits().items()}.get(scheme)
+    named = bits is None  # a scheme the bits do not name (w8a8s: sparse W8A8) is named by an extra key
+    if named:
+        bits = scheme_bits_of(scheme)
+    return {"type": kind, "quant_strategy": strategy, **({"scheme": scheme} if named else {}),
             "weight": {"bit": bits[0], "group_size": group_size, "symmetric": symmetric, "method": method},
             "input": {"bit": bits[1], **({"dynamic": True} if bits[2] else {})}}
+
+
+def scheme_bits_of(scheme: str) -> tuple[int, int, bool]:
+    """(weight bits, input bits, dynamic) of any scheme, named by the bits or not."""
+    from graphq.config import ACTIVATION_SCHEMES, DYNAMIC_ACTIVATION_SCHEMES, SCHEMES
+
+    return SCHEMES[scheme], 8 if scheme in ACTIVATION_SCHEMES else FLOAT_BITS, scheme in DYNAMIC_ACTIVATION_SCHEMES
 
 
 def default_plan(model_path: str | Path, config) -> dict:
@@ -138,7 +148,16 @@ def setting_for(name: str, entry: dict, config, in_features: int) -> LayerSettin
         return LayerSetting("float", PER_CHANNEL, True, "rtn")
     input_bit = given_input.get("bit", FLOAT_BITS)
     table = scheme_bits()
-    scheme = table.get((weight["bit"], input_bit, bool(given_input.get("dynamic", False))))
+    key = (weight["bit"], input_bit, bool(given_input.get("dynamic", False)))
+    scheme = table.get(key)
+    named = entry.get("scheme")
+    if named is not None:  # graphq's extra key for schemes the bits do not name (w8a8s)
+        from graphq.config import SCHEMES
+
+        if named not in SCHEMES or scheme_bits_of(named) != key:
+            raise GraphqError(f"plan entry '{name}': scheme {named!r} does not match weight bit {weight['bit']} / "
+                              f"input bit {input_bit}: fix one of them or drop \"scheme\"")
+        scheme = named
     if scheme is None:
         pairs = ", ".join(f"{w}/{a}{' dynamic' if d else ''}" for w, a, d in sorted(table))
         raise GraphqError(f"plan entry '{name}': weight bit {weight['bit']} with input bit {input_bit} is no scheme "
@@ -160,7 +179,8 @@ def setting_for(name: str, entry: dict, config, in_features: int) -> LayerSettin
     return LayerSetting(scheme, group_size, symmetric, method)
 
 
-def check_names(strategy: dict[str, dict], known: list[str], plan_path: str | Path) -> None:
+def check_names(strategy: dict[str, dict], known: list[str]) -> None:
+    """Every entry names a tensor of the model."""
     missing = [name for name in strategy if name not in known]
     if missing:
         raise GraphqError(f"plan entry '{missing[0]}' names no tensor of the model ({len(missing)} such entries; "

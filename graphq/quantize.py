@@ -214,7 +214,7 @@ def read_layer_plan(model: ir.Model, layers: list[LinearLayer], config: QuantCon
         return {}, config
     strategy = read_plan(config.plan)
     embedding = find_embedding(model)
-    check_names(strategy, [*([embedding.name] if embedding is not None else []), *(l.name for l in layers)], config.plan)
+    check_names(strategy, [*([embedding.name] if embedding is not None else []), *(l.name for l in layers)])
     settings = {layer.name: setting_for(layer.name, strategy[layer.name], config, layer.in_features)
                 for layer in layers if layer.name in strategy}
     options = embedding_options(strategy[embedding.name], embedding.name) if embedding is not None \

@@ -114,3 +114,21 @@ def test_unreadable_plan_files(text, message, tiny_models, tmp_path):
     with pytest.raises(GraphqError, match=message):
         quantize(tiny_models["llama"]["onnx"], QuantConfig(plan=str(tmp_path / "plan.json")), tmp_path / "out",
                  progress=False)
+
+
+def test_a_sparse_w8a8s_run_writes_a_plan_that_repeats_it(tiny_models, tiny_text, tmp_path):
+    """w8a8s is not named by its bits (8/8 is w8a8): its entries carry graphq's extra "scheme" key."""
+    source = tiny_models["llama"]["onnx"]
+    config = QuantConfig(scheme="w8a8s", method="magnitude", sparsity=0.5, calib=str(tiny_text), num_samples=4,
+                         seq_len=32)
+    first = quantize(source, config, tmp_path / "s", progress=False)
+    used = json.loads((tmp_path / "s" / PLAN_FILE).read_text())["layer_strategy"]
+    assert used["model.layers.0.mlp.up_proj"]["scheme"] == "w8a8s"
+    again = quantize(source, QuantConfig(plan=str(tmp_path / "s" / PLAN_FILE), method="magnitude", sparsity=0.5,
+                                         calib=str(tiny_text), num_samples=4, seq_len=32), tmp_path / "again",
+                     progress=False)
+    assert [e["scheme"] for e in again.report["layers"]] == [e["scheme"] for e in first.report["layers"]]
+    used["model.layers.0.mlp.up_proj"]["input"]["bit"] = 16
+    (tmp_path / "bad.json").write_text(json.dumps({"layer_strategy": used}))
+    with pytest.raises(GraphqError, match="scheme 'w8a8s' does not match weight bit 8 / input bit 16"):
+        quantize(source, QuantConfig(plan=str(tmp_path / "bad.json")), tmp_path / "bad", progress=False)
