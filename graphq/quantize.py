@@ -51,8 +51,8 @@ from graphq.model_io import (
 )
 from graphq.layer_plan import (PLAN_FILE, LayerSetting, check_names, embedding_options, plan_from_report, read_plan,
                                setting_for)
-from graphq.passes.embedding import find_embedding
 from graphq.memory import peak_rss_bytes
+from graphq.passes.embedding import find_embedding
 from graphq.passes.emitters import emitter_for
 from graphq.passes.weights import set_layer_weight
 from graphq.precision_plan import needs_plan, plan_precision
