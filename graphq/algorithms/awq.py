@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from graphq.algorithms.channel_stats import ChannelSum
 from graphq.algorithms.rtn import QuantizedWeight, grouped as _grouped, quantize_rtn
 
 # AutoAWQ's floor on mag**ratio, so that channels never seen active do not get a zero (or inf) scale.
@@ -25,30 +26,15 @@ _MIN_SCALE = 1e-4
 _CLIP_CHUNK_ELEMENTS = 1 << 24
 
 
-class ChannelMagnitude:
+class ChannelMagnitude(ChannelSum):
     """Streams mean |x| per input channel, the activation statistic AWQ scales by.
 
     The mean over every calibration token is steadier than the one over the small sample the grid search
     runs on, so graph passes can feed all of calibration here and the sample to ``search_awq_scales``.
     """
 
-    def __init__(self) -> None:
-        self._sum: np.ndarray | None = None
-        self._n = 0
-
-    @property
-    def tokens(self) -> int:
-        return self._n
-
-    def add(self, x: np.ndarray) -> None:
-        x = np.asarray(x)
-        x = x.reshape(-1, x.shape[-1])
-        if self._sum is None:
-            self._sum = np.zeros(x.shape[1], dtype=np.float64)
-        if x.shape[1] != self._sum.shape[0]:
-            raise ValueError(f"expected {self._sum.shape[0]} input channels, got {x.shape[1]}")
-        self._sum += np.abs(x).sum(axis=0, dtype=np.float64)
-        self._n += x.shape[0]
+    def term(self, rows: np.ndarray) -> np.ndarray:
+        return np.abs(rows).sum(axis=0, dtype=np.float64)
 
     def mean(self) -> np.ndarray:
         if self._sum is None or self._n == 0:

@@ -20,6 +20,7 @@ import time
 
 import numpy as np
 
+from graphq.algorithms.channel_stats import ChannelSum
 from graphq.algorithms.gptq import _damped_inverse_cholesky
 from graphq.algorithms.rtn import QuantizedWeight, compute_scales, integer_range, round_to_grid
 
@@ -94,25 +95,12 @@ def wanda_keep_mask(weight_kn: np.ndarray, input_sq_norm: np.ndarray, sparsity: 
     return row_keep_mask(scores, sparsity, pattern)
 
 
-class InputSquareNorm:
+class InputSquareNorm(ChannelSum):
     """Streams sum_t x_tk^2 per input channel (float64): Wanda's ||X_k||^2."""
 
-    def __init__(self) -> None:
-        self._sum: np.ndarray | None = None
-        self._n = 0
-
-    @property
-    def tokens(self) -> int:
-        return self._n
-
-    def add(self, x: np.ndarray) -> None:
-        x = np.asarray(x, dtype=np.float64).reshape(-1, np.shape(x)[-1])
-        if self._sum is None:
-            self._sum = np.zeros(x.shape[1], dtype=np.float64)
-        if x.shape[1] != self._sum.shape[0]:
-            raise ValueError(f"expected {self._sum.shape[0]} input channels, got {x.shape[1]}")
-        self._sum += np.einsum("tk,tk->k", x, x)
-        self._n += x.shape[0]
+    def term(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.float64)
+        return np.einsum("tk,tk->k", rows, rows)
 
     def value(self) -> np.ndarray:
         if self._sum is None:
