@@ -53,6 +53,13 @@ def _add_eval_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
 
 
+def _add_symmetry_args(parser: argparse.ArgumentParser) -> None:
+    """--sym / --asym (config field ``symmetric``; unset keeps the scheme's default)."""
+    sym = parser.add_mutually_exclusive_group()
+    sym.add_argument("--sym", dest="symmetric", action="store_const", const=True, help="symmetric (no zero point)")
+    sym.add_argument("--asym", dest="symmetric", action="store_const", const=False, help="asymmetric (zero point)")
+
+
 def _add_sparsity_args(parser: argparse.ArgumentParser, lowbit: bool = True) -> None:
     """Sparsity (issue 10): pruning targets, and the W8A8S lowbit options."""
     parser.add_argument("--sparsity", type=float, help="fraction of each linear's weights to zero, in [0, 1) "
@@ -86,9 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--scheme", help="w4a16 (default), w8a16, w3a16 (codebook weights only), w8a8 (static activations) or "
                           "w8a8-dynamic (per token)")
     quantize.add_argument("--group-size", type=int, help="input channels per scale: 32, 64, 128 (default), -1 per-channel")
-    sym = quantize.add_mutually_exclusive_group()
-    sym.add_argument("--sym", dest="symmetric", action="store_const", const=True, help="symmetric (no zero point)")
-    sym.add_argument("--asym", dest="symmetric", action="store_const", const=False, help="asymmetric (zero point)")
+    _add_symmetry_args(quantize)
     quantize.add_argument("--format", help="matmulnbits (default, onnxruntime) or qdq (DequantizeLinear, NPUs)")
     quantize.add_argument("--method", help="rtn (default, no data), awq, gptq, lut (codebook; data-free, or weighted "
                           "with --calib), or a sequence such as awq+gptq, awq+lut (calibrated layer by layer)")
@@ -134,9 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--config", help="YAML file of options; command-line options override it")
     analyze.add_argument("--scheme", help="w4a16 (default), w8a16, w8a8 or w8a8-dynamic")
     analyze.add_argument("--group-size", type=int, help="input channels per scale (default 128, -1 per-channel)")
-    analyze_sym = analyze.add_mutually_exclusive_group()
-    analyze_sym.add_argument("--sym", dest="symmetric", action="store_const", const=True)
-    analyze_sym.add_argument("--asym", dest="symmetric", action="store_const", const=False)
+    _add_symmetry_args(analyze)
     analyze.add_argument("--exclude", nargs="+", metavar="PATTERN", help="linears to leave out of the ranking")
     analyze.add_argument("--quantize-lm-head", action="store_const", const=True, help="rank lm_head too")
     analyze.add_argument("--calib", help="text, JSON or JSONL to take the windows from (default: samples/)")
@@ -196,9 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--config", help="YAML file of options; command-line options override it")
     plan.add_argument("--scheme", help="default scheme of the linears (w4a16, w8a16, w8a8, ...)")
     plan.add_argument("--group-size", type=int, help="input channels per scale (default 128, -1 per-channel)")
-    plan_sym = plan.add_mutually_exclusive_group()
-    plan_sym.add_argument("--sym", dest="symmetric", action="store_const", const=True)
-    plan_sym.add_argument("--asym", dest="symmetric", action="store_const", const=False)
+    _add_symmetry_args(plan)
     plan.add_argument("--method", help="weight method of every entry (rtn, awq, gptq, awq+kd, ...)")
     plan.add_argument("--exclude", nargs="+", metavar="PATTERN", help="linears written as float (weight bit 16)")
     plan.add_argument("--quantize-lm-head", action="store_const", const=True, help="plan lm_head quantized too")
