@@ -1,18 +1,20 @@
-"""The activation pipeline (W8A8, W4A8): activation calibration, optional smoothing, range choice, emission, KV int8.
+"""The activation pipeline (W8A8, W4A8): optional smoothing, activation calibration, range choice, emission, KV int8.
 
-Order: (calibrate -> smooth -> ) the weight stage of the W4A8 layers (``weight_stage``: their int4 weights rounded
-by the config's method on the smoothed model and written back as float, so what follows sees them) -> emit the
-dynamic layers -> calibrate the static layers' inputs (and the KV cache) on that model -> choose each input's range
--> emit the static layers -> QDQ the KV cache. Each layer goes through ``finish(layer, qw, details)``; static ones
-carry ``details["input_scale"]`` and ``details["input_offset"]`` (signed int8 convention, see
-``graphq.algorithms.activation_ranges``). W8A8 layers round their int8 weights here (RTN, or W8A8S's lowbit
-levels); W4A8 layers take the weights their weight stage produced.
+Two parts, one per stage of a quantize run (graphq.stages). ``prepare_activations`` (weights stage): calibrate ->
+smooth -> the weight stage of the W4A8 layers (``weight_stage``: their int4 weights rounded by the config's method
+on the smoothed model and written back as float, so what follows sees them). ``activation_quantize`` (activation
+stage): emit the dynamic layers -> calibrate the static layers' inputs (and the KV cache) on that model -> choose
+each input's range -> emit the static layers -> QDQ the KV cache. Each layer goes through
+``finish(layer, qw, details)``; static ones carry ``details["input_scale"]`` and ``details["input_offset"]``
+(signed int8 convention, see ``graphq.algorithms.activation_ranges``). W8A8 layers round their int8 weights here
+(RTN, or W8A8S's lowbit levels); W4A8 layers take the weights their weight stage produced.
 """
 
 from __future__ import annotations
 
 import sys
-import time
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from typing import Callable
 
 import numpy as np
@@ -88,65 +90,90 @@ def _smooth(
     return report, known
 
 
+@dataclass
+class ActivationPrep:
+    """What the weights stage leaves for the activation stage: the smoothing report, the statistics of smoothed
+    inputs derived from the smoothing pass (so the ranges need no second first pass), the W4A8 layers' rounded
+    int4 weights, and the activation calibration's account so far."""
+
+    smoothing: dict | None = None
+    known: dict[str, ActivationStats] = dataclass_field(default_factory=dict)
+    rounded: dict[str, tuple[QuantizedWeight, dict]] = dataclass_field(default_factory=dict)
+    calibration: dict = dataclass_field(default_factory=lambda: {"passes": 0, "seconds": 0.0})
+
+
+def prepare_activations(
+    model: ir.Model,
+    static_layers: list[LinearLayer],
+    dynamic_layers: list[LinearLayer],
+    config: QuantConfig,
+    progress: bool,
+    load_samples: Callable[[], list[np.ndarray]],
+    weight_stage: WeightStage | None = None,
+) -> ActivationPrep:
+    """The weight part of the activation pipeline: smoothing (it rewrites weights), then the W4A8 layers' int4
+    weights by their method (``weight_stage``, required when there are any), so int4 weights are rounded on the
+    smoothed model. What it returns is all activation_quantize needs besides the graph."""
+    prep = ActivationPrep()
+    w8a8_layers = static_layers + dynamic_layers
+    w4a8_layers = [layer for layer in w8a8_layers if config.scheme_for(layer.name) in W4A8_SCHEMES]
+    if w4a8_layers and weight_stage is None:
+        raise ValueError("W4A8 layers need a weight stage")
+    if config.smooth and w8a8_layers:
+        capture = ActivationCapture(model, w8a8_layers)
+        first = capture.calibrate(load_samples(), histograms=False, reservoir_rows=config.reservoir_rows,
+                                  seed=config.seed, progress=progress)
+        del capture
+        prep.calibration["passes"] += first.passes
+        prep.calibration["seconds"] += first.seconds
+        prep.smoothing, prep.known = _smooth(model, w8a8_layers, first, config)
+        smoothed = prep.smoothing
+        if progress:
+            print(f"graphq: smoothing ({config.smooth}, alpha {config.smooth_alpha}): {len(smoothed['groups'])} input "
+                  f"group(s) smoothed, {len(smoothed['skipped'])} skipped, {smoothed['ops_added']} op(s) added",
+                  file=sys.stderr)
+        del first
+    if w4a8_layers:
+        prep.rounded = weight_stage(w4a8_layers)
+        prep.known = {}  # the weight stage changed weights (and AWQ folds inputs): the statistics are measured again
+    return prep
+
+
 def activation_quantize(
     model: ir.Model,
-    model_file,
     static_layers: list[LinearLayer],
     dynamic_layers: list[LinearLayer],
     config: QuantConfig,
     progress: bool,
     finish: FinishLayer,
     load_samples: Callable[[], list[np.ndarray]],
-    weight_stage: WeightStage | None = None,
+    prep: ActivationPrep,
 ) -> dict:
-    """Quantize the W8A8 / W4A8 layers and the KV cache; returns the report's extra top-level entries.
-
-    ``weight_stage`` rounds the W4A8 layers' weights (required when there are any); it runs after smoothing, so
-    int4 weights are rounded on the smoothed model, and before the static ranges are calibrated."""
+    """Quantize the W8A8 / W4A8 layers' activations and the KV cache, on the model prepare_activations left;
+    returns the report's extra top-level entries."""
     report: dict = {}
     w8a8_layers = static_layers + dynamic_layers
     if not w8a8_layers and not config.kv_cache:
         return report
     if any(config.scheme_for(layer.name) not in W4A8_SCHEMES for layer in w8a8_layers):
         report["integer_format"] = INTEGER_FORMAT
-    w4a8_layers = [layer for layer in w8a8_layers if config.scheme_for(layer.name) in W4A8_SCHEMES]
-    if w4a8_layers and weight_stage is None:
-        raise ValueError("W4A8 layers need a weight stage")
-    smoothing = bool(config.smooth and w8a8_layers)
-    rounded: dict[str, tuple[QuantizedWeight, dict]] = {}
+    smoothing = prep.smoothing is not None
+    rounded = prep.rounded
+    if smoothing:
+        report["smoothing"] = prep.smoothing
+        finish = _noting_rescaled_outputs(finish, prep.smoothing)
     if not (static_layers or config.kv_cache or smoothing):
-        if w4a8_layers:
-            rounded = weight_stage(w4a8_layers)
         _finish_dynamic(dynamic_layers, rounded, progress, finish)
         return report
     samples = load_samples()
     kv_outputs = kv_cache_outputs(model) if config.kv_cache else []
     if config.kv_cache and not kv_outputs:
         raise GraphqError("--kv-cache int8: the model has no present.* outputs; export it with past key values")
-    calibration: dict = {"samples": len(samples), "tokens": int(sum(len(s) for s in samples)), "passes": 0,
-                         "seconds": 0.0, "method": config.act_method}
+    calibration: dict = {"samples": len(samples), "tokens": int(sum(len(s) for s in samples)),
+                         "passes": prep.calibration["passes"], "seconds": prep.calibration["seconds"],
+                         "method": config.act_method}
     want_tokens = config.act_method == "auto" or smoothing or config.act_fallback > 0
     reservoir = config.reservoir_rows if want_tokens else 0
-    if smoothing:
-        capture = ActivationCapture(model, w8a8_layers)
-        first = capture.calibrate(samples, histograms=False, reservoir_rows=config.reservoir_rows, seed=config.seed,
-                                  progress=progress)
-        del capture
-        calibration["passes"] += first.passes
-        calibration["seconds"] += first.seconds
-        report["smoothing"], known = _smooth(model, w8a8_layers, first, config)
-        smoothed = report["smoothing"]
-        if progress:
-            print(f"graphq: smoothing ({config.smooth}, alpha {config.smooth_alpha}): {len(smoothed['groups'])} input "
-                  f"group(s) smoothed, {len(smoothed['skipped'])} skipped, {smoothed['ops_added']} op(s) added",
-                  file=sys.stderr)
-        del first
-        finish = _noting_rescaled_outputs(finish, smoothed)
-    else:
-        known = {}
-    if w4a8_layers:
-        rounded = weight_stage(w4a8_layers)
-        known = {}  # the weight stage changed weights (and AWQ folds inputs): the statistics are measured again
     _finish_dynamic(dynamic_layers, rounded, progress, finish)
     if static_layers or kv_outputs:
         capture = ActivationCapture(model, static_layers, kv_outputs)
@@ -156,7 +183,7 @@ def activation_quantize(
             reservoir_rows=reservoir if static_layers else 0,
             seed=config.seed,
             progress=progress,
-            known=known,
+            known=prep.known,
         )
         del capture
         calibration["passes"] += result.passes

@@ -19,6 +19,14 @@ class _OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"graphq: error: {message} (see '{self.prog} --help')\n")
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a count >= 1, got {value}")
+    return value
+
+
 def non_negative_int(text: str) -> int:
     """An argparse type: an integer >= 0 (argparse prints its own one-line usage error otherwise)."""
     value = int(text)
@@ -192,6 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--device", help="where kd trains: auto (default: cuda if torch sees one), cpu, cuda")
     quantize.add_argument("--plan", help="per-layer plan file from 'graphq plan' (edited): each tensor's bits, group "
                           "size, symmetry and method")
+    quantize.add_argument("--stage", choices=("weights", "activations", "export", "all"), default="all",
+                          help="run one stage into the output folder, from the previous stage's checkpoint there: "
+                          "weights (every weight rewritten), activations (ranges, KV cache), export (the files); "
+                          "all (default) runs them in turn and resumes a run stopped after a finished stage")
 
     plan = commands.add_parser("plan", help="write the per-layer plan (dopt_config.json layout) the options imply")
     plan.add_argument("model", help="export folder or model.onnx")
@@ -225,6 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--html", help="also write a self-contained HTML report here")
     verify.add_argument("--worst", type=non_negative_int, default=10, help="rows in the table of worst layers (default 10)")
     verify.add_argument("--overwrite", action="store_true", help="replace an existing --html file (never an input)")
+    verify.add_argument("--speed", action="store_true",
+                        help="also time prefill and greedy decode with the KV cache, float vs quantized")
+    verify.add_argument("--speed-prompt", type=positive_int, default=128, help="--speed prompt tokens (default 128)")
+    verify.add_argument("--speed-tokens", type=positive_int, default=64, help="--speed decoded tokens (default 64)")
     _add_eval_args(verify)
 
     evaluate = commands.add_parser("eval", help="perplexity of a model in onnxruntime")
@@ -278,13 +294,24 @@ def _run_verify(args: argparse.Namespace) -> int:
     print(format_table(result, args.worst))
     require_finite(args.float_model, float_perplexity=result.float_ppl)
     require_finite(args.quant_model, quantized_perplexity=result.quant_ppl, mean_KL=result.mean_kl)
+    speeds = None
+    if args.speed:
+        from graphq.speed import compare_speed, format_speed
+
+        prompt = [token for window in windows for token in window][: args.speed_prompt]
+        speeds = compare_speed({"float": args.float_model, "quantized": args.quant_model}, prompt, args.speed_tokens,
+                               threads=args.threads)
+        print(format_speed(speeds))
     if args.html:
         from graphq.report_html import write_html
 
         write_html(result, args.html)
         print(f"wrote {args.html}")
     if args.json:
-        print(json.dumps(result.to_dict()))
+        data = result.to_dict()
+        if speeds is not None:
+            data["speed"] = {name: speed.to_dict() for name, speed in speeds.items()}
+        print(json.dumps(data))
     return 0
 
 
@@ -300,7 +327,8 @@ def run(args: argparse.Namespace) -> int:
 
         if args.config:  # --overwrite must not delete the YAML file it was given
             check_output_dir(Path(args.output), [Path(args.config)], overwrite=True)
-        result = quantize(args.model, _quant_config(args), args.output, overwrite=args.overwrite, progress=not args.quiet)
+        result = quantize(args.model, _quant_config(args), args.output, overwrite=args.overwrite,
+                          progress=not args.quiet, stage=args.stage)
         print(result.model_file if result.model_file.is_file() else result.output_dir)  # --save-format without onnx
         return 0
     if args.command == "plan":

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
 import re
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import onnx_ir as ir
@@ -19,10 +21,11 @@ from tqdm import tqdm
 from graphq.algorithms.codebook import CodebookWeight
 from graphq.algorithms.rtn import QuantizedWeight
 from graphq.algorithms.sparsity import keep_pruned_zero, zero_fraction
-from graphq.activation_quantize import activation_quantize
+from graphq.activation_quantize import ActivationPrep, activation_quantize, prepare_activations
 from graphq.artifacts.params import ParamsRecorder
 from graphq.artifacts.plan import plan_artifacts
 from graphq.artifacts.records import ArtifactCollector
+from graphq.artifacts.targets import ArtifactTarget, target_for
 from graphq.config import (
     ACTIVATION_SCHEMES,
     DYNAMIC_ACTIVATION_SCHEMES,
@@ -46,6 +49,7 @@ from graphq.model_io import (
     model_size_bytes,
     quantized_op_count,
     read_model_config,
+    remove_stale_staging,
     resolve_model_file,
     save_model,
 )
@@ -59,9 +63,14 @@ from graphq.precision_plan import needs_plan, plan_precision
 from graphq.selection import matches, skip_reason
 from graphq.sparsify import prune_float_layers, warn_all_zero
 from graphq.sparsity_config import check_layers_fit
+from graphq.stages import (ARTIFACT_SPILL, FINISHED_MARK, PARAMS_SPILL, STAGE_CHOICES, STAGE_FIELDS, STAGES, STAGES_DIR,
+                           bind_layers, check_same_run, checkpoint_model_file, decode_stats, decode_weights,
+                           describe_layer, encode_stats, encode_weights, finished_stages, read_state,
+                           read_tensors, stage_dir, write_checkpoint)
 from graphq.version import __version__
 from graphq.weight_methods import LayerResult, quantize_region, resolve_methods, rounding_method, statistics_needed
 from graphq.weight_methods.lut import codebook_summary
+from graphq.kd.engine import KD_STATE_FILE
 
 
 @dataclass
@@ -136,11 +145,15 @@ def calibrated_quantize(
         disable=not progress,
         file=sys.stderr,
     )
+    tick = time.perf_counter()
     for _, region_layers, stats in bar:
+        captured = time.perf_counter()  # since the last region: run it as quantized, capture this one's inputs
         region = quantize_region(model, region_layers, stats, config, methods, known_layers)
+        seconds = {"capture": round(captured - tick, 3), "search": round(time.perf_counter() - captured, 3)}
         rescaled.update(region.rescaled)
         for layer in region_layers:
             result = region.layers[layer.name]
+            result.entry["layer_seconds"] = seconds  # the decoder layer's, shared by its linears
             if on_result is not None:
                 on_result(layer, result)
             else:
@@ -154,6 +167,7 @@ def calibrated_quantize(
             error=f"{np.mean([e['output_error'] for e in entries]):.2e}",
             rtn=f"{np.mean([e['output_error_rtn'] for e in entries]):.2e}",
         )
+        tick = time.perf_counter()
     if warned:
         print(
             f"graphq: warning: {len(warned)} calibration warning(s) (first: {warned[0]}); "
@@ -282,89 +296,65 @@ def describe(config: QuantConfig) -> str:
     return text
 
 
-def quantize(
-    model_path: str | Path,
-    config: QuantConfig,
-    output_dir: str | Path,
-    overwrite: bool = False,
-    progress: bool = True,
-) -> QuantizeResult:
-    """Quantize the linear layers of an exported ONNX LLM and write a new export folder.
+@dataclass
+class Run:
+    """One quantize run between its stages: the graph, its linears, and what the report and the artifacts need.
 
-    ``model_path`` is an export folder (model.onnx with its tokenizer and config beside it) or a model.onnx file.
-    The output folder gets model.onnx, the side files, and report.json; it appears only when complete.
-    """
-    config.validate()
-    started = time.perf_counter()
-    model_file = resolve_model_file(model_path)
-    output_dir = Path(output_dir)
-    inputs = [model_file.parent if Path(model_path).is_dir() else model_file]
-    inputs += [Path(config.calib)] if config.calib else []  # --overwrite must not delete the calibration file
-    inputs += [Path(config.plan)] if config.plan else []
-    check_output_dir(output_dir, inputs, overwrite)
-    read_model_config(model_file.parent)  # a damaged config.json is refused now, not after the quantization
-    # Calibration data is read (and its errors reported) before the work; quantizing a layer needs it much later.
-    calibrated_weights = set(ACTIVATION_SCHEMES) - set(W4A8_SCHEMES)  # W8A8 weights are RTN whatever the method
-    needs_samples = (config.needs_calibration and bool(config.schemes - calibrated_weights)) or bool(
-        {"w8a8", "w4a8"} & config.schemes or config.kv_cache or config.smooth
-    )
-    samples = load_calibration_samples(model_file, config) if needs_samples else None
-    with atomic_output_dir(output_dir, overwrite=overwrite, inputs=inputs) as staging:
-        model = load_model(model_file)
-        layers = find_linear_layers(model)
-        if not layers:
-            quantized = quantized_op_count(model)
-            raise GraphqError(
-                f"{model_file} is already quantized ({quantized} quantized linear nodes): quantize its float export"
-                if quantized else
-                f"{model_file} has no quantizable linear layers (MatMul/Gemm with a constant weight): nothing to quantize"
-            )
-        settings, config = read_layer_plan(model, layers, config)
-        embedding, tied = plan_embedding(model, layers, config)
-        layer_reports = []
-        chosen = []
-        for layer in layers:
-            reason = TIED_REASON if layer is tied else skip_reason(layer, config.exclude, config.quantize_lm_head)
-            if layer.name in settings and layer is not tied:  # the plan's entry decides, --exclude and lm_head rules not
-                reason = "float in the plan" if settings[layer.name].scheme == "float" else None
-            scheme = settings[layer.name].scheme if layer.name in settings else config.scheme_for(layer.name)
-            entry = {**layer.describe(), "scheme": "float" if reason else scheme}
-            if reason:
-                entry["skipped"] = reason
-            else:
-                chosen.append((layer, entry))
-            layer_reports.append(entry)
-        for option, patterns in (("--exclude", config.exclude), ("scheme_overrides", config.scheme_overrides)):
-            unused = [p for p in patterns if not any(matches(layer.name, p) for layer in layers)]
-            if unused:
-                print(f"graphq: warning: {option} pattern(s) {', '.join(repr(p) for p in unused)} match no linear "
-                      f"layer (names look like {layers[0].name})", file=sys.stderr)
-        if not chosen and quantized_op_count(model):
-            raise GraphqError(
-                f"{model_file} is already quantized: only {len(layers)} float linear layer(s) are left "
-                f"({layers[0].name}, ...) and none is to be quantized; quantize its float export instead"
-            )
-        if not chosen:
-            raise GraphqError("every linear layer was excluded: loosen --exclude or pass --quantize-lm-head")
-        plan_report = {}
-        if needs_plan(config):
-            chosen, plan_report = apply_precision_plan(model_path, config, chosen, progress)
-        entries = {layer.name: entry for layer, entry in chosen}
-        layer_configs = {layer.name: config_for_layer(config, entry["scheme"], settings.get(layer.name))
-                         for layer, entry in chosen}
-        plan = plan_artifacts(model, model_file, layers, {e["name"]: e["scheme"] for e in layer_reports},
-                              {layer.name: layer_configs[layer.name].group_size_for(layer.in_features) for layer, _ in chosen},
-                              {layer.name: layer_configs[layer.name].is_symmetric for layer, _ in chosen},
-                              config.dtype, config.target)
-        target, serving_dtype, dtype_warning = plan.target, plan.serving_dtype, plan.dtype_warning
-        spill_dir = staging / ".artifact-layers"
-        collector = ArtifactCollector(config.scheme, config.group_size, config.is_symmetric, config.pack, spill_dir,
-                                      target=target, dtype=serving_dtype)
+    A stage checkpoint holds it (graphq.stages, ``state``); the next stage, in this process or a later one,
+    continues from it (``Run.restore``)."""
+
+    model: ir.Model
+    layers: list[LinearLayer]  # every linear of the float graph, as found before anything changed
+    model_file: Path
+    config: QuantConfig  # with the plan applied
+    user_config: dict  # the options as given: the next stage compares its own with them
+    settings: dict[str, LayerSetting]
+    layer_reports: list[dict]
+    schemes: dict[str, str]  # the scheme each quantized linear was planned with
+    target: ArtifactTarget
+    serving_dtype: str
+    dtype_warning: str | None
+    collector: ArtifactCollector
+    params: ParamsRecorder | None
+    rescaled: dict[str, str] = field(default_factory=dict)  # linear -> why a fold rescaled its outputs (verify)
+    embedding_report: dict | None = None
+    embedding_name: str | None = None
+    plan_report: dict = field(default_factory=dict)
+    prep: ActivationPrep = field(default_factory=ActivationPrep)
+    activation_report: dict = field(default_factory=dict)
+    all_zero: list[str] = field(default_factory=list)
+    calibration_samples: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+    samples: list[np.ndarray] | None = None  # not checkpointed: the config reproduces them
+
+    @property
+    def entries(self) -> dict[str, dict]:
+        """The report entries of the linears being quantized (the same dicts as in layer_reports)."""
+        return {entry["name"]: entry for entry in self.layer_reports if "skipped" not in entry}
+
+    def layer_configs(self) -> dict[str, QuantConfig]:
+        return {name: config_for_layer(self.config, scheme, self.settings.get(name)) for name, scheme in self.schemes.items()}
+
+    def layers_of(self, schemes: tuple[str, ...] | list[str]) -> list[LinearLayer]:
+        """The quantized linears of these schemes, scheme by scheme, each in graph order."""
+        return [layer for scheme in schemes for layer in self.layers if self.schemes.get(layer.name) == scheme]
+
+    def load_samples(self) -> list[np.ndarray]:
+        if self.samples is None:
+            self.samples = load_calibration_samples(self.model_file, self.config)
+        return self.samples
+
+    def use_spill_dir(self, directory: Path) -> None:
+        """Layers finished from now on spill their artifact tensors into this stage's checkpoint."""
+        self.collector.spill_dir = directory / ARTIFACT_SPILL
+        if self.params is not None:
+            self.params.spill_dir = directory / PARAMS_SPILL
+
+    def finish_function(self) -> FinishLayer:
+        """The per-linear finish: record the report entry and the artifacts, emit the quantized node."""
+        entries, layer_configs, config = self.entries, self.layer_configs(), self.config
+        target, serving_dtype, model = self.target, self.serving_dtype, self.model
         prunes = config.prunes
-        if prunes:
-            check_layers_fit([layer for layer, _ in chosen], config)
-        all_zero: list[str] = []
-        params = ParamsRecorder(staging / ".params-layers") if "params" in config.save_format else None
 
         def finish(layer: LinearLayer, qw: QuantizedWeight, details: dict) -> None:
             qw, details = target.prepare(qw, details, serving_dtype)
@@ -384,138 +374,438 @@ def quantize(
             if prunes:  # measured on the emitted integers, not the requested fraction
                 entries[layer.name]["sparsity"] = zero_fraction(qw)
                 if entries[layer.name]["sparsity"] == 1.0:
-                    all_zero.append(layer.name)
+                    self.all_zero.append(layer.name)
             output_format = "lut" if codebook else layer_config.format
             if "activation_fallback" in details:
                 # The quantized weight stays, the activations stay float: W8A16 (W4A16 for W4A8 layers), QDQ.
                 scheme, output_format = ("w4a16" if scheme in W4A8_SCHEMES else "w8a16"), "qdq"
                 entries[layer.name]["scheme"] = scheme
             if set(config.save_format) & {"safetensors", "numpy"}:
-                collector.add(layer, qw, details, scheme=scheme)
-            if params is not None:
-                params.add(layer, qw, details, scheme, layer_config.method)
+                self.collector.add(layer, qw, details, scheme=scheme)
+            if self.params is not None:
+                self.params.add(layer, qw, details, scheme, layer_config.method)
             entries[layer.name]["quantized_output"] = emitter_for(scheme, output_format).emit(model, layer, qw, details)
 
-        embedding_report = None
-        if embedding is not None:
-            embedding_report = quantize_embedding_step(
-                model, embedding, tied, config, target, serving_dtype,
-                collector if set(config.save_format) & {"safetensors", "numpy"} else None,
-                lambda: load_calibration_samples(model_file, config))
-        rescaled: dict[str, str] = {}  # linear -> why a fold rescaled its output channels (verify reads it)
-        by_scheme: dict[str, list[LinearLayer]] = {}
-        for layer, entry in chosen:
-            by_scheme.setdefault(entry["scheme"], []).append(layer)
-        # Weight-only layers first: the activations of W8A8 layers are then calibrated on the partly quantized model.
-        for layer_config, config_layers in group_by_config([layer for layer, _ in chosen], layer_configs):
-            if layer_config.scheme in ACTIVATION_SCHEMES:
-                continue
-            trainer = next((m for m in resolve_methods(layer_config.method) if m.trains), None)
-            if trainer is not None:
-                from graphq.kd.engine import TrainingJob
+        return finish
 
-                trainer.train(TrainingJob(model, model_file, config_layers, layer_config, progress, finish, layers,
-                                          rescaled, samples, staging))
-            elif layer_config.needs_calibration:
-                calibrated_quantize(model, model_file, config_layers, layer_config, progress, finish, layers, rescaled,
-                                    samples)
-            else:
-                data_free_quantize(config_layers, layer_config, progress, finish)
-        static_layers = [layer for scheme in STATIC_ACTIVATION_SCHEMES for layer in by_scheme.get(scheme, [])]
-        dynamic_layers = [layer for scheme in DYNAMIC_ACTIVATION_SCHEMES for layer in by_scheme.get(scheme, [])]
-        if prunes:  # the W8A8 schemes round by RTN inside activation_quantize: their float weights are pruned first
-            prune_float_layers(model, model_file, static_layers + by_scheme.get("w8a8-dynamic", []), config, progress,
-                               lambda: load_calibration_samples(model_file, config))
-
-        def w4a8_weight_stage(stage_layers: list[LinearLayer]) -> dict[str, tuple[QuantizedWeight, dict]]:
-            """Round the W4A8 layers' int4 weights by their method (as W4A16 would) and write the dequantized
-            weights back into the graph, so later layers, the layer-wise calibration and the activation ranges
-            see them; the emitter replaces them with the integers later."""
-            rounded: dict[str, tuple[QuantizedWeight, dict]] = {}
-
-            def record(layer: LinearLayer, qw: QuantizedWeight, entry: dict) -> None:
-                qw, _ = target.prepare(qw, {}, serving_dtype)  # the stored scales: what the graph will compute
-                set_layer_weight(model, layer, qw.dequantize())
-                rounded[layer.name] = (qw, entry)
-
-            for layer_config, config_layers in group_by_config(stage_layers, layer_configs):
-                if layer_config.needs_calibration:
-                    calibrated_quantize(model, model_file, config_layers, layer_config, progress, record, layers,
-                                        rescaled, samples)
-                else:
-                    data_free_quantize(config_layers, layer_config, progress, record)
-            return rounded
-
-        extra_report = activation_quantize(
-            model, model_file, static_layers, dynamic_layers, config, progress,
-            finish, lambda: samples if samples is not None else load_calibration_samples(model_file, config),
-            weight_stage=w4a8_weight_stage,
-        )
-        warn_all_zero(all_zero)
-        for entry in layer_reports:
-            if entry["name"] in rescaled and "skipped" not in entry:
-                entry.setdefault("output_rescaled", rescaled[entry["name"]])
-        out_model_file = staging / MODEL_FILENAME
-        if "onnx" in config.save_format:
-            save_model(model, out_model_file)
-        copy_side_files(model_file.parent, staging)
-        size_before = model_size_bytes(model_file)
-        size_after = model_size_bytes(out_model_file) if out_model_file.is_file() else 0
-        elapsed = time.perf_counter() - started
-        peak_rss = peak_rss_bytes()
-        quantized = [e for e in layer_reports if "skipped" not in e]
-        codebook = codebook_summary(config, quantized)
-        report = {
+    def state(self, roots: tuple[Path, ...]) -> tuple[dict, dict[str, np.ndarray]]:
+        """The run as a checkpoint's JSON and arrays; spilled files named relative to whichever of ``roots`` (the
+        published stages folder, the staging one) holds them."""
+        tensors: dict[str, np.ndarray] = {}
+        data = {
             "graphq_version": __version__,
-            "source_model": str(model_file.resolve()),
-            "config": config.to_dict(),
-            "layers_quantized": len(quantized),
-            "layers_float": len(layer_reports) - len(quantized),
-            "model_bytes_before": size_before,
-            "model_bytes_after": size_after,
-            "linear_weight_bytes_before": sum(e["weight_bytes_before"] for e in quantized),
-            "linear_weight_bytes_after": sum(e["weight_bytes_after"] for e in quantized),
-            "elapsed_seconds": round(elapsed, 3),
-            "target": target.name,
-            "serving_dtype": serving_dtype,
-            **({"dtype_warning": dtype_warning} if dtype_warning else {}),
-            **({"embedding": embedding_report} if embedding_report else {}),
-            **({"codebook": codebook} if codebook else {}),
-            "peak_rss_bytes": peak_rss,
-            "calibration_samples": len(samples) if samples is not None else 0,  # may be fewer than num_samples
-            **plan_report,
-            **extra_report,
-            "layers": layer_reports,
+            "source_model": str(self.model_file.resolve()),
+            "user_config": self.user_config,
+            "config": dataclasses.asdict(self.config),
+            "settings": {name: dataclasses.asdict(setting) for name, setting in self.settings.items()},
+            "layers": [describe_layer(layer) for layer in self.layers],
+            "layer_reports": self.layer_reports,
+            "schemes": self.schemes,
+            "target": self.target.name,
+            "serving_dtype": self.serving_dtype,
+            "dtype_warning": self.dtype_warning,
+            "collector": self.collector.state(roots),
+            "params": self.params.state(roots) if self.params is not None else None,
+            "rescaled": self.rescaled,
+            "embedding_report": self.embedding_report,
+            "embedding_name": self.embedding_name,
+            "plan_report": self.plan_report,
+            "prep": {"smoothing": self.prep.smoothing, "calibration": self.prep.calibration,
+                     "known": encode_stats(self.prep.known, tensors), "rounded": encode_weights(self.prep.rounded, tensors)},
+            "activation_report": self.activation_report,
+            "all_zero": self.all_zero,
+            "calibration_samples": self.calibration_samples,
+            "seconds": self.seconds,
         }
-        artifact_files = collector.write(
-            model, layers, staging, config.save_format, config.part_file_size, __version__, report.get("kv_cache")
-        )
-        if params is not None:
-            artifact_files += params.write(staging, __version__)
-            shutil.rmtree(params.spill_dir, ignore_errors=True)
-        report["artifacts"] = {path.name: path.stat().st_size for path in artifact_files}
-        if collector.target_report:
-            report[target.name] = collector.target_report
-        mark_config(staging, collector)  # after write: the target's config may name what write saw (float linears)
-        shutil.rmtree(spill_dir, ignore_errors=True)
-        (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        embedding_name = embedding.name if embedding is not None else getattr(find_embedding(model), "name", None)
-        (staging / PLAN_FILE).write_text(json.dumps(plan_from_report(layer_reports, embedding_report, embedding_name),
-                                                    indent=2) + "\n")
-        if config.compress:  # W8A8SC beside the W8A8S artifacts it compresses
-            from graphq.artifacts.w8a8sc import compress_artifacts_dir
+        return data, tensors
 
-            report["compression"] = compress_artifacts_dir(staging, staging / "w8a8sc", config.tp_size, progress)
-            (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    final_file = output_dir / MODEL_FILENAME
+    @classmethod
+    def restore(cls, data: dict, tensors: dict[str, np.ndarray], root: Path, model: ir.Model,
+                layers: list[LinearLayer] | None = None, samples: list[np.ndarray] | None = None) -> "Run":
+        """The run a checkpoint holds (its spilled files under ``root``), on ``model``: the checkpoint's graph
+        reloaded (its linears bound by name), or the graph still in memory with its ``layers``."""
+        prep = data["prep"]
+        return cls(
+            model=model,
+            layers=layers if layers is not None else bind_layers(model, data["layers"]),
+            model_file=Path(data["source_model"]),
+            config=QuantConfig(**data["config"]),
+            user_config=data["user_config"],
+            settings={name: LayerSetting(**setting) for name, setting in data["settings"].items()},
+            layer_reports=data["layer_reports"],
+            schemes=data["schemes"],
+            target=target_for(data["target"]),
+            serving_dtype=data["serving_dtype"],
+            dtype_warning=data["dtype_warning"],
+            collector=ArtifactCollector.from_state(data["collector"], root, None),
+            params=ParamsRecorder.from_state(data["params"], root, root) if data["params"] is not None else None,
+            rescaled=data["rescaled"],
+            embedding_report=data["embedding_report"],
+            embedding_name=data["embedding_name"],
+            plan_report=data["plan_report"],
+            prep=ActivationPrep(smoothing=prep["smoothing"], calibration=prep["calibration"],
+                                known=decode_stats(prep["known"], tensors),
+                                rounded=decode_weights(prep["rounded"], tensors)),
+            activation_report=data["activation_report"],
+            all_zero=data["all_zero"],
+            calibration_samples=data["calibration_samples"],
+            seconds=data["seconds"],
+            samples=samples,
+        )
+
+    def with_stage_options(self, config: QuantConfig, stage: str) -> None:
+        """Take this run's own options for ``stage`` (e.g. other activation ranges) from ``config``."""
+        changes = {name: getattr(config, name) for name in STAGE_FIELDS[stage]}
+        if changes:
+            self.config = dataclasses.replace(self.config, **changes).validate()
+            self.user_config = {**self.user_config, **changes}
+
+
+def start_run(model_file: Path, model_path: str | Path, config: QuantConfig, samples: list[np.ndarray] | None,
+              progress: bool, spill_root: Path) -> Run:
+    """Load the float model and plan the run: which linears, at which scheme and grid, into which target."""
+    user_config = dataclasses.asdict(config)
+    model = load_model(model_file)
+    layers = find_linear_layers(model)
+    if not layers:
+        quantized = quantized_op_count(model)
+        raise GraphqError(
+            f"{model_file} is already quantized ({quantized} quantized linear nodes): quantize its float export"
+            if quantized else
+            f"{model_file} has no quantizable linear layers (MatMul/Gemm with a constant weight): nothing to quantize"
+        )
+    settings, config = read_layer_plan(model, layers, config)
+    embedding, tied = plan_embedding(model, layers, config)
+    layer_reports = []
+    chosen = []
+    for layer in layers:
+        reason = TIED_REASON if layer is tied else skip_reason(layer, config.exclude, config.quantize_lm_head)
+        if layer.name in settings and layer is not tied:  # the plan's entry decides, --exclude and lm_head rules not
+            reason = "float in the plan" if settings[layer.name].scheme == "float" else None
+        scheme = settings[layer.name].scheme if layer.name in settings else config.scheme_for(layer.name)
+        entry = {**layer.describe(), "scheme": "float" if reason else scheme}
+        if reason:
+            entry["skipped"] = reason
+        else:
+            chosen.append((layer, entry))
+        layer_reports.append(entry)
+    for option, patterns in (("--exclude", config.exclude), ("scheme_overrides", config.scheme_overrides)):
+        unused = [p for p in patterns if not any(matches(layer.name, p) for layer in layers)]
+        if unused:
+            print(f"graphq: warning: {option} pattern(s) {', '.join(repr(p) for p in unused)} match no linear "
+                  f"layer (names look like {layers[0].name})", file=sys.stderr)
+    if not chosen and quantized_op_count(model):
+        raise GraphqError(
+            f"{model_file} is already quantized: only {len(layers)} float linear layer(s) are left "
+            f"({layers[0].name}, ...) and none is to be quantized; quantize its float export instead"
+        )
+    if not chosen:
+        raise GraphqError("every linear layer was excluded: loosen --exclude or pass --quantize-lm-head")
+    plan_report = {}
+    if needs_plan(config):
+        chosen, plan_report = apply_precision_plan(model_path, config, chosen, progress)
+    schemes = {layer.name: entry["scheme"] for layer, entry in chosen}
+    layer_configs = {name: config_for_layer(config, scheme, settings.get(name)) for name, scheme in schemes.items()}
+    plan = plan_artifacts(model, model_file, layers, {e["name"]: e["scheme"] for e in layer_reports},
+                          {layer.name: layer_configs[layer.name].group_size_for(layer.in_features) for layer, _ in chosen},
+                          {layer.name: layer_configs[layer.name].is_symmetric for layer, _ in chosen},
+                          config.dtype, config.target)
+    collector = ArtifactCollector(config.scheme, config.group_size, config.is_symmetric, config.pack,
+                                  spill_root / ARTIFACT_SPILL, target=plan.target, dtype=plan.serving_dtype)
+    if config.prunes:
+        check_layers_fit([layer for layer, _ in chosen], config)
+    params = ParamsRecorder(spill_root / PARAMS_SPILL) if "params" in config.save_format else None
+    run = Run(model=model, layers=layers, model_file=model_file, config=config, user_config=user_config,
+              settings=settings, layer_reports=layer_reports, schemes=schemes, target=plan.target,
+              serving_dtype=plan.serving_dtype, dtype_warning=plan.dtype_warning, collector=collector, params=params,
+              plan_report=plan_report, calibration_samples=len(samples) if samples is not None else 0, samples=samples)
+    if embedding is not None:
+        run.embedding_report = quantize_embedding_step(
+            model, embedding, tied, config, plan.target, plan.serving_dtype,
+            collector if set(config.save_format) & {"safetensors", "numpy"} else None, run.load_samples)
+    run.embedding_name = embedding.name if embedding is not None else getattr(find_embedding(model), "name", None)
+    return run
+
+
+def weights_stage(run: Run, progress: bool, checkpoint_dir: Path) -> None:
+    """Every weight rewritten: weight-only methods (KD included), W8A8 pruning, smoothing, W4A8's int4 rounding."""
+    model, model_file, config, layers = run.model, run.model_file, run.config, run.layers
+    finish = run.finish_function()
+    layer_configs = run.layer_configs()
+    chosen = [layer for layer in layers if layer.name in run.schemes]
+    # Weight-only layers first: the activations of W8A8 layers are then calibrated on the partly quantized model.
+    for layer_config, config_layers in group_by_config(chosen, layer_configs):
+        if layer_config.scheme in ACTIVATION_SCHEMES:
+            continue
+        trainer = next((m for m in resolve_methods(layer_config.method) if m.trains), None)
+        if trainer is not None:
+            from graphq.kd.engine import TrainingJob
+
+            checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            trainer.train(TrainingJob(model, model_file, config_layers, layer_config, progress, finish, layers,
+                                      run.rescaled, run.samples, checkpoint_dir))
+        elif layer_config.needs_calibration:
+            calibrated_quantize(model, model_file, config_layers, layer_config, progress, finish, layers, run.rescaled,
+                                run.samples)
+        else:
+            data_free_quantize(config_layers, layer_config, progress, finish)
+    static_layers = run.layers_of(STATIC_ACTIVATION_SCHEMES)
+    dynamic_layers = run.layers_of(DYNAMIC_ACTIVATION_SCHEMES)
+    if config.prunes:  # the W8A8 schemes round by RTN in the activation stage: their float weights are pruned first
+        prune_float_layers(model, model_file, static_layers + run.layers_of(["w8a8-dynamic"]), config, progress,
+                           run.load_samples)
+
+    def w4a8_weight_stage(stage_layers: list[LinearLayer]) -> dict[str, tuple[QuantizedWeight, dict]]:
+        """Round the W4A8 layers' int4 weights by their method (as W4A16 would) and write the dequantized
+        weights back into the graph, so later layers, the layer-wise calibration and the activation ranges
+        see them; the emitter replaces them with the integers later."""
+        rounded: dict[str, tuple[QuantizedWeight, dict]] = {}
+
+        def record(layer: LinearLayer, qw: QuantizedWeight, entry: dict) -> None:
+            qw, _ = run.target.prepare(qw, {}, run.serving_dtype)  # the stored scales: what the graph will compute
+            set_layer_weight(model, layer, qw.dequantize())
+            rounded[layer.name] = (qw, entry)
+
+        for sub_config, config_layers in group_by_config(stage_layers, layer_configs):
+            if sub_config.needs_calibration:
+                calibrated_quantize(model, model_file, config_layers, sub_config, progress, record, layers,
+                                    run.rescaled, run.samples)
+            else:
+                data_free_quantize(config_layers, sub_config, progress, record)
+        return rounded
+
+    run.prep = prepare_activations(model, static_layers, dynamic_layers, config, progress, run.load_samples,
+                                   weight_stage=w4a8_weight_stage)
+
+
+def activations_stage(run: Run, progress: bool) -> bool:
+    """Calibrate the activation ranges (and the KV cache) and emit the activation-quantized linears; returns
+    whether the graph changed."""
+    static_layers = run.layers_of(STATIC_ACTIVATION_SCHEMES)
+    dynamic_layers = run.layers_of(DYNAMIC_ACTIVATION_SCHEMES)
+    if not (static_layers or dynamic_layers or run.config.kv_cache):
+        return False
+    run.activation_report = activation_quantize(run.model, static_layers, dynamic_layers, run.config, progress,
+                                                run.finish_function(), run.load_samples, run.prep)
+    run.prep = ActivationPrep()  # used: the weights it held are emitted
+    return True
+
+
+def export_stage(run: Run, staging: Path, checkpoints: Path, progress: bool) -> dict:
+    """Write the output folder's deployment files from the finished run (``checkpoints``: the folder holding its
+    stages), all but report.json (the caller writes it
+    last: it marks the export finished); returns the report."""
+    config, model, layer_reports = run.config, run.model, run.layer_reports
+    warn_all_zero(run.all_zero)
+    for entry in layer_reports:
+        if entry["name"] in run.rescaled and "skipped" not in entry:
+            entry.setdefault("output_rescaled", run.rescaled[entry["name"]])
+    out_model_file = staging / MODEL_FILENAME
+    if "onnx" in config.save_format:
+        save_model(model, out_model_file)
+    kd_state = stage_dir(checkpoints, "weights") / KD_STATE_FILE
+    if kd_state.is_file():
+        shutil.copy2(kd_state, staging / KD_STATE_FILE)
+    copy_side_files(run.model_file.parent, staging)
+    size_before = model_size_bytes(run.model_file)
+    size_after = model_size_bytes(out_model_file) if out_model_file.is_file() else 0
+    quantized = [e for e in layer_reports if "skipped" not in e]
+    codebook = codebook_summary(config, quantized)
+    report = {
+        "graphq_version": __version__,
+        "source_model": str(run.model_file.resolve()),
+        "config": config.to_dict(),
+        "layers_quantized": len(quantized),
+        "layers_float": len(layer_reports) - len(quantized),
+        "model_bytes_before": size_before,
+        "model_bytes_after": size_after,
+        "linear_weight_bytes_before": sum(e["weight_bytes_before"] for e in quantized),
+        "linear_weight_bytes_after": sum(e["weight_bytes_after"] for e in quantized),
+        "elapsed_seconds": None,  # the caller's, once the export is timed too
+        "stage_seconds": None,
+        "target": run.target.name,
+        "serving_dtype": run.serving_dtype,
+        **({"dtype_warning": run.dtype_warning} if run.dtype_warning else {}),
+        **({"embedding": run.embedding_report} if run.embedding_report else {}),
+        **({"codebook": codebook} if codebook else {}),
+        "peak_rss_bytes": peak_rss_bytes(),
+        "calibration_samples": run.calibration_samples,  # may be fewer than num_samples
+        **run.plan_report,
+        **run.activation_report,
+        **({"seconds_per_decoder_layer": per_layer} if (per_layer := seconds_per_decoder_layer(quantized)) else {}),
+        "layers": layer_reports,
+    }
+    artifact_files = run.collector.write(model, run.layers, staging, config.save_format, config.part_file_size,
+                                         __version__, report.get("kv_cache"))
+    if run.params is not None:
+        artifact_files += run.params.write(staging, __version__)
+    report["artifacts"] = {path.name: path.stat().st_size for path in artifact_files}
+    if run.collector.target_report:
+        report[run.target.name] = run.collector.target_report
+    mark_config(staging, run.collector)  # after write: the target's config may name what write saw (float linears)
+    (staging / PLAN_FILE).write_text(json.dumps(plan_from_report(layer_reports, run.embedding_report,
+                                                                 run.embedding_name), indent=2) + "\n")
+    if config.compress:  # W8A8SC beside the W8A8S artifacts it compresses
+        from graphq.artifacts.w8a8sc import compress_artifacts_dir
+
+        report["compression"] = compress_artifacts_dir(staging, staging / "w8a8sc", config.tp_size, progress)
+    return report
+
+
+def seconds_per_decoder_layer(entries: list[dict]) -> dict[str, dict[str, float]]:
+    """{decoder layer: {capture, search}} of the layer-wise calibration, from its linears' entries."""
+    per_layer: dict[str, dict[str, float]] = {}
+    for entry in entries:
+        if "layer_seconds" in entry:
+            per_layer.setdefault(str(entry["layer_index"]), entry["layer_seconds"])
+    return per_layer
+
+
+def stage_span(stage: str, output_dir: Path, overwrite: bool, config: QuantConfig, model_file: Path) -> tuple[int, int]:
+    """The first and last stage (indices into STAGES) this run does, after checking the output folder allows it."""
+    if stage not in STAGE_CHOICES:
+        raise GraphqError(f"unknown stage '{stage}': choose one of {', '.join(STAGE_CHOICES)}")
+    source, current = str(model_file.resolve()), dataclasses.asdict(config)
+    exists = output_dir.exists()
+    done = finished_stages(output_dir) if output_dir.is_dir() else []
+    exported = (output_dir / FINISHED_MARK).is_file()
+    if stage == "all":
+        if not exists or overwrite:
+            return 0, len(STAGES) - 1
+        if exported or not done:
+            raise GraphqError(f"output folder {output_dir} already exists: choose another or pass --overwrite")
+        last = done[-1]
+        check_same_run(read_state(output_dir, last), current, source, output_dir, last,
+                       "pass --overwrite to start again, or run that stage's options")
+        print(f"graphq: {output_dir} holds a run stopped after its {last} stage: resuming from there", file=sys.stderr)
+        return STAGES.index(last) + 1, len(STAGES) - 1
+    index = STAGES.index(stage)
+    if exists and exported and not overwrite:
+        raise GraphqError(f"output folder {output_dir} holds a finished export: pass --overwrite to redo its {stage} "
+                          "stage (the stages before it are kept)")
+    if index == 0:
+        if exists and not overwrite and not done:
+            raise GraphqError(f"output folder {output_dir} already exists: choose another or pass --overwrite")
+        return 0, 0
+    previous = STAGES[index - 1]
+    if previous not in done:
+        raise GraphqError(f"{output_dir} has no finished {previous} stage: run graphq quantize with --stage {previous} "
+                          f"(or without --stage) into it first")
+    check_same_run(read_state(output_dir, previous), current, source, output_dir, previous,
+                   f"run --stage {previous} again with these options")
+    return index, index
+
+
+@contextlib.contextmanager
+def publishing(output_dir: Path, carried: list[str], inputs: list[Path]) -> Iterator[Path]:
+    """A staging folder that replaces ``output_dir`` when the block succeeds, taking over the finished stages
+    ``carried`` from it. They are moved, not linked or copied (onnx refuses hard-linked external data), and only
+    after the block: until then the stage reads them where they are."""
+    with atomic_output_dir(output_dir, overwrite=True, inputs=inputs) as staging:
+        yield staging
+        for stage in carried:
+            stage_dir(staging, stage).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(stage_dir(output_dir, stage), stage_dir(staging, stage))
+
+
+def save_stage(run: Run, staging: Path, output_dir: Path, stage: str, model_changed: bool, previous: str | None) -> None:
+    """Write ``stage``'s checkpoint into the staging folder (the earlier stages are still in ``output_dir``)."""
+    state, tensors = run.state((output_dir / STAGES_DIR, staging / STAGES_DIR))
+    model_from = stage if model_changed or previous is None else read_state(output_dir, previous)["model_from"]
+    write_checkpoint(stage_dir(staging, stage), stage, state, tensors, run.model if model_changed else None, model_from)
+
+
+def resume(output_dir: Path, stage: str, run: Run | None) -> Run:
+    """The run as ``stage``'s published checkpoint holds it; the graph stays the one in memory when there is one."""
+    data = read_state(output_dir, stage)
+    tensors = read_tensors(stage_dir(output_dir, stage))
+    root = output_dir / STAGES_DIR
+    if run is not None:
+        return Run.restore(data, tensors, root, run.model, run.layers, run.samples)
+    return Run.restore(data, tensors, root, load_model(checkpoint_model_file(output_dir, data)))
+
+
+def quantize(
+    model_path: str | Path,
+    config: QuantConfig,
+    output_dir: str | Path,
+    overwrite: bool = False,
+    progress: bool = True,
+    stage: str = "all",
+) -> QuantizeResult:
+    """Quantize the linear layers of an exported ONNX LLM and write a new export folder.
+
+    ``model_path`` is an export folder (model.onnx with its tokenizer and config beside it) or a model.onnx file.
+    The output folder gets model.onnx, the side files, report.json and the stage checkpoints (graphq.stages).
+    ``stage`` runs one stage (weights, activations, export) from the previous one's checkpoint in the output
+    folder, or ``all``, which also resumes a run that stopped after a finished stage. Every stage publishes the
+    folder whole: it appears (or changes) only when the stage is complete.
+    """
+    config.validate()
+    model_file = resolve_model_file(model_path)
+    output_dir = Path(output_dir)
+    inputs = [model_file.parent if Path(model_path).is_dir() else model_file]
+    inputs += [Path(config.calib)] if config.calib else []  # --overwrite must not delete the calibration file
+    inputs += [Path(config.plan)] if config.plan else []
+    remove_stale_staging(output_dir)
+    check_output_dir(output_dir, inputs, overwrite=True)  # overlaps and permissions; stage_span decides existence
+    first, last = stage_span(stage, output_dir, overwrite, config, model_file)
+    read_model_config(model_file.parent)  # a damaged config.json is refused now, not after the quantization
+    run: Run | None = None
+    for index in range(first, last + 1):
+        name = STAGES[index]
+        started = time.perf_counter()
+        if name == "weights":
+            # Calibration data is read (and its errors reported) before the work; a layer needs it much later.
+            calibrated_weights = set(ACTIVATION_SCHEMES) - set(W4A8_SCHEMES)  # W8A8 weights are RTN whatever the method
+            needs_samples = (config.needs_calibration and bool(config.schemes - calibrated_weights)) or bool(
+                {"w8a8", "w4a8"} & config.schemes or config.kv_cache or config.smooth
+            )
+            samples = load_calibration_samples(model_file, config) if needs_samples else None
+            with publishing(output_dir, [], inputs) as staging:
+                checkpoint = stage_dir(staging, name)
+                run = start_run(model_file, model_path, config, samples, progress, checkpoint)
+                weights_stage(run, progress, checkpoint)
+                run.seconds = {name: time.perf_counter() - started}
+                save_stage(run, staging, output_dir, name, True, None)
+        elif name == "activations":
+            with publishing(output_dir, ["weights"], inputs) as staging:
+                run = resume(output_dir, "weights", run)
+                run.with_stage_options(config, name)
+                run.use_spill_dir(stage_dir(staging, name))
+                changed = activations_stage(run, progress)
+                run.seconds[name] = time.perf_counter() - started
+                save_stage(run, staging, output_dir, name, changed, "weights")
+        else:
+            with publishing(output_dir, ["weights", "activations"], inputs) as staging:
+                run = resume(output_dir, "activations", run)
+                run.with_stage_options(config, name)
+                report = export_stage(run, staging, output_dir, progress)
+                run.seconds[name] = time.perf_counter() - started
+                report["elapsed_seconds"] = round(sum(run.seconds.values()), 3)
+                report["stage_seconds"] = {stage: round(seconds, 3) for stage, seconds in run.seconds.items()}
+                (staging / FINISHED_MARK).write_text(json.dumps(report, indent=2) + "\n")
+            return finished(run, report, output_dir)
+        if index == last:
+            print(f"graphq: {name} stage finished in {run.seconds[name]:.1f}s; wrote {stage_dir(output_dir, name)} "
+                  f"(next: --stage {STAGES[index + 1]})", file=sys.stderr)
+            return QuantizeResult(output_dir=output_dir, model_file=checkpoint_model_file(output_dir, read_state(
+                output_dir, name)), report={"stage": name, "seconds": round(run.seconds[name], 3)})
+    raise AssertionError("unreachable: the export stage returns")
+
+
+def finished(run: Run, report: dict, output_dir: Path) -> QuantizeResult:
+    quantized = report["layers_quantized"]
+    codebook = report.get("codebook")
+    size_before, size_after = report["model_bytes_before"], report["model_bytes_after"]
     print(
-        f"graphq: quantized {len(quantized)} of {len(layer_reports)} linear layers ({describe(config)}) in {elapsed:.1f}s; "
-        f"model {size_before / 2**20:.1f} MiB -> {size_after / 2**20:.1f} MiB"
+        f"graphq: quantized {quantized} of {len(report['layers'])} linear layers ({describe(run.config)}) in "
+        f"{report['elapsed_seconds']:.1f}s; model {size_before / 2**20:.1f} MiB -> {size_after / 2**20:.1f} MiB"
         + (f" ({codebook['bits_per_weight']} bits/weight with {codebook['table_bytes'] / 2**10:.1f} KiB of tables and scales)"
            if codebook else "")
         + f"; wrote {output_dir}",
         file=sys.stderr,
     )
-    if dtype_warning:
-        print(f"graphq: warning: {dtype_warning}", file=sys.stderr)
-    return QuantizeResult(output_dir=output_dir, model_file=final_file, report=report)
+    if run.dtype_warning:
+        print(f"graphq: warning: {run.dtype_warning}", file=sys.stderr)
+    return QuantizeResult(output_dir=output_dir, model_file=output_dir / MODEL_FILENAME, report=report)

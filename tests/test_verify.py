@@ -235,3 +235,33 @@ def test_layers_rescaled_by_a_fold_are_compared_up_to_the_channel_factor():
     raw_db = 10 * np.log10((f**2).sum() / ((f - (f + noise) / scales) ** 2).sum())
     assert folded.error(layer, rows=128).sqnr_db == pytest.approx(raw_db, abs=0.01)  # unmarked: compared as is
     assert raw_db < expected_db - 20
+
+
+def test_greedy_decode_with_the_kv_cache_equals_decoding_from_full_windows(tiny_models, tiny_windows):
+    """What verify --speed times is the cached decode: it must produce the tokens a full re-run would."""
+    model = OrtCausalLM(tiny_models["llama"]["onnx"])
+    prompt = tiny_windows[0][:12]
+    cached = model.greedy_decode(prompt, 8)
+    ids = list(prompt)
+    for _ in range(8):
+        ids.append(int(model.logits(np.array(ids))[-1].argmax()))
+    assert cached == ids[len(prompt):]
+
+
+def test_verify_speed_times_both_models(capsys, tiny_models, tiny_w4, tiny_text):
+    import json
+
+    code, out, _ = run_cli(capsys, "verify", tiny_models["llama"]["onnx"], tiny_w4.output_dir, "--text", tiny_text,
+                           "--ctx", 64, "--max-tokens", 128, "--speed", "--speed-prompt", 16, "--speed-tokens", 8,
+                           "--json")
+    assert code == 0
+    speed = json.loads(out.splitlines()[-1])["speed"]
+    assert set(speed) == {"float", "quantized"}
+    for entry in speed.values():
+        assert entry["prompt_tokens"] == 16 and entry["new_tokens"] == 8
+        assert 0 < entry["decode_tokens_per_s"] < 1e7 and 0 < entry["prefill_tokens_per_s"] < 1e8
+    assert "decode vs float" in out
+    with pytest.raises(SystemExit) as exc:
+        run_cli(capsys, "verify", tiny_models["llama"]["onnx"], tiny_w4.output_dir, "--text", tiny_text, "--speed",
+                "--speed-tokens", 0)
+    assert exc.value.code == 2 and "must be a count >= 1" in capsys.readouterr().err

@@ -22,6 +22,7 @@ import numpy as np
 from graphq.algorithms.grid import integer_range
 from graphq.algorithms.rtn import QuantizedWeight
 from graphq.linear_layers import LinearLayer
+from graphq.stages import relative_to_any
 
 PARAMS_JSON = "quant_params.json"
 PARAMS_FILE = "quant_params.safetensors"
@@ -76,8 +77,22 @@ class ParamsRecorder:
         self._spill(f"{layer.name}.weight", qw.dequantize().T, self.weights)
         self.entries[layer.name] = entry
 
+    def state(self, roots: tuple[Path, ...]) -> dict:
+        """The recorder as JSON for a stage checkpoint, its spilled files named relative to whichever of ``roots`` holds them."""
+        return {"entries": self.entries,
+                "params": [[name, relative_to_any(path, roots)] for name, path in self.params],
+                "weights": [[name, relative_to_any(path, roots)] for name, path in self.weights]}
+
+    @classmethod
+    def from_state(cls, data: dict, root: Path, spill_dir: Path) -> "ParamsRecorder":
+        recorder = cls(spill_dir)
+        recorder.entries = dict(data["entries"])
+        recorder.params = [(name, root / path) for name, path in data["params"]]
+        recorder.weights = [(name, root / path) for name, path in data["weights"]]
+        return recorder
+
     def write(self, out_dir: Path, version: str) -> list[Path]:
-        from safetensors.numpy import save_file
+        from graphq.artifacts.safetensors_io import save_file
 
         metadata = {"format": "pt", "graphq_version": version}
         written = []

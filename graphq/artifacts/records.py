@@ -22,6 +22,7 @@ from graphq.artifacts.layout import TYPES, W8A8_LAYOUT_SCHEMES, lut_type
 from graphq.artifacts.targets import DEFAULT_TARGET, ArtifactTarget, WriteJob, target_for
 from graphq.errors import GraphqError
 from graphq.linear_layers import LinearLayer
+from graphq.stages import relative_to_any
 
 
 class ArtifactCollector:
@@ -84,6 +85,34 @@ class ArtifactCollector:
                 "in_features": layer.in_features, "bits": qw.bits,
                 "group_size": -1 if qw.per_channel else qw.group_size,
             }
+
+    def state(self, roots: tuple[Path, ...]) -> dict:
+        """The collector as JSON for a stage checkpoint, its spilled files named relative to whichever of ``roots`` holds them."""
+        if any(not isinstance(path, Path) for tensors in self.layers.values() for path in tensors.values()):
+            raise ValueError("only a collector that spills its tensors can be checkpointed")
+        return {
+            "scheme": self.scheme, "group_size": self.group_size, "symmetric": self.symmetric, "pack": self.pack,
+            "target": self.target.name, "dtype": self.dtype,
+            "layers": {name: {suffix: relative_to_any(path, roots) for suffix, path in tensors.items()}
+                       for name, tensors in self.layers.items()},
+            "layer_schemes": self.layer_schemes, "layer_group_sizes": self.layer_group_sizes,
+            "layer_shapes": {name: list(shape) for name, shape in self.layer_shapes.items()},
+            "codebook": self.codebook, "tied": sorted(self.tied),
+        }
+
+    @classmethod
+    def from_state(cls, data: dict, root: Path, spill_dir: Path) -> "ArtifactCollector":
+        """The collector a checkpoint recorded (its files under ``root``); new layers spill into ``spill_dir``."""
+        collector = cls(data["scheme"], data["group_size"], data["symmetric"], data["pack"], spill_dir,
+                        target=data["target"], dtype=data["dtype"])
+        collector.layers = {name: {suffix: root / path for suffix, path in tensors.items()}
+                            for name, tensors in data["layers"].items()}
+        collector.layer_schemes = dict(data["layer_schemes"])
+        collector.layer_group_sizes = dict(data["layer_group_sizes"])
+        collector.layer_shapes = {name: tuple(shape) for name, shape in data["layer_shapes"].items()}
+        collector.codebook = dict(data["codebook"])
+        collector.tied = set(data["tied"])
+        return collector
 
     def quantized_names(self) -> set[str]:
         """Modules whose graph tensors are quantized: collected layers and those tied to one."""

@@ -179,7 +179,7 @@ def distill(job: TrainingJob, before: list[str]) -> None:
         job.finish(layer, qw, {**(start.entry if start is not None else {}),
                                "kd": f"outside the decoder layers: kept the {'+'.join(before) or 'rtn'} result"})
     if job.output_dir is not None and state:
-        from safetensors.numpy import save_file
+        from graphq.artifacts.safetensors_io import save_file
 
         save_file(state, str(job.output_dir / KD_STATE_FILE))
     print(f"graphq: kd trained {len(by_block)} decoder layer(s) on {len(tokens)} samples x {tokens.shape[1]} tokens "
