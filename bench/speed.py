@@ -1,5 +1,5 @@
-"""Prefill and decode speed of SmolLM2-135M in onnxruntime CPU: fp32 against graphq's W4A16 (MatMulNBits), W8A8
-(dynamic and static QDQ) and W4A16 with the tied embedding / lm_head on an int4 grid too.
+"""Prefill and decode speed of SmolLM2-135M in onnxruntime CPU: fp32 against graphq's W4A16 (MatMulNBits), NF4
+lookup tables, W8A8 (dynamic and static QDQ) and W4A16 with the tied embedding / lm_head on an int4 grid too.
 
     .venv/bin/python -m bench.speed [--work out/bench] [--prompt 128] [--tokens 64] [--repeats 5] [--threads N]
 
@@ -23,6 +23,8 @@ VARIANTS = {
     "w4a16": ("W4A16 g128 asym RTN, MatMulNBits (lm_head, embedding float)", dict(scheme="w4a16")),
     "w4a16-int4-embedding": ("W4A16 + int4 g32 embedding and tied lm_head (GatherBlockQuantized, MatMulNBits)",
                              dict(scheme="w4a16", quantize_embeddings="int4")),
+    "nf4": ("NF4 g64 lookup tables (issue 11: uint8 codes + Gather, then MatMul)",
+            dict(scheme="w4a16", method="lut", weight_format="nf4", group_size=64)),
     "w8a8-dynamic": ("W8A8 dynamic per token (QDQ)", dict(scheme="w8a8-dynamic")),
     "w8a8": ("W8A8 static minmax (QDQ)", dict(scheme="w8a8", num_samples=16)),
 }
@@ -45,8 +47,8 @@ def main() -> None:
         if args.only and key not in args.only:
             continue
         out = args.work / "speed" / key
-        config = QuantConfig(group_size=128, calib=str(DATA / "sensesensibility.txt"), seq_len=512,
-                             save_format=["onnx"], **options)
+        config = QuantConfig(**{"group_size": 128, "calib": str(DATA / "sensesensibility.txt"), "seq_len": 512,
+                                "save_format": ["onnx"], **options})
         graphq.quantize(float_dir, config, out, overwrite=True, progress=False)
         shutil.rmtree(out / "stages", ignore_errors=True)  # only the model is timed
         models[key], labels[key] = out, label

@@ -184,8 +184,9 @@ def atomic_output_dir(output_dir: str | Path, overwrite: bool = False, inputs: l
     except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
         if isinstance(exc, OSError) and exc.errno in DISK_ERRORS:
+            kept = f"{output_dir} is as it was" if output_dir.exists() else "nothing was written"
             raise GraphqError(
-                f"cannot write {output_dir}: {exc.strerror}; free some space or choose another place (nothing was written)"
+                f"cannot write {output_dir}: {exc.strerror}; free some space or choose another place ({kept})"
             ) from exc
         raise
 

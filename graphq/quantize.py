@@ -514,6 +514,11 @@ def start_run(model_file: Path, model_path: str | Path, config: QuantConfig, sam
                                   spill_root / ARTIFACT_SPILL, target=plan.target, dtype=plan.serving_dtype)
     if config.prunes:
         check_layers_fit([layer for layer, _ in chosen], config)
+    if config.compress:  # the export stage compresses: a --tp it cannot split by is refused before the work
+        from graphq.artifacts.w8a8sc import check_tp_shapes
+
+        check_tp_shapes({layer.name: (layer.out_features, layer.in_features) for layer, entry in chosen
+                         if entry["scheme"] == "w8a8s"}, config.tp_size, read_model_config(model_file.parent))
     params = ParamsRecorder(spill_root / PARAMS_SPILL) if "params" in config.save_format else None
     run = Run(model=model, layers=layers, model_file=model_file, config=config, user_config=user_config,
               settings=settings, layer_reports=layer_reports, schemes=schemes, target=plan.target,
@@ -593,8 +598,7 @@ def activations_stage(run: Run, progress: bool) -> bool:
 
 def export_stage(run: Run, staging: Path, checkpoints: Path, progress: bool) -> dict:
     """Write the output folder's deployment files from the finished run (``checkpoints``: the folder holding its
-    stages), all but report.json (the caller writes it
-    last: it marks the export finished); returns the report."""
+    stages); returns the report, which the caller writes once the stage is timed."""
     config, model, layer_reports = run.config, run.model, run.layer_reports
     warn_all_zero(run.all_zero)
     for entry in layer_reports:
@@ -645,9 +649,10 @@ def export_stage(run: Run, staging: Path, checkpoints: Path, progress: bool) -> 
     mark_config(staging, run.collector)  # after write: the target's config may name what write saw (float linears)
     (staging / PLAN_FILE).write_text(json.dumps(plan_from_report(layer_reports, run.embedding_report,
                                                                  run.embedding_name), indent=2) + "\n")
-    if config.compress:  # W8A8SC beside the W8A8S artifacts it compresses
+    if config.compress:  # W8A8SC beside the W8A8S artifacts it compresses, with a copy of this report
         from graphq.artifacts.w8a8sc import compress_artifacts_dir
 
+        (staging / FINISHED_MARK).write_text(json.dumps(report, indent=2) + "\n")
         report["compression"] = compress_artifacts_dir(staging, staging / "w8a8sc", config.tp_size, progress)
     return report
 

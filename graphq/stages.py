@@ -2,6 +2,7 @@
 
 ``stages/<stage>/`` in the output folder holds one finished stage:
 - ``stage.json``: the run's configuration and the state the next stage needs (report entries, artifact records);
+  ``timing.json``: when the stage finished and how long the stages so far took;
 - ``model.onnx`` (+ ``.data``): the graph as the stage left it, or ``"model_from"`` in stage.json naming the earlier
   stage whose graph it still is;
 - ``tensors.safetensors``: the arrays of that state (W4A8 weights waiting for their activation ranges, the
@@ -35,6 +36,7 @@ STAGES = ("weights", "activations", "export")
 STAGE_CHOICES = (*STAGES, "all")
 STAGES_DIR = "stages"
 STATE_FILE = "stage.json"
+TIMING_FILE = "timing.json"  # when each stage finished, how long each took
 TENSORS_FILE = "tensors.safetensors"
 ARTIFACT_SPILL = "artifact-layers"
 PARAMS_SPILL = "params-layers"
@@ -72,6 +74,8 @@ def read_state(output_dir: Path, stage: str) -> dict:
         raise GraphqError(f"{path} is not a readable stage checkpoint ({exc}): run --stage {stage} again") from exc
     if data.get("format") != CHECKPOINT_FORMAT or data.get("stage") != stage:
         raise GraphqError(f"{path} is not a graphq {stage} checkpoint of this version: run --stage {stage} again")
+    timing = path.with_name(TIMING_FILE)
+    data["seconds"] = json.loads(timing.read_text())["seconds"] if timing.is_file() else {}
     return data
 
 
@@ -204,8 +208,10 @@ def write_checkpoint(directory: Path, stage: str, state: dict, tensors: dict[str
         save_model(model, directory / MODEL_FILENAME)
     if tensors:
         save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(directory / TENSORS_FILE))
-    data = {"format": CHECKPOINT_FORMAT, "stage": stage, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "model_from": model_from or stage, **state}
+    seconds = state.pop("seconds")  # apart: stage.json is the same for the same run, to the byte
+    (directory / TIMING_FILE).write_text(json.dumps({"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                                     "seconds": seconds}, indent=1) + "\n")
+    data = {"format": CHECKPOINT_FORMAT, "stage": stage, "model_from": model_from or stage, **state}
     (directory / STATE_FILE).write_text(json.dumps(data, indent=1) + "\n")
 
 

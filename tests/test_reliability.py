@@ -466,6 +466,22 @@ def test_truncated_numpy_artifact_is_one_error_after_the_pickle_warning(inputs, 
 
 def test_full_disk_is_one_line_and_leaves_nothing(inputs, tmp_path, capsys, monkeypatch):
     import errno
+
+    import graphq.model_io
+
+    def disk_full(model, path):
+        Path(path).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(graphq.model_io, "save_model", disk_full)  # the first stage's checkpoint cannot be written
+    capsys.readouterr()
+    code = main(["quantize", str(inputs["llama"]), "-o", str(tmp_path / "out"), "--quiet"])
+    assert_one_error(code, *capsys.readouterr(), "No space left on device", "nothing was written")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_full_disk_in_the_export_keeps_the_finished_stages(inputs, tmp_path, capsys, monkeypatch):
+    import errno
     import importlib
 
     quantize_module = importlib.import_module("graphq.quantize")
@@ -474,11 +490,15 @@ def test_full_disk_is_one_line_and_leaves_nothing(inputs, tmp_path, capsys, monk
         Path(path).write_bytes(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(quantize_module, "save_model", disk_full)
-    capsys.readouterr()
-    code = main(["quantize", str(inputs["llama"]), "-o", str(tmp_path / "out"), "--quiet"])
-    assert_one_error(code, *capsys.readouterr(), "No space left on device", "nothing was written")
-    assert list(tmp_path.iterdir()) == []
+    out = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        patch.setattr(quantize_module, "save_model", disk_full)  # the export's model.onnx
+        capsys.readouterr()
+        code = main(["quantize", str(inputs["llama"]), "-o", str(out), "--quiet"])
+    assert_one_error(code, *capsys.readouterr(), "No space left on device", f"{out} is as it was")
+    assert list(tmp_path.iterdir()) == [out] and [p.name for p in out.iterdir()] == ["stages"]
+    assert main(["quantize", str(inputs["llama"]), "-o", str(out), "--quiet"]) == 0  # resumes: the export alone
+    assert (out / "model.onnx").is_file() and (out / "report.json").is_file()
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
@@ -607,9 +627,10 @@ def test_two_rtn_runs_write_identical_files(inputs, tmp_path):
     for run in ("a", "b"):
         config = QuantConfig(scheme="w4a16", group_size=32, part_file_size=0.00003)  # sharded: index and shards too
         out = run_quantize(inputs["llama"], config, tmp_path / run, progress=False).output_dir
-        digests.append({k: v for k, v in tree_digest(out).items() if k != "report.json"})
+        digests.append({k: v for k, v in tree_digest(out).items()
+                        if k != "report.json" and not k.endswith("/timing.json")})  # the checkpoints' times
         report = json.loads((out / "report.json").read_text())
-        for timing in ("elapsed_seconds", "peak_rss_bytes"):
+        for timing in ("elapsed_seconds", "stage_seconds", "peak_rss_bytes"):
             report.pop(timing)
         reports.append(report)
     assert len(digests[0]) >= 8 and any(name.endswith(".safetensors") for name in digests[0])

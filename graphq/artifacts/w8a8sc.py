@@ -216,6 +216,11 @@ def _heads(config: dict) -> dict[str, int]:
 
 def check_tp(artifacts: Artifacts, tp: int, model_config: dict) -> None:
     """--tp must divide the heads and every split dimension (the error names the first layer it does not)."""
+    check_tp_shapes(artifacts.layers, tp, model_config)
+
+
+def check_tp_shapes(layers: dict[str, tuple[int, int]], tp: int, model_config: dict) -> None:
+    """check_tp on {linear name: (out, in)}: quantize --compress checks its W8A8S linears before the work."""
     if not isinstance(tp, int) or tp < 1:
         raise GraphqError(f"--tp must be a positive integer, got {tp!r}")
     if tp == 1:
@@ -223,9 +228,9 @@ def check_tp(artifacts: Artifacts, tp: int, model_config: dict) -> None:
     for what, count in _heads(model_config).items():
         if count % tp:
             projection = "q_proj" if what == "attention heads" else "k_proj"
-            first = next((n for n in artifacts.layers if n.endswith(projection)), next(iter(artifacts.layers), "the model"))
+            first = next((n for n in layers if n.endswith(projection)), next(iter(layers), "the model"))
             raise GraphqError(f"--tp {tp} does not divide the {count} {what} of {first}: choose a divisor of {count}")
-    for name, (n, k) in artifacts.layers.items():
+    for name, (n, k) in layers.items():
         size, axis = (k, "input channels") if is_row_parallel(name) else (n, "output channels")
         if size % tp:
             raise GraphqError(f"--tp {tp} does not divide the {size} {axis} of {name}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -75,15 +76,19 @@ class OrtCausalLM:
         (logits,) = self.session.run(["logits"], self._feeds(ids, None, 0))
         return logits[0].astype(np.float32)
 
-    def greedy_decode(self, prompt: np.ndarray, new_tokens: int) -> list[int]:
-        """Greedy generation with the KV cache; returns the generated token ids."""
+    def greedy_decode(self, prompt: np.ndarray, new_tokens: int, step_seconds: list[float] | None = None) -> list[int]:
+        """Greedy generation with the KV cache; returns the generated token ids. ``step_seconds`` receives each
+        step's time: the prompt's prefill first, then one entry per decoded token."""
         ids = np.asarray(prompt, dtype=np.int64).reshape(1, -1)
         past = None
         past_length = 0
         generated: list[int] = []
         present_names = list(self._present_for.values())
         for _ in range(new_tokens):
+            started = time.perf_counter()
             outputs = self.session.run(["logits", *present_names], self._feeds(ids, past, past_length))
+            if step_seconds is not None:
+                step_seconds.append(time.perf_counter() - started)
             past_length += ids.shape[1]
             next_id = int(np.argmax(outputs[0][0, -1]))
             generated.append(next_id)
