@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from graphq.errors import GraphqError
 from graphq.evaluate import bos_token_id, read_text
+
+if TYPE_CHECKING:
+    from graphq.config import QuantConfig
 
 DEFAULT_CALIBRATION_FILE = Path(__file__).resolve().parent.parent / "samples" / "calibration_sense_and_sensibility.txt"
 
@@ -162,3 +166,21 @@ def _windows_from_text(tokenizer, text: str, num_samples: int, seq_len: int, rng
         )
     starts = np.sort(rng.choice(len(ids) - window + 1, size=min(num_samples, len(ids) - window + 1), replace=False))
     return [np.concatenate([[bos], ids[start : start + window]]) for start in starts]
+
+
+def load_calibration_samples(model_file: Path, config: QuantConfig) -> list[np.ndarray]:
+    """The calibration token sequences the config names (the shipped samples/ text when it names none), tokenized
+    by the export's own tokenizer."""
+    from graphq.model_io import model_context_length
+    from graphq.tokenizer import load_tokenizer
+
+    return calibration_samples(
+        load_tokenizer(model_file.parent),
+        path=config.calib,
+        texts=config.calib_texts,
+        num_samples=config.num_samples,
+        seq_len=config.seq_len,
+        seed=config.seed,
+        text_field=config.calib_field,
+        max_context=model_context_length(model_file.parent),
+    )

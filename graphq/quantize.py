@@ -2,30 +2,26 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import os
 import re
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import onnx_ir as ir
 from tqdm import tqdm
 
-from graphq.algorithms.codebook import CodebookWeight
 from graphq.algorithms.rtn import QuantizedWeight
-from graphq.algorithms.sparsity import keep_pruned_zero, zero_fraction
+from graphq.algorithms.sparsity import keep_pruned_zero
 from graphq.activation_quantize import ActivationPrep, activation_quantize, prepare_activations
 from graphq.artifacts.params import ParamsRecorder
 from graphq.artifacts.plan import plan_artifacts
 from graphq.artifacts.records import ArtifactCollector
-from graphq.artifacts.targets import ArtifactTarget, target_for
 from graphq.config import (
     ACTIVATION_SCHEMES,
     DYNAMIC_ACTIVATION_SCHEMES,
@@ -35,17 +31,14 @@ from graphq.config import (
 )
 from graphq.embedding_quantize import TIED_REASON, plan_embedding, quantize_embedding_step
 from graphq.errors import GraphqError
-from graphq.calibration_data import calibration_samples
-from graphq.tokenizer import load_tokenizer
+from graphq.calibration_data import load_calibration_samples
 from graphq.linear_layers import LinearLayer, find_linear_layers
 from graphq.runtimes.layerwise import LayerwiseCalibration
 from graphq.model_io import (
     MODEL_FILENAME,
-    atomic_output_dir,
     check_output_dir,
     copy_side_files,
     load_model,
-    model_context_length,
     model_size_bytes,
     quantized_op_count,
     read_model_config,
@@ -57,16 +50,14 @@ from graphq.layer_plan import (PLAN_FILE, LayerSetting, check_names, embedding_o
                                setting_for)
 from graphq.memory import peak_rss_bytes
 from graphq.passes.embedding import find_embedding
-from graphq.passes.emitters import emitter_for
 from graphq.passes.weights import set_layer_weight
 from graphq.precision_plan import needs_plan, plan_precision
 from graphq.selection import matches, skip_reason
 from graphq.sparsify import prune_float_layers, warn_all_zero
 from graphq.sparsity_config import check_layers_fit
-from graphq.stages import (ARTIFACT_SPILL, FINISHED_MARK, PARAMS_SPILL, STAGE_CHOICES, STAGE_FIELDS, STAGES, STAGES_DIR,
-                           bind_layers, check_same_run, checkpoint_model_file, decode_stats, decode_weights,
-                           describe_layer, encode_stats, encode_weights, finished_stages, read_state,
-                           read_tensors, stage_dir, write_checkpoint)
+from graphq.run import FinishLayer, Run, config_for_layer, resume, save_stage
+from graphq.stages import (ARTIFACT_SPILL, FINISHED_MARK, PARAMS_SPILL, STAGES, checkpoint_model_file, publishing,
+                           read_state, stage_dir, stage_span)
 from graphq.version import __version__
 from graphq.weight_methods import LayerResult, quantize_region, resolve_methods, rounding_method, statistics_needed
 from graphq.weight_methods.lut import codebook_summary
@@ -78,21 +69,6 @@ class QuantizeResult:
     output_dir: Path
     model_file: Path
     report: dict
-
-
-def quantized_weight_bytes(qw: QuantizedWeight) -> int:
-    """Storage of the integer weight plus its scales (float32) and zero points (bits each)."""
-    if isinstance(qw, CodebookWeight):  # codes at their bits, tables and scales at their dtype
-        return int(np.ceil(qw.storage_bytes()))
-    k, n = qw.shape
-    bits = k * n * qw.bits + qw.scales.size * 32
-    if qw.zero_points is not None:
-        bits += qw.zero_points.size * qw.bits
-    return bits // 8
-
-
-# Called once per layer as soon as its quantized weight is final: records it and rewrites the graph.
-FinishLayer = Callable[[LinearLayer, QuantizedWeight, dict], None]
 
 
 def data_free_quantize(layers: list[LinearLayer], config: QuantConfig, progress: bool, finish: FinishLayer) -> None:
@@ -185,20 +161,6 @@ def calibrated_quantize(
         raise GraphqError(f"calibration never reached {missing[0]}: its decoder layer could not be run on its own")
 
 
-def load_calibration_samples(model_file: Path, config: QuantConfig) -> list[np.ndarray]:
-    """The calibration token sequences the config names (the shipped samples/ text when it names none)."""
-    return calibration_samples(
-        load_tokenizer(model_file.parent),
-        path=config.calib,
-        texts=config.calib_texts,
-        num_samples=config.num_samples,
-        seq_len=config.seq_len,
-        seed=config.seed,
-        text_field=config.calib_field,
-        max_context=model_context_length(model_file.parent),
-    )
-
-
 def apply_precision_plan(
     model_path: str | Path, config: QuantConfig, chosen: list[tuple[LinearLayer, dict]], progress: bool
 ) -> tuple[list[tuple[LinearLayer, dict]], dict]:
@@ -249,15 +211,6 @@ def group_by_config(layers: list[LinearLayer], layer_configs: dict[str, QuantCon
     return list(groups.values())
 
 
-def config_for_layer(config: QuantConfig, scheme: str, setting: LayerSetting | None) -> QuantConfig:
-    """The config one linear is quantized under: its scheme's, with the plan's grid and method where it names one
-    (a sensitivity plan may have moved the layer to another scheme since)."""
-    sub = config.for_scheme(scheme)
-    if setting is None or setting.scheme != scheme:
-        return sub
-    return dataclasses.replace(sub, group_size=setting.group_size, symmetric=setting.symmetric, method=setting.method)
-
-
 def mark_config(output_dir: Path, collector: ArtifactCollector) -> None:
     """Let the artifact target edit the output's config.json (MindIE reads ``quantize`` and ``torch_dtype``)."""
     config_file = output_dir / "config.json"
@@ -294,171 +247,6 @@ def describe(config: QuantConfig) -> str:
     if config.kv_cache:
         text += f", kv-cache {config.kv_cache}"
     return text
-
-
-@dataclass
-class Run:
-    """One quantize run between its stages: the graph, its linears, and what the report and the artifacts need.
-
-    A stage checkpoint holds it (graphq.stages, ``state``); the next stage, in this process or a later one,
-    continues from it (``Run.restore``)."""
-
-    model: ir.Model
-    layers: list[LinearLayer]  # every linear of the float graph, as found before anything changed
-    model_file: Path
-    config: QuantConfig  # with the plan applied
-    user_config: dict  # the options as given: the next stage compares its own with them
-    settings: dict[str, LayerSetting]
-    layer_reports: list[dict]
-    schemes: dict[str, str]  # the scheme each quantized linear was planned with
-    target: ArtifactTarget
-    serving_dtype: str
-    dtype_warning: str | None
-    collector: ArtifactCollector
-    params: ParamsRecorder | None
-    rescaled: dict[str, str] = field(default_factory=dict)  # linear -> why a fold rescaled its outputs (verify)
-    embedding_report: dict | None = None
-    embedding_name: str | None = None
-    plan_report: dict = field(default_factory=dict)
-    prep: ActivationPrep = field(default_factory=ActivationPrep)
-    activation_report: dict = field(default_factory=dict)
-    all_zero: list[str] = field(default_factory=list)
-    calibration_samples: int = 0
-    seconds: dict[str, float] = field(default_factory=dict)
-    samples: list[np.ndarray] | None = None  # not checkpointed: the config reproduces them
-
-    @property
-    def entries(self) -> dict[str, dict]:
-        """The report entries of the linears being quantized (the same dicts as in layer_reports)."""
-        return {entry["name"]: entry for entry in self.layer_reports if "skipped" not in entry}
-
-    def layer_configs(self) -> dict[str, QuantConfig]:
-        return {name: config_for_layer(self.config, scheme, self.settings.get(name)) for name, scheme in self.schemes.items()}
-
-    def layers_of(self, schemes: tuple[str, ...] | list[str]) -> list[LinearLayer]:
-        """The quantized linears of these schemes, scheme by scheme, each in graph order."""
-        return [layer for scheme in schemes for layer in self.layers if self.schemes.get(layer.name) == scheme]
-
-    def load_samples(self) -> list[np.ndarray]:
-        if self.samples is None:
-            self.samples = load_calibration_samples(self.model_file, self.config)
-        return self.samples
-
-    def use_spill_dir(self, directory: Path) -> None:
-        """Layers finished from now on spill their artifact tensors into this stage's checkpoint."""
-        self.collector.spill_dir = directory / ARTIFACT_SPILL
-        if self.params is not None:
-            self.params.spill_dir = directory / PARAMS_SPILL
-
-    def finish_function(self) -> FinishLayer:
-        """The per-linear finish: record the report entry and the artifacts, emit the quantized node."""
-        entries, layer_configs, config = self.entries, self.layer_configs(), self.config
-        target, serving_dtype, model = self.target, self.serving_dtype, self.model
-        prunes = config.prunes
-
-        def finish(layer: LinearLayer, qw: QuantizedWeight, details: dict) -> None:
-            qw, details = target.prepare(qw, details, serving_dtype)
-            scheme = entries[layer.name]["scheme"]
-            layer_config = layer_configs[layer.name]
-            codebook = isinstance(qw, CodebookWeight)
-            entries[layer.name].update(
-                bits=layer_config.bits,
-                group_size=qw.group_size if qw.group_size < layer.in_features else -1,
-                symmetric=None if codebook else qw.symmetric,
-                format="lut" if codebook else layer_config.format,
-                method=layer_config.method,
-                weight_bytes_before=int(layer.in_features * layer.out_features * layer.dtype.itemsize),
-                weight_bytes_after=quantized_weight_bytes(qw),
-                **details,
-            )
-            if prunes:  # measured on the emitted integers, not the requested fraction
-                entries[layer.name]["sparsity"] = zero_fraction(qw)
-                if entries[layer.name]["sparsity"] == 1.0:
-                    self.all_zero.append(layer.name)
-            output_format = "lut" if codebook else layer_config.format
-            if "activation_fallback" in details:
-                # The quantized weight stays, the activations stay float: W8A16 (W4A16 for W4A8 layers), QDQ.
-                scheme, output_format = ("w4a16" if scheme in W4A8_SCHEMES else "w8a16"), "qdq"
-                entries[layer.name]["scheme"] = scheme
-            if set(config.save_format) & {"safetensors", "numpy"}:
-                self.collector.add(layer, qw, details, scheme=scheme)
-            if self.params is not None:
-                self.params.add(layer, qw, details, scheme, layer_config.method)
-            entries[layer.name]["quantized_output"] = emitter_for(scheme, output_format).emit(model, layer, qw, details)
-
-        return finish
-
-    def state(self, roots: tuple[Path, ...]) -> tuple[dict, dict[str, np.ndarray]]:
-        """The run as a checkpoint's JSON and arrays; spilled files named relative to whichever of ``roots`` (the
-        published stages folder, the staging one) holds them."""
-        tensors: dict[str, np.ndarray] = {}
-        data = {
-            "graphq_version": __version__,
-            "source_model": str(self.model_file.resolve()),
-            "user_config": self.user_config,
-            "config": dataclasses.asdict(self.config),
-            "settings": {name: dataclasses.asdict(setting) for name, setting in self.settings.items()},
-            "layers": [describe_layer(layer) for layer in self.layers],
-            "layer_reports": self.layer_reports,
-            "schemes": self.schemes,
-            "target": self.target.name,
-            "serving_dtype": self.serving_dtype,
-            "dtype_warning": self.dtype_warning,
-            "collector": self.collector.state(roots),
-            "params": self.params.state(roots) if self.params is not None else None,
-            "rescaled": self.rescaled,
-            "embedding_report": self.embedding_report,
-            "embedding_name": self.embedding_name,
-            "plan_report": self.plan_report,
-            "prep": {"smoothing": self.prep.smoothing, "calibration": self.prep.calibration,
-                     "known": encode_stats(self.prep.known, tensors), "rounded": encode_weights(self.prep.rounded, tensors)},
-            "activation_report": self.activation_report,
-            "all_zero": self.all_zero,
-            "calibration_samples": self.calibration_samples,
-            "seconds": self.seconds,
-        }
-        return data, tensors
-
-    @classmethod
-    def restore(cls, data: dict, tensors: dict[str, np.ndarray], root: Path, model: ir.Model,
-                layers: list[LinearLayer] | None = None, samples: list[np.ndarray] | None = None) -> "Run":
-        """The run a checkpoint holds (its spilled files under ``root``), on ``model``: the checkpoint's graph
-        reloaded (its linears bound by name), or the graph still in memory with its ``layers``."""
-        prep = data["prep"]
-        return cls(
-            model=model,
-            layers=layers if layers is not None else bind_layers(model, data["layers"]),
-            model_file=Path(data["source_model"]),
-            config=QuantConfig(**data["config"]),
-            user_config=data["user_config"],
-            settings={name: LayerSetting(**setting) for name, setting in data["settings"].items()},
-            layer_reports=data["layer_reports"],
-            schemes=data["schemes"],
-            target=target_for(data["target"]),
-            serving_dtype=data["serving_dtype"],
-            dtype_warning=data["dtype_warning"],
-            collector=ArtifactCollector.from_state(data["collector"], root, None),
-            params=ParamsRecorder.from_state(data["params"], root, root) if data["params"] is not None else None,
-            rescaled=data["rescaled"],
-            embedding_report=data["embedding_report"],
-            embedding_name=data["embedding_name"],
-            plan_report=data["plan_report"],
-            prep=ActivationPrep(smoothing=prep["smoothing"], calibration=prep["calibration"],
-                                known=decode_stats(prep["known"], tensors),
-                                rounded=decode_weights(prep["rounded"], tensors)),
-            activation_report=data["activation_report"],
-            all_zero=data["all_zero"],
-            calibration_samples=data["calibration_samples"],
-            seconds=data["seconds"],
-            samples=samples,
-        )
-
-    def with_stage_options(self, config: QuantConfig, stage: str) -> None:
-        """Take this run's own options for ``stage`` (e.g. other activation ranges) from ``config``."""
-        changes = {name: getattr(config, name) for name in STAGE_FIELDS[stage]}
-        if changes:
-            self.config = dataclasses.replace(self.config, **changes).validate()
-            self.user_config = {**self.user_config, **changes}
 
 
 def start_run(model_file: Path, model_path: str | Path, config: QuantConfig, samples: list[np.ndarray] | None,
@@ -664,70 +452,6 @@ def seconds_per_decoder_layer(entries: list[dict]) -> dict[str, dict[str, float]
         if "layer_seconds" in entry:
             per_layer.setdefault(str(entry["layer_index"]), entry["layer_seconds"])
     return per_layer
-
-
-def stage_span(stage: str, output_dir: Path, overwrite: bool, config: QuantConfig, model_file: Path) -> tuple[int, int]:
-    """The first and last stage (indices into STAGES) this run does, after checking the output folder allows it."""
-    if stage not in STAGE_CHOICES:
-        raise GraphqError(f"unknown stage '{stage}': choose one of {', '.join(STAGE_CHOICES)}")
-    source, current = str(model_file.resolve()), dataclasses.asdict(config)
-    exists = output_dir.exists()
-    done = finished_stages(output_dir) if output_dir.is_dir() else []
-    exported = (output_dir / FINISHED_MARK).is_file()
-    if stage == "all":
-        if not exists or overwrite:
-            return 0, len(STAGES) - 1
-        if exported or not done:
-            raise GraphqError(f"output folder {output_dir} already exists: choose another or pass --overwrite")
-        last = done[-1]
-        check_same_run(read_state(output_dir, last), current, source, output_dir, last,
-                       "pass --overwrite to start again, or run that stage's options")
-        print(f"graphq: {output_dir} holds a run stopped after its {last} stage: resuming from there", file=sys.stderr)
-        return STAGES.index(last) + 1, len(STAGES) - 1
-    index = STAGES.index(stage)
-    if exists and exported and not overwrite:
-        raise GraphqError(f"output folder {output_dir} holds a finished export: pass --overwrite to redo its {stage} "
-                          "stage (the stages before it are kept)")
-    if index == 0:
-        if exists and not overwrite and not done:
-            raise GraphqError(f"output folder {output_dir} already exists: choose another or pass --overwrite")
-        return 0, 0
-    previous = STAGES[index - 1]
-    if previous not in done:
-        raise GraphqError(f"{output_dir} has no finished {previous} stage: run graphq quantize with --stage {previous} "
-                          f"(or without --stage) into it first")
-    check_same_run(read_state(output_dir, previous), current, source, output_dir, previous,
-                   f"run --stage {previous} again with these options")
-    return index, index
-
-
-@contextlib.contextmanager
-def publishing(output_dir: Path, carried: list[str], inputs: list[Path]) -> Iterator[Path]:
-    """A staging folder that replaces ``output_dir`` when the block succeeds, taking over the finished stages
-    ``carried`` from it. They are moved, not linked or copied (onnx refuses hard-linked external data), and only
-    after the block: until then the stage reads them where they are."""
-    with atomic_output_dir(output_dir, overwrite=True, inputs=inputs) as staging:
-        yield staging
-        for stage in carried:
-            stage_dir(staging, stage).parent.mkdir(parents=True, exist_ok=True)
-            os.replace(stage_dir(output_dir, stage), stage_dir(staging, stage))
-
-
-def save_stage(run: Run, staging: Path, output_dir: Path, stage: str, model_changed: bool, previous: str | None) -> None:
-    """Write ``stage``'s checkpoint into the staging folder (the earlier stages are still in ``output_dir``)."""
-    state, tensors = run.state((output_dir / STAGES_DIR, staging / STAGES_DIR))
-    model_from = stage if model_changed or previous is None else read_state(output_dir, previous)["model_from"]
-    write_checkpoint(stage_dir(staging, stage), stage, state, tensors, run.model if model_changed else None, model_from)
-
-
-def resume(output_dir: Path, stage: str, run: Run | None) -> Run:
-    """The run as ``stage``'s published checkpoint holds it; the graph stays the one in memory when there is one."""
-    data = read_state(output_dir, stage)
-    tensors = read_tensors(stage_dir(output_dir, stage))
-    root = output_dir / STAGES_DIR
-    if run is not None:
-        return Run.restore(data, tensors, root, run.model, run.layers, run.samples)
-    return Run.restore(data, tensors, root, load_model(checkpoint_model_file(output_dir, data)))
 
 
 def quantize(

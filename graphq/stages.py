@@ -20,9 +20,14 @@ started from moved in at the end, so a killed run leaves the folder as the last 
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
+import os
+import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 import onnx_ir as ir
@@ -30,6 +35,10 @@ import onnx_ir as ir
 from graphq.algorithms.activation_ranges import ActivationStats
 from graphq.algorithms.rtn import QuantizedWeight
 from graphq.errors import GraphqError
+from graphq.model_io import atomic_output_dir
+
+if TYPE_CHECKING:
+    from graphq.config import QuantConfig
 from graphq.linear_layers import LinearLayer
 
 STAGES = ("weights", "activations", "export")
@@ -234,3 +243,50 @@ def relative_to_any(path: Path, roots: tuple[Path, ...]) -> str:
         if Path(path).is_relative_to(root):
             return str(Path(path).relative_to(root))
     raise ValueError(f"{path} lies in none of {', '.join(map(str, roots))}")
+
+
+def stage_span(stage: str, output_dir: Path, overwrite: bool, config: QuantConfig, model_file: Path) -> tuple[int, int]:
+    """The first and last stage (indices into STAGES) this run does, after checking the output folder allows it."""
+    if stage not in STAGE_CHOICES:
+        raise GraphqError(f"unknown stage '{stage}': choose one of {', '.join(STAGE_CHOICES)}")
+    source, current = str(model_file.resolve()), dataclasses.asdict(config)
+    exists = output_dir.exists()
+    done = finished_stages(output_dir) if output_dir.is_dir() else []
+    exported = (output_dir / FINISHED_MARK).is_file()
+    if stage == "all":
+        if not exists or overwrite:
+            return 0, len(STAGES) - 1
+        if exported or not done:
+            raise GraphqError(f"output folder {output_dir} already exists: choose another or pass --overwrite")
+        last = done[-1]
+        check_same_run(read_state(output_dir, last), current, source, output_dir, last,
+                       "pass --overwrite to start again, or run that stage's options")
+        print(f"graphq: {output_dir} holds a run stopped after its {last} stage: resuming from there", file=sys.stderr)
+        return STAGES.index(last) + 1, len(STAGES) - 1
+    index = STAGES.index(stage)
+    if exists and exported and not overwrite:
+        raise GraphqError(f"output folder {output_dir} holds a finished export: pass --overwrite to redo its {stage} "
+                          "stage (the stages before it are kept)")
+    if index == 0:
+        if exists and not overwrite and not done:
+            raise GraphqError(f"output folder {output_dir} already exists: choose another or pass --overwrite")
+        return 0, 0
+    previous = STAGES[index - 1]
+    if previous not in done:
+        raise GraphqError(f"{output_dir} has no finished {previous} stage: run graphq quantize with --stage {previous} "
+                          f"(or without --stage) into it first")
+    check_same_run(read_state(output_dir, previous), current, source, output_dir, previous,
+                   f"run --stage {previous} again with these options")
+    return index, index
+
+
+@contextlib.contextmanager
+def publishing(output_dir: Path, carried: list[str], inputs: list[Path]) -> Iterator[Path]:
+    """A staging folder that replaces ``output_dir`` when the block succeeds, taking over the finished stages
+    ``carried`` from it. They are moved, not linked or copied (onnx refuses hard-linked external data), and only
+    after the block: until then the stage reads them where they are."""
+    with atomic_output_dir(output_dir, overwrite=True, inputs=inputs) as staging:
+        yield staging
+        for stage in carried:
+            stage_dir(staging, stage).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(stage_dir(output_dir, stage), stage_dir(staging, stage))
