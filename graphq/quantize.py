@@ -120,6 +120,7 @@ def calibrated_quantize(
     model: ir.Model, model_file: Path, layers: list[LinearLayer], config: QuantConfig, progress: bool,
     finish: FinishLayer, known_layers: list[LinearLayer], rescaled: dict[str, str],
     samples: list[np.ndarray] | None = None, on_result: Callable[[LinearLayer, LayerResult], None] | None = None,
+    pool=None,
 ) -> None:
     """The method sequence (awq, gptq, awq+gptq, ...), decoder layer by decoder layer, on activations captured in
     onnxruntime.
@@ -128,12 +129,13 @@ def calibrated_quantize(
     the real quantized outputs and only one layer's float weights are ever replaced in memory. ``rescaled``
     receives the linears whose output channels a fold rescaled on purpose (for verify). ``on_result`` replaces
     ``finish`` where a later stage continues from the results (kd after awq): the graph then keeps the float
-    weights, transformed (folded scales) but not rounded.
+    weights, transformed (folded scales) but not rounded. ``pool`` (graphq.runtimes.workers.WorkerPool) runs the
+    calibration samples of each step.
     """
     methods = resolve_methods(config.method)
     samples = samples if samples is not None else load_calibration_samples(model_file, config)
     calibration = LayerwiseCalibration(model, layers, samples, statistics_needed(methods), seed=config.seed,
-                                       all_layers=known_layers)
+                                       all_layers=known_layers, pool=pool)
     done: set[str] = set()
     warned: list[str] = []
     unscaled: list[str] = []
@@ -527,7 +529,7 @@ def start_run(model_file: Path, model_path: str | Path, config: QuantConfig, sam
     return run
 
 
-def weights_stage(run: Run, progress: bool, checkpoint_dir: Path) -> None:
+def weights_stage(run: Run, progress: bool, checkpoint_dir: Path, pool=None) -> None:
     """Every weight rewritten: weight-only methods (KD included), W8A8 pruning, smoothing, W4A8's int4 rounding."""
     model, model_file, config, layers = run.model, run.model_file, run.config, run.layers
     finish = run.finish_function()
@@ -546,7 +548,7 @@ def weights_stage(run: Run, progress: bool, checkpoint_dir: Path) -> None:
                                       run.rescaled, run.samples, checkpoint_dir))
         elif layer_config.needs_calibration:
             calibrated_quantize(model, model_file, config_layers, layer_config, progress, finish, layers, run.rescaled,
-                                run.samples)
+                                run.samples, pool=pool)
         else:
             data_free_quantize(config_layers, layer_config, progress, finish)
     static_layers = run.layers_of(STATIC_ACTIVATION_SCHEMES)
@@ -569,7 +571,7 @@ def weights_stage(run: Run, progress: bool, checkpoint_dir: Path) -> None:
         for sub_config, config_layers in group_by_config(stage_layers, layer_configs):
             if sub_config.needs_calibration:
                 calibrated_quantize(model, model_file, config_layers, sub_config, progress, record, layers,
-                                    run.rescaled, run.samples)
+                                    run.rescaled, run.samples, pool=pool)
             else:
                 data_free_quantize(config_layers, sub_config, progress, record)
         return rounded
@@ -732,6 +734,7 @@ def quantize(
     overwrite: bool = False,
     progress: bool = True,
     stage: str = "all",
+    pool=None,
 ) -> QuantizeResult:
     """Quantize the linear layers of an exported ONNX LLM and write a new export folder.
 
@@ -739,7 +742,8 @@ def quantize(
     The output folder gets model.onnx, the side files, report.json and the stage checkpoints (graphq.stages).
     ``stage`` runs one stage (weights, activations, export) from the previous one's checkpoint in the output
     folder, or ``all``, which also resumes a run that stopped after a finished stage. Every stage publishes the
-    folder whole: it appears (or changes) only when the stage is complete.
+    folder whole: it appears (or changes) only when the stage is complete. ``pool``
+    (graphq.runtimes.workers.WorkerPool) runs the layer-wise calibration samples on its workers.
     """
     config.validate()
     model_file = resolve_model_file(model_path)
@@ -765,7 +769,7 @@ def quantize(
             with publishing(output_dir, [], inputs) as staging:
                 checkpoint = stage_dir(staging, name)
                 run = start_run(model_file, model_path, config, samples, progress, checkpoint)
-                weights_stage(run, progress, checkpoint)
+                weights_stage(run, progress, checkpoint, pool)
                 run.seconds = {name: time.perf_counter() - started}
                 save_stage(run, staging, output_dir, name, True, None)
         elif name == "activations":
@@ -784,6 +788,8 @@ def quantize(
                 run.seconds[name] = time.perf_counter() - started
                 report["elapsed_seconds"] = round(sum(run.seconds.values()), 3)
                 report["stage_seconds"] = {stage: round(seconds, 3) for stage, seconds in run.seconds.items()}
+                if pool is not None and pool.summary() is not None:
+                    report["workers"] = pool.summary()
                 (staging / FINISHED_MARK).write_text(json.dumps(report, indent=2) + "\n")
             return finished(run, report, output_dir)
         if index == last:
