@@ -129,8 +129,6 @@ class WorkerPool:
                 ray.init(num_cpus=self.workers, include_dashboard=False, log_to_driver=False, runtime_env=runtime_env)
                 self._started_ray = True
             self._ray = ray
-            actor = ray.remote(num_cpus=1, max_restarts=self.retries, max_task_retries=self.retries)(_Worker)
-            self._actors = [actor.remote() for _ in range(self.workers)]
         except GraphqError:
             self.close()
             raise
@@ -150,6 +148,9 @@ class WorkerPool:
             return
         if self._ray is None:
             self._start()
+        if not self._actors:
+            actor = self._ray.remote(num_cpus=1, max_restarts=self.retries, max_task_retries=self.retries)(_Worker)
+            self._actors = [actor.remote() for _ in range(self.workers)]
         from ray.util import ActorPool
 
         # A fresh ActorPool per call: calls an earlier map left in flight (it stopped early) just queue before
@@ -177,14 +178,18 @@ class WorkerPool:
             return None
         return {"workers": self.workers, "ray_address": self.address, "retried": self.retried}
 
-    def close(self) -> None:
-        ray = self._ray
+    def release(self) -> None:
+        """End the actors (each holds one of the cluster's CPUs); the next map starts new ones."""
         for actor in self._actors:
             try:
-                ray.kill(actor)
+                self._ray.kill(actor)
             except Exception:  # noqa: BLE001 - already gone
                 pass
         self._actors = []
+
+    def close(self) -> None:
+        ray = self._ray
+        self.release()
         if self._started_ray and ray is not None:
             ray.shutdown()
         self._started_ray = False
