@@ -202,11 +202,11 @@ def load_calibration_samples(model_file: Path, config: QuantConfig) -> list[np.n
 
 
 def apply_precision_plan(
-    model_path: str | Path, config: QuantConfig, chosen: list[tuple[LinearLayer, dict]], progress: bool
+    model_path: str | Path, config: QuantConfig, chosen: list[tuple[LinearLayer, dict]], progress: bool, pool=None
 ) -> tuple[list[tuple[LinearLayer, dict]], dict]:
     """Give the linears the sensitivity plan names their new scheme (or leave them float); returns the linears still
     to quantize and the report's ``precision_plan`` entry."""
-    plan = plan_precision(model_path, config, [(layer, entry["scheme"]) for layer, entry in chosen], progress)
+    plan = plan_precision(model_path, config, [(layer, entry["scheme"]) for layer, entry in chosen], progress, pool)
     kept = []
     for layer, entry in chosen:
         scheme = plan.changes.get(layer.name)
@@ -464,7 +464,7 @@ class Run:
 
 
 def start_run(model_file: Path, model_path: str | Path, config: QuantConfig, samples: list[np.ndarray] | None,
-              progress: bool, spill_root: Path) -> Run:
+              progress: bool, spill_root: Path, pool=None) -> Run:
     """Load the float model and plan the run: which linears, at which scheme and grid, into which target."""
     user_config = dataclasses.asdict(config)
     model = load_model(model_file)
@@ -505,7 +505,7 @@ def start_run(model_file: Path, model_path: str | Path, config: QuantConfig, sam
         raise GraphqError("every linear layer was excluded: loosen --exclude or pass --quantize-lm-head")
     plan_report = {}
     if needs_plan(config):
-        chosen, plan_report = apply_precision_plan(model_path, config, chosen, progress)
+        chosen, plan_report = apply_precision_plan(model_path, config, chosen, progress, pool)
     schemes = {layer.name: entry["scheme"] for layer, entry in chosen}
     layer_configs = {name: config_for_layer(config, scheme, settings.get(name)) for name, scheme in schemes.items()}
     plan = plan_artifacts(model, model_file, layers, {e["name"]: e["scheme"] for e in layer_reports},
@@ -768,7 +768,7 @@ def quantize(
             samples = load_calibration_samples(model_file, config) if needs_samples else None
             with publishing(output_dir, [], inputs) as staging:
                 checkpoint = stage_dir(staging, name)
-                run = start_run(model_file, model_path, config, samples, progress, checkpoint)
+                run = start_run(model_file, model_path, config, samples, progress, checkpoint, pool)
                 weights_stage(run, progress, checkpoint, pool)
                 run.seconds = {name: time.perf_counter() - started}
                 save_stage(run, staging, output_dir, name, True, None)
