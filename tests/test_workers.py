@@ -174,3 +174,22 @@ def _fail_on_three(state, item):
     if item == 3:
         raise GraphqError(f"bad item {item}")
     return int(state + item)
+
+
+def test_partial_terms_merged_in_order_equal_add():
+    """What the workers return (partial) merged in sample order is what add computes, bit for bit."""
+    from graphq.algorithms.awq import ChannelMagnitude
+    from graphq.algorithms.gptq import HessianAccumulator
+    from graphq.algorithms.sparsity import InputSquareNorm
+
+    rng = np.random.default_rng(0)
+    batches = [rng.standard_normal((n, 48)).astype(np.float32) for n in (7, 13, 1, 20)]
+    for factory, read in ((HessianAccumulator, lambda a: a.hessian()), (ChannelMagnitude, lambda a: a.mean()),
+                          (InputSquareNorm, lambda a: a.value())):
+        added, merged, worker = factory(), factory(), factory()
+        before = 0
+        for rows in batches:
+            added.add(rows)
+            merged.merge(worker.partial(rows, before), len(rows))
+            before += len(rows)
+        assert read(merged).tobytes() == read(added).tobytes() and merged.tokens == added.tokens

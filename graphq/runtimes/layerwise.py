@@ -3,6 +3,11 @@
 For layer i, the inputs of its linear layers are captured by running layer i on the hidden states that the
 already-quantized layers < i produced (errors of earlier layers are seen and compensated). Statistics are
 streamed into accumulators; only the hidden states entering the current layer are kept for all samples.
+
+The samples of each step run through ``pool`` (graphq.runtimes.workers.WorkerPool: this process, or Ray workers):
+per sample and linear input, each accumulator's ``partial`` term (or the rows, for one without it) and the token
+sample rows (indices drawn here, in sample order) come back and are merged in sample order, so the statistics are
+the same bit for bit wherever the samples ran.
 """
 
 from __future__ import annotations
