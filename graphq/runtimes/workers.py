@@ -21,6 +21,7 @@ starts): while a file exists at PATH, the next Ray worker call renames it to PAT
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import sys
 from typing import Any, Callable, Iterable, Iterator, TypeVar
@@ -119,14 +120,16 @@ class WorkerPool:
         try:
             if address:
                 if not ray.is_initialized():
-                    ray.init(address=address, include_dashboard=False, log_to_driver=False, runtime_env=runtime_env)
+                    ray.init(address=address, include_dashboard=False, log_to_driver=False, runtime_env=runtime_env,
+                             logging_level=logging.WARNING)
                     self._started_ray = True
                 if self.workers <= 1:
                     self.workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
             else:
                 if ray.is_initialized():
                     raise GraphqError("ray is already initialized in this process: pass its address instead of --workers")
-                ray.init(num_cpus=self.workers, include_dashboard=False, log_to_driver=False, runtime_env=runtime_env)
+                ray.init(num_cpus=self.workers, include_dashboard=False, log_to_driver=False, runtime_env=runtime_env,
+                         logging_level=logging.WARNING)
                 self._started_ray = True
             self._ray = ray
         except GraphqError:
