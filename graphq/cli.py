@@ -59,6 +59,22 @@ def _add_eval_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens of the text")
     parser.add_argument("--threads", type=non_negative_int, default=None, help="onnxruntime intra-op threads (default: all cores)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
+    _add_worker_args(parser)
+
+
+def _add_worker_args(parser: argparse.ArgumentParser) -> None:
+    """--workers / --ray-address (graphq.runtimes.workers; needs the ray extra)."""
+    parser.add_argument("--workers", type=non_negative_int, default=None,
+                        help="run the independent work on N Ray workers (a local Ray cluster of N CPUs; 0 or 1: "
+                        "this process); needs pip install 'graphq[ray]'")
+    parser.add_argument("--ray-address", help="join this Ray cluster (e.g. ray://head:10001 or auto) instead of "
+                        "starting one; --workers then sets the number of workers (default: the cluster's CPUs)")
+
+
+def _worker_pool(args: argparse.Namespace):
+    from graphq.runtimes.workers import WorkerPool
+
+    return WorkerPool(workers=getattr(args, "workers", None), address=getattr(args, "ray_address", None))
 
 
 def _add_symmetry_args(parser: argparse.ArgumentParser) -> None:
@@ -133,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--lut-table-dtype", help="codebook table entries: float16 (default) or int8 (+ a float16 scale)")
     quantize.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     quantize.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_worker_args(quantize)
     # Sensitivity-ranked precision (issue 14).
     quantize.add_argument("--disable-level", type=int, help="keep the N most sensitive linears float (or --fallback-scheme)")
     quantize.add_argument("--fallback-scheme", help="where --disable-level / --target-bits move linears (w8a16, ...)")
@@ -157,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--seed", type=int)
     analyze.add_argument("--overwrite", action="store_true", help="replace existing output files")
     analyze.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_worker_args(analyze)
 
     _add_sparsity_args(quantize)
     quantize.add_argument("--compress", action="store_const", const=True,
@@ -290,7 +308,7 @@ def _run_verify(args: argparse.Namespace) -> int:
     for model in (args.float_model, args.quant_model):
         check_window_fits(model, args.ctx)
     windows = token_windows(load_tokenizer(resolve_model_file(args.float_model)), text, args.ctx, args.max_tokens)
-    result = verify(args.float_model, args.quant_model, windows, threads=args.threads, progress=True)
+    result = verify(args.float_model, args.quant_model, windows, threads=args.threads, progress=True, pool=args.pool)
     print(format_table(result, args.worst))
     require_finite(args.float_model, float_perplexity=result.float_ppl)
     require_finite(args.quant_model, quantized_perplexity=result.quant_ppl, mean_KL=result.mean_kl)
@@ -316,6 +334,15 @@ def _run_verify(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    if hasattr(args, "workers"):  # the commands that distribute work: one pool, started and shut down here
+        with _worker_pool(args) as pool:
+            args.pool = pool
+            return _run(args)
+    args.pool = None
+    return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "export":
         from graphq.export import export
 
@@ -328,7 +355,7 @@ def run(args: argparse.Namespace) -> int:
         if args.config:  # --overwrite must not delete the YAML file it was given
             check_output_dir(Path(args.output), [Path(args.config)], overwrite=True)
         result = quantize(args.model, _quant_config(args), args.output, overwrite=args.overwrite,
-                          progress=not args.quiet, stage=args.stage)
+                          progress=not args.quiet, stage=args.stage, pool=args.pool)
         print(result.model_file if result.model_file.is_file() else result.output_dir)  # --save-format without onnx
         return 0
     if args.command == "plan":
@@ -350,7 +377,8 @@ def run(args: argparse.Namespace) -> int:
         check_output_file(args.output, inputs, args.overwrite, "sensitivity file")
         if args.html:
             check_output_file(args.html, inputs + [Path(args.output)], args.overwrite, "HTML page")
-        report = analyze(args.model, _quant_config(args), num_windows=args.windows, progress=not args.quiet)
+        report = analyze(args.model, _quant_config(args), num_windows=args.windows, progress=not args.quiet,
+                         pool=args.pool)
         print(report.save(args.output))
         if args.html:
             print(write_text_atomically(args.html, render_sensitivity_html(report)))
@@ -389,10 +417,11 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "eval":
         model = OrtCausalLM(args.model, threads=args.threads)
         windows = token_windows(load_tokenizer(args.model), text, args.ctx, args.max_tokens)
-        result = perplexity(model, windows, progress=True)
+        result = perplexity(model, windows, progress=True, pool=args.pool)
         print(f"perplexity {result.ppl:.4f} over {result.tokens} tokens ({result.windows} windows of {args.ctx}) in {result.seconds:.1f}s")
         if args.json:
-            print(json.dumps({"ppl": result.ppl, "tokens": result.tokens}))
+            workers = args.pool.summary()
+            print(json.dumps({"ppl": result.ppl, "tokens": result.tokens, **({"workers": workers} if workers else {})}))
         require_finite(args.model, perplexity=result.ppl)
         return 0
     reference = OrtCausalLM(args.reference, threads=args.threads)
@@ -401,7 +430,7 @@ def run(args: argparse.Namespace) -> int:
 
     check_same_vocabulary(args.reference, reference.session, args.candidate, candidate.session)
     windows = token_windows(load_tokenizer(args.reference), text, args.ctx, args.max_tokens)
-    result = logit_agreement(reference, candidate, windows, progress=True)
+    result = logit_agreement(reference, candidate, windows, progress=True, pool=args.pool)
     print(
         f"mean KL {result.mean_kl:.5f}  top-1 agreement {result.top1_agreement:.4f}  "
         f"logit cosine {result.mean_cosine:.5f}  over {result.tokens} positions"

@@ -8,6 +8,7 @@ import re
 import sys
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Protocol
 
@@ -84,6 +85,38 @@ class PerplexityResult:
         return asdict(self)
 
 
+@dataclass
+class WindowTerms:
+    """One window's contribution to ``LogitMetrics``: small, so a worker can send it back."""
+
+    nll: float  # sum of the log-probabilities of the targets (subtracted)
+    targets: int
+    reference_nll: float | None = None
+    kl: float = 0.0
+    agree: float = 0.0
+    cosine: float = 0.0
+    positions: int = 0
+
+
+def window_terms(window: np.ndarray, logits: np.ndarray, reference_logits: np.ndarray | None = None) -> WindowTerms:
+    """The sums of one window of ids [T] given the logits [T, vocab] of the candidate (and of the reference)."""
+    targets = np.asarray(window)[1:]
+    rows = np.arange(len(targets))
+    logprobs = log_softmax(logits)
+    terms = WindowTerms(nll=float(logprobs[:-1][rows, targets].sum()), targets=len(targets))
+    if reference_logits is None:
+        return terms
+    reference = log_softmax(reference_logits)
+    terms.reference_nll = float(reference[:-1][rows, targets].sum())
+    terms.kl = float((np.exp(reference) * (reference - logprobs)).sum())
+    terms.agree = float((reference_logits.argmax(-1) == logits.argmax(-1)).sum())
+    ref64, cand64 = reference_logits.astype(np.float64), logits.astype(np.float64)
+    norms = np.linalg.norm(ref64, axis=-1) * np.linalg.norm(cand64, axis=-1)
+    terms.cosine = float(((ref64 * cand64).sum(-1) / np.maximum(norms, 1e-30)).sum())
+    terms.positions = len(window)
+    return terms
+
+
 class LogitMetrics:
     """Streams windows into the sums every accuracy number comes from: the candidate's (and the reference's) NLL of
     each next token, and against a reference the KL of the next-token distributions, top-1 agreement and logit
@@ -97,21 +130,19 @@ class LogitMetrics:
 
     def add(self, window: np.ndarray, logits: np.ndarray, reference_logits: np.ndarray | None = None) -> None:
         """One window of ids [T] and the logits [T, vocab] of the candidate (and of the reference)."""
-        targets = np.asarray(window)[1:]
-        rows = np.arange(len(targets))
-        logprobs = log_softmax(logits)
-        self.nll -= float(logprobs[:-1][rows, targets].sum())
-        self.targets += len(targets)
-        if reference_logits is None:
+        self.add_terms(window_terms(window, logits, reference_logits))
+
+    def add_terms(self, terms: "WindowTerms") -> None:
+        """One window's terms (``window_terms``, computed here or by a worker), added in window order."""
+        self.nll -= terms.nll
+        self.targets += terms.targets
+        if terms.reference_nll is None:
             return
-        reference = log_softmax(reference_logits)
-        self.reference_nll -= float(reference[:-1][rows, targets].sum())
-        self.kl += float((np.exp(reference) * (reference - logprobs)).sum())
-        self.agree += float((reference_logits.argmax(-1) == logits.argmax(-1)).sum())
-        ref64, cand64 = reference_logits.astype(np.float64), logits.astype(np.float64)
-        norms = np.linalg.norm(ref64, axis=-1) * np.linalg.norm(cand64, axis=-1)
-        self.cosine += float(((ref64 * cand64).sum(-1) / np.maximum(norms, 1e-30)).sum())
-        self.positions += len(window)
+        self.reference_nll -= terms.reference_nll
+        self.kl += terms.kl
+        self.agree += terms.agree
+        self.cosine += terms.cosine
+        self.positions += terms.positions
 
     @property
     def ppl(self) -> float:
@@ -126,12 +157,32 @@ class LogitMetrics:
                                mean_cosine=self.cosine / self.positions, tokens=self.positions)
 
 
-def perplexity(model: CausalLM, windows: list[np.ndarray], progress: bool = False) -> PerplexityResult:
-    """exp(mean negative log-likelihood) of every window token, each predicted from the ones before it."""
+def _keep(model):
+    return model
+
+
+def _perplexity_terms(model: CausalLM, window: np.ndarray) -> WindowTerms:
+    return window_terms(window, model.logits(window))
+
+
+def _agreement_terms(models: tuple[CausalLM, CausalLM], window: np.ndarray) -> WindowTerms:
+    reference, candidate = models
+    return window_terms(window, candidate.logits(window), reference.logits(window))
+
+
+def perplexity(model: CausalLM, windows: list[np.ndarray], progress: bool = False, pool=None) -> PerplexityResult:
+    """exp(mean negative log-likelihood) of every window token, each predicted from the ones before it.
+
+    ``pool`` (graphq.runtimes.workers.WorkerPool): the windows are computed by its workers (each opens the model
+    itself: ``model`` must pickle, as OrtCausalLM does) and combined in window order, so the result is the same."""
+    from graphq.runtimes.workers import local_pool
+
     started = time.perf_counter()
     metrics = LogitMetrics()
-    for window in tqdm(windows, desc="perplexity", unit="window", disable=not progress, file=sys.stderr):
-        metrics.add(window, model.logits(window))
+    pool = pool or local_pool()
+    terms = pool.map(partial(_keep, model), _perplexity_terms, windows)
+    for term in tqdm(terms, total=len(windows), desc="perplexity", unit="window", disable=not progress, file=sys.stderr):
+        metrics.add_terms(term)
     return PerplexityResult(ppl=metrics.ppl, tokens=metrics.targets, windows=len(windows),
                             seconds=time.perf_counter() - started)
 
@@ -147,11 +198,15 @@ class AgreementResult:
         return asdict(self)
 
 
-def logit_agreement(reference: CausalLM, candidate: CausalLM, windows: list[np.ndarray], progress: bool = False) -> AgreementResult:
+def logit_agreement(reference: CausalLM, candidate: CausalLM, windows: list[np.ndarray], progress: bool = False,
+                    pool=None) -> AgreementResult:
     """Mean KL(reference || candidate) of next-token distributions, top-1 agreement, and cosine of logits."""
+    from graphq.runtimes.workers import local_pool
+
     metrics = LogitMetrics()
-    for window in tqdm(windows, desc="compare", unit="window", disable=not progress, file=sys.stderr):
-        metrics.add(window, candidate.logits(window), reference.logits(window))
+    terms = (pool or local_pool()).map(partial(_keep, (reference, candidate)), _agreement_terms, windows)
+    for term in tqdm(terms, total=len(windows), desc="compare", unit="window", disable=not progress, file=sys.stderr):
+        metrics.add_terms(term)
     return metrics.agreement()
 
 

@@ -62,7 +62,7 @@ def _check_budget(config: QuantConfig, planned: list[tuple[LinearLayer, str]]) -
 
 
 def plan_precision(
-    model_path: str | Path, config: QuantConfig, planned: list[tuple[LinearLayer, str]], progress: bool
+    model_path: str | Path, config: QuantConfig, planned: list[tuple[LinearLayer, str]], progress: bool, pool=None
 ) -> PrecisionPlan:
     """The plan for ``planned`` (each linear with the scheme the config gives it) from the config's ranking."""
     from graphq.sensitivity import SensitivityReport, analyze
@@ -81,7 +81,8 @@ def plan_precision(
         import dataclasses
 
         analysis_config = dataclasses.replace(config, method="rtn", disable_level=0, target_bits=None)
-        report = analyze(model_path, analysis_config, num_windows=config.sensitivity_windows, progress=progress)
+        report = analyze(model_path, analysis_config, num_windows=config.sensitivity_windows, progress=progress,
+                         pool=pool)
         source = f"analysis of {report.windows} calibration windows"
     names = {layer.name for layer, _ in planned}
     kl = {entry.name: entry.kl for entry in report.layers}

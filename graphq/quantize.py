@@ -96,6 +96,7 @@ def calibrated_quantize(
     model: ir.Model, model_file: Path, layers: list[LinearLayer], config: QuantConfig, progress: bool,
     finish: FinishLayer, known_layers: list[LinearLayer], rescaled: dict[str, str],
     samples: list[np.ndarray] | None = None, on_result: Callable[[LinearLayer, LayerResult], None] | None = None,
+    pool=None,
 ) -> None:
     """The method sequence (awq, gptq, awq+gptq, ...), decoder layer by decoder layer, on activations captured in
     onnxruntime.
@@ -104,12 +105,13 @@ def calibrated_quantize(
     the real quantized outputs and only one layer's float weights are ever replaced in memory. ``rescaled``
     receives the linears whose output channels a fold rescaled on purpose (for verify). ``on_result`` replaces
     ``finish`` where a later stage continues from the results (kd after awq): the graph then keeps the float
-    weights, transformed (folded scales) but not rounded.
+    weights, transformed (folded scales) but not rounded. ``pool`` (graphq.runtimes.workers.WorkerPool) runs the
+    calibration samples of each step.
     """
     methods = resolve_methods(config.method)
     samples = samples if samples is not None else load_calibration_samples(model_file, config)
     calibration = LayerwiseCalibration(model, layers, samples, statistics_needed(methods), seed=config.seed,
-                                       all_layers=known_layers)
+                                       all_layers=known_layers, pool=pool)
     done: set[str] = set()
     warned: list[str] = []
     unscaled: list[str] = []
@@ -162,11 +164,11 @@ def calibrated_quantize(
 
 
 def apply_precision_plan(
-    model_path: str | Path, config: QuantConfig, chosen: list[tuple[LinearLayer, dict]], progress: bool
+    model_path: str | Path, config: QuantConfig, chosen: list[tuple[LinearLayer, dict]], progress: bool, pool=None
 ) -> tuple[list[tuple[LinearLayer, dict]], dict]:
     """Give the linears the sensitivity plan names their new scheme (or leave them float); returns the linears still
     to quantize and the report's ``precision_plan`` entry."""
-    plan = plan_precision(model_path, config, [(layer, entry["scheme"]) for layer, entry in chosen], progress)
+    plan = plan_precision(model_path, config, [(layer, entry["scheme"]) for layer, entry in chosen], progress, pool)
     kept = []
     for layer, entry in chosen:
         scheme = plan.changes.get(layer.name)
@@ -250,7 +252,7 @@ def describe(config: QuantConfig) -> str:
 
 
 def start_run(model_file: Path, model_path: str | Path, config: QuantConfig, samples: list[np.ndarray] | None,
-              progress: bool, spill_root: Path) -> Run:
+              progress: bool, spill_root: Path, pool=None) -> Run:
     """Load the float model and plan the run: which linears, at which scheme and grid, into which target."""
     user_config = dataclasses.asdict(config)
     model = load_model(model_file)
@@ -291,7 +293,7 @@ def start_run(model_file: Path, model_path: str | Path, config: QuantConfig, sam
         raise GraphqError("every linear layer was excluded: loosen --exclude or pass --quantize-lm-head")
     plan_report = {}
     if needs_plan(config):
-        chosen, plan_report = apply_precision_plan(model_path, config, chosen, progress)
+        chosen, plan_report = apply_precision_plan(model_path, config, chosen, progress, pool)
     schemes = {layer.name: entry["scheme"] for layer, entry in chosen}
     layer_configs = {name: config_for_layer(config, scheme, settings.get(name)) for name, scheme in schemes.items()}
     plan = plan_artifacts(model, model_file, layers, {e["name"]: e["scheme"] for e in layer_reports},
@@ -320,7 +322,7 @@ def start_run(model_file: Path, model_path: str | Path, config: QuantConfig, sam
     return run
 
 
-def weights_stage(run: Run, progress: bool, checkpoint_dir: Path) -> None:
+def weights_stage(run: Run, progress: bool, checkpoint_dir: Path, pool=None) -> None:
     """Every weight rewritten: weight-only methods (KD included), W8A8 pruning, smoothing, W4A8's int4 rounding."""
     model, model_file, config, layers = run.model, run.model_file, run.config, run.layers
     finish = run.finish_function()
@@ -339,7 +341,7 @@ def weights_stage(run: Run, progress: bool, checkpoint_dir: Path) -> None:
                                       run.rescaled, run.samples, checkpoint_dir))
         elif layer_config.needs_calibration:
             calibrated_quantize(model, model_file, config_layers, layer_config, progress, finish, layers, run.rescaled,
-                                run.samples)
+                                run.samples, pool=pool)
         else:
             data_free_quantize(config_layers, layer_config, progress, finish)
     static_layers = run.layers_of(STATIC_ACTIVATION_SCHEMES)
@@ -362,7 +364,7 @@ def weights_stage(run: Run, progress: bool, checkpoint_dir: Path) -> None:
         for sub_config, config_layers in group_by_config(stage_layers, layer_configs):
             if sub_config.needs_calibration:
                 calibrated_quantize(model, model_file, config_layers, sub_config, progress, record, layers,
-                                    run.rescaled, run.samples)
+                                    run.rescaled, run.samples, pool=pool)
             else:
                 data_free_quantize(config_layers, sub_config, progress, record)
         return rounded
@@ -461,6 +463,7 @@ def quantize(
     overwrite: bool = False,
     progress: bool = True,
     stage: str = "all",
+    pool=None,
 ) -> QuantizeResult:
     """Quantize the linear layers of an exported ONNX LLM and write a new export folder.
 
@@ -468,7 +471,8 @@ def quantize(
     The output folder gets model.onnx, the side files, report.json and the stage checkpoints (graphq.stages).
     ``stage`` runs one stage (weights, activations, export) from the previous one's checkpoint in the output
     folder, or ``all``, which also resumes a run that stopped after a finished stage. Every stage publishes the
-    folder whole: it appears (or changes) only when the stage is complete.
+    folder whole: it appears (or changes) only when the stage is complete. ``pool``
+    (graphq.runtimes.workers.WorkerPool) runs the layer-wise calibration samples on its workers.
     """
     config.validate()
     model_file = resolve_model_file(model_path)
@@ -493,8 +497,8 @@ def quantize(
             samples = load_calibration_samples(model_file, config) if needs_samples else None
             with publishing(output_dir, [], inputs) as staging:
                 checkpoint = stage_dir(staging, name)
-                run = start_run(model_file, model_path, config, samples, progress, checkpoint)
-                weights_stage(run, progress, checkpoint)
+                run = start_run(model_file, model_path, config, samples, progress, checkpoint, pool)
+                weights_stage(run, progress, checkpoint, pool)
                 run.seconds = {name: time.perf_counter() - started}
                 save_stage(run, staging, output_dir, name, True, None)
         elif name == "activations":
@@ -513,6 +517,8 @@ def quantize(
                 run.seconds[name] = time.perf_counter() - started
                 report["elapsed_seconds"] = round(sum(run.seconds.values()), 3)
                 report["stage_seconds"] = {stage: round(seconds, 3) for stage, seconds in run.seconds.items()}
+                if pool is not None and pool.summary() is not None:
+                    report["workers"] = pool.summary()
                 (staging / FINISHED_MARK).write_text(json.dumps(report, indent=2) + "\n")
             return finished(run, report, output_dir)
         if index == last:

@@ -17,6 +17,7 @@ import json
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +40,7 @@ from graphq.model_io import load_model, resolve_model_file
 from graphq.passes.quant_switches import Switch, add_quant_switches
 from graphq.runtimes.activation_capture import ActivationCapture
 from graphq.runtimes.layerwise import graph_input_feeds
-from graphq.runtimes.submodel import SubmodelSession
+from graphq.runtimes.submodel import SubmodelSession, share_buffers, slice_spec
 from graphq.selection import skip_reason
 
 SENSITIVITY_VERSION = 1
@@ -68,6 +69,7 @@ class SensitivityReport:
     seconds: float
     layers: list[LinearSensitivity] = field(default_factory=list)  # most sensitive first
     version: int = SENSITIVITY_VERSION
+    workers: dict | None = None  # the Ray workers that measured (WorkerPool.summary); None in one process
 
     @property
     def ranking(self) -> list[str]:
@@ -123,14 +125,50 @@ def _switch_for(layer: LinearLayer, scheme: str, config: QuantConfig, stats) -> 
     return Switch(weight_q, activation), proxy
 
 
+class _Measurements:
+    """A worker's state: the float values where each decoder layer begins, the reference log-probabilities, and
+    one onnxruntime session from the decoder layer being measured to the logits (the latest region's)."""
+
+    def __init__(self, slices: dict, feeds: list[dict], boundaries: list[dict], references: list[np.ndarray]):
+        self.slices, self.feeds, self.boundaries, self.references = slices, feeds, boundaries, references
+        self.region = self.session = None
+
+    def session_for(self, region: int | None) -> SubmodelSession:
+        if self.session is None or self.region != region:
+            self.session = None
+            self.session = SubmodelSession.open(self.slices[region])
+            self.region = region
+        return self.session
+
+
+def _measure(state: _Measurements, item: tuple[int | None, str]) -> tuple[float, float, int]:
+    """One linear quantized alone (its gate open): KL and top-1 agreement sums over the windows, positions."""
+    region, gate = item
+    session = state.session_for(region)
+    kl = agree = 0.0
+    positions = 0
+    for feed, values, reference in zip(state.feeds, state.boundaries, state.references):
+        run_feeds = {**feed, **values, gate: np.array(True)}
+        logprobs = log_softmax(session.run(run_feeds)["logits"][0])
+        kl += float((np.exp(reference, dtype=np.float64) * (reference - logprobs)).sum())
+        agree += float((reference.argmax(-1) == logprobs.argmax(-1)).sum())
+        positions += len(reference)
+    return kl, agree, positions
+
+
 def analyze(
     model_path: str | Path,
     config: QuantConfig,
     num_windows: int = 2,
     progress: bool = True,
+    pool=None,
 ) -> SensitivityReport:
-    """Rank every linear ``config`` would quantize by the end-to-end cost of quantizing it alone."""
+    """Rank every linear ``config`` would quantize by the end-to-end cost of quantizing it alone.
+
+    ``pool`` (graphq.runtimes.workers.WorkerPool): the per-linear measurements run on its workers (each gets the
+    slices and the float boundary values once) and are combined in order: the same ranking and numbers."""
     from graphq.quantize import load_calibration_samples
+    from graphq.runtimes.workers import local_pool
 
     config.validate()
     if config.method != "rtn":
@@ -171,35 +209,31 @@ def analyze(
         references.append(log_softmax(values.pop("logits")[0]).astype(np.float32))
         boundaries.append(values)
     del full
+    gate_of = dict(zip((layer.name for layer, _ in planned), gates))
+    measured = [(layer, scheme) for region in regions for layer, scheme in planned if layer.layer_index == region.index]
+    slices = {}  # region index -> the slice from the region's first value to the logits
+    for region in regions:
+        if any(layer.layer_index == region.index for layer, _ in measured):
+            specs = {name: (boundaries[0][name].dtype, boundaries[0][name].ndim) for name in cuts[region.index]}
+            slices[region.index] = slice_spec(model, specs, ["logits"])
+    share_buffers(list(slices.values()))
+    setup = partial(_Measurements, slices, feeds, boundaries, references)
+    pool = pool or local_pool()
+    items = [(layer.layer_index, gate_of[layer.name]) for layer, _ in measured]
     results = []
     bar = tqdm(total=len(planned), desc=f"sensitivity {config.scheme}", unit="linear", disable=not progress,
                file=sys.stderr)
-    gate_of = dict(zip((layer.name for layer, _ in planned), gates))
-    for region in regions:
-        members = [(layer, scheme) for layer, scheme in planned if layer.layer_index == region.index]
-        if not members:
-            continue
-        specs = {name: (boundaries[0][name].dtype, boundaries[0][name].ndim) for name in cuts[region.index]}
-        session = SubmodelSession(model, specs, ["logits"])
-        for layer, scheme in members:
-            kl = agree = 0.0
-            positions = 0
-            for feed, values, reference in zip(feeds, boundaries, references):
-                run_feeds = {**feed, **values, gate_of[layer.name]: np.array(True)}
-                logprobs = log_softmax(session.run(run_feeds)["logits"][0])
-                kl += float((np.exp(reference, dtype=np.float64) * (reference - logprobs)).sum())
-                agree += float((reference.argmax(-1) == logprobs.argmax(-1)).sum())
-                positions += len(reference)
-            results.append(LinearSensitivity(layer.name, layer.role, layer.layer_index, scheme, kl / positions,
-                                             agree / positions, proxies[layer.name]))
-            bar.update()
-            bar.set_postfix(kl=f"{kl / positions:.2e}")
-        del session
+    for (layer, scheme), (kl, agree, positions) in zip(measured, pool.map(setup, _measure, items)):
+        results.append(LinearSensitivity(layer.name, layer.role, layer.layer_index, scheme, kl / positions,
+                                         agree / positions, proxies[layer.name]))
+        bar.update()
+        bar.set_postfix(kl=f"{kl / positions:.2e}")
     bar.close()
     results.sort(key=lambda entry: -entry.kl)
     report = SensitivityReport(
         model=str(model_file.resolve()), scheme=config.scheme, config=config.to_dict(), windows=len(samples),
         tokens=int(sum(len(ids) for ids in samples)), seconds=round(time.perf_counter() - started, 3), layers=results,
+        workers=pool.summary(),
     )
     top = ", ".join(f"{e.name} ({e.kl:.2e})" for e in results[:3])
     print(f"graphq: analysed {len(results)} linears ({config.scheme}) on {len(samples)} windows in {report.seconds:.1f}s; "

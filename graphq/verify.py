@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ import onnxruntime as ort
 from tqdm import tqdm
 
 from graphq.errors import GraphqError
-from graphq.evaluate import LogitMetrics
+from graphq.evaluate import LogitMetrics, window_terms
 from graphq.linear_layers import LinearLayer, find_linear_layers
 from graphq.model_io import load_model, model_size_bytes, read_report, resolve_model_file
 from graphq.model_match import check_quantized_from
@@ -52,15 +53,23 @@ class _ChannelSums:
         self.cosine = 0.0
 
     def add(self, f: np.ndarray, q: np.ndarray) -> None:
+        self.add_sums(self.window_sums(f, q))
+
+    @staticmethod
+    def window_sums(f: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+        """One window's per-channel f^2, q^2, f*q and its per-token cosine sum (computed here or by a worker)."""
         f = f.astype(np.float64).reshape(-1, f.shape[-1])
         q = q.astype(np.float64).reshape(-1, q.shape[-1])
-        sums = ((f * f).sum(0), (q * q).sum(0), (f * q).sum(0))
+        norms = np.linalg.norm(f, axis=-1) * np.linalg.norm(q, axis=-1)
+        return (f * f).sum(0), (q * q).sum(0), (f * q).sum(0), float(((f * q).sum(-1) / np.maximum(norms, 1e-30)).sum())
+
+    def add_sums(self, sums: tuple[np.ndarray, np.ndarray, np.ndarray, float]) -> None:
+        """Add one window's sums, in window order."""
         if self.ff is None:
-            self.ff, self.qq, self.fq = sums
+            self.ff, self.qq, self.fq = sums[:3]
         else:
             self.ff, self.qq, self.fq = self.ff + sums[0], self.qq + sums[1], self.fq + sums[2]
-        norms = np.linalg.norm(f, axis=-1) * np.linalg.norm(q, axis=-1)
-        self.cosine += float(((f * q).sum(-1) / np.maximum(norms, 1e-30)).sum())
+        self.cosine += sums[3]
 
     def error(self, layer: LinearLayer, rows: int, rescaled: bool = False) -> LayerError:
         live = self.qq > 0
@@ -99,6 +108,7 @@ class VerifyResult:
     config: dict | None = None
     artifacts: dict | None = None
     serving_dtype: str = "fp32"  # the quantized model's (report.json), fp16/bf16: weights rounded, float32 compute
+    workers: dict | None = None  # the Ray workers that computed the windows (WorkerPool.summary), None in one process
 
     def worst(self, count: int) -> list[LayerError]:
         return sorted(self.layers, key=lambda e: e.sqnr_db)[:count]
@@ -150,6 +160,7 @@ class _CaptureLM(OrtCausalLM):
             raise GraphqError(f"onnxruntime cannot load {model_file}: {first_line}") from exc
         super().__init__(model_file, session=session)
         self.extra_outputs = list(extra_outputs)
+        self._reopen = (type(self), (model_path, self.extra_outputs, threads))  # a worker reopens it (pickle)
 
     def run(self, ids: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
         ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
@@ -157,10 +168,27 @@ class _CaptureLM(OrtCausalLM):
         return logits[0].astype(np.float32), extras
 
 
+def _open_pair(float_file: Path, float_outputs: list[str], quant_file: Path, quant_outputs: list[str],
+               threads: int | None) -> tuple[_CaptureLM, _CaptureLM]:
+    return _CaptureLM(float_file, float_outputs, threads), _CaptureLM(quant_file, quant_outputs, threads)
+
+
+def _window_sums(models: tuple[_CaptureLM, _CaptureLM], window: np.ndarray):
+    """One window on both models: its logit terms, every layer's channel sums and its token rows."""
+    reference, candidate = models
+    f_logits, f_outs = reference.run(window)
+    q_logits, q_outs = candidate.run(window)
+    rows = f_outs[0].reshape(-1, f_outs[0].shape[-1]).shape[0] if f_outs else 0
+    return (window_terms(window, q_logits, f_logits),
+            [_ChannelSums.window_sums(f, q) for f, q in zip(f_outs, q_outs)], rows)
+
+
 def verify(
     float_model: str | Path, quant_model: str | Path, windows: list[np.ndarray], threads: int | None = None,
-    progress: bool = False,
+    progress: bool = False, pool=None,
 ) -> VerifyResult:
+    """``pool`` (graphq.runtimes.workers.WorkerPool): windows computed by its workers (each opens both models),
+    combined in window order: the same numbers as in one process."""
     float_file, quant_file = resolve_model_file(float_model), resolve_model_file(quant_model)
     report = read_report(quant_file.parent)
     float_ir = load_model(float_file)
@@ -187,21 +215,20 @@ def verify(
     if not pairs and len(still_float) == len(float_layers):
         raise GraphqError(f"{quant_file} has the same float linear layers as {float_file}: it is not quantized")
     del quant_ir
-    reference = _CaptureLM(float_file, [p[1] for p in pairs], threads)
-    candidate = _CaptureLM(quant_file, [p[2] for p in pairs], threads)
+    from graphq.runtimes.workers import local_pool
+
+    pool = pool or local_pool()
+    setup = partial(_open_pair, float_file, [p[1] for p in pairs], quant_file, [p[2] for p in pairs], threads)
     sums = [_ChannelSums() for _ in pairs]
     rows = 0
     metrics = LogitMetrics()
-    try:
-        for window in tqdm(windows, desc="verify", unit="window", disable=not progress, file=sys.stderr):
-            f_logits, f_outs = reference.run(window)
-            q_logits, q_outs = candidate.run(window)
-            metrics.add(window, q_logits, f_logits)
-            for entry, f, q in zip(sums, f_outs, q_outs):
-                entry.add(f, q)
-            rows += f_outs[0].reshape(-1, f_outs[0].shape[-1]).shape[0] if f_outs else 0
-    finally:
-        del reference, candidate
+    results = pool.map(setup, _window_sums, windows)
+    for terms, window_sums, window_rows in tqdm(results, total=len(windows), desc="verify", unit="window",
+                                                disable=not progress, file=sys.stderr):
+        metrics.add_terms(terms)
+        for entry, layer_sums in zip(sums, window_sums):
+            entry.add_sums(layer_sums)
+        rows += window_rows
     rescaled = {entry["name"] for entry in report.get("layers", []) if entry.get("output_rescaled")}
     layers = [entry.error(layer, rows, layer.name in rescaled) for entry, (layer, _, _) in zip(sums, pairs)]
     sparsity = {entry["name"]: entry["sparsity"] for entry in report.get("layers", []) if "sparsity" in entry}
@@ -223,6 +250,7 @@ def verify(
         config=report.get("config"),
         artifacts=report.get("artifacts"),
         serving_dtype=report.get("serving_dtype", "fp32"),
+        workers=pool.summary(),
     )
 
 

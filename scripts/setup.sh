@@ -10,7 +10,7 @@ fi
 PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 # torch first, pinned to the CPU build; everything after is constrained to the same version.
 "${PIP[@]}" torch==2.13.0 2> >(grep -v "^WARNING: Location" >&2)
-"${PIP[@]}" -c requirements/constraints.txt -e ".[test]" 2> >(grep -v "^WARNING: Location" >&2)
+"${PIP[@]}" -c requirements/constraints.txt -e ".[test,ray]" 2> >(grep -v "^WARNING: Location" >&2)
 .venv/bin/python -m graphq.default_model >/dev/null
 # A headless browser for the HTML report test (Debian chromium); skipped when present or when apt is unavailable.
 if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null; then

@@ -25,9 +25,20 @@ class ChannelSum:
     def add(self, x: np.ndarray) -> None:
         x = np.asarray(x)
         x = x.reshape(-1, x.shape[-1])
+        self.merge(self.partial(x), x.shape[0])
+
+    def partial(self, x: np.ndarray, tokens_before: int = 0) -> np.ndarray:
+        """One batch's contribution, computed anywhere (a worker process); ``merge`` adds it, in batch order."""
+        x = np.asarray(x)
+        if self._sum is not None and x.shape[-1] != self._sum.shape[0]:
+            raise ValueError(f"expected {self._sum.shape[0]} input channels, got {x.shape[-1]}")
+        return self.term(x.reshape(-1, x.shape[-1]))
+
+    def merge(self, part: np.ndarray, tokens: int) -> None:
+        """Add a ``partial`` of ``tokens`` rows: the same arithmetic as ``add``."""
         if self._sum is None:
-            self._sum = np.zeros(x.shape[1], dtype=np.float64)
-        if x.shape[1] != self._sum.shape[0]:
-            raise ValueError(f"expected {self._sum.shape[0]} input channels, got {x.shape[1]}")
-        self._sum += self.term(x)
-        self._n += x.shape[0]
+            self._sum = np.zeros(part.shape[0], dtype=np.float64)
+        if part.shape[0] != self._sum.shape[0]:
+            raise ValueError(f"expected {self._sum.shape[0]} input channels, got {part.shape[0]}")
+        self._sum += part
+        self._n += tokens

@@ -52,18 +52,37 @@ class HessianAccumulator:
         if self._k is None:
             self._k = x.shape[-1]
             self._h = np.zeros((self._k, self._k), dtype=np.float64)
-        if x.shape[-1] != self._k:
+        part = self.partial(x, self._n)
+        if part is not None:
+            self.merge(part, int(np.prod(x.shape[:-1])))
+
+    def partial(self, x: np.ndarray, tokens_before: int) -> np.ndarray | None:
+        """The batch's term of H given the tokens added before it, 2 x^T x / (tokens_before + m): computed anywhere
+        (a worker process), then ``merge``d in batch order, it gives H bit for bit as ``add`` does."""
+        x = np.asarray(x)
+        if x.ndim == 0:
+            raise ValueError("expected inputs of shape [..., K]")
+        if self._k is not None and x.shape[-1] != self._k:
             raise ValueError(f"expected {self._k} input channels, got shape {x.shape}")
-        x = x.reshape(-1, self._k).astype(np.float64)
+        x = x.reshape(-1, x.shape[-1]).astype(np.float64)
         m = x.shape[0]
         if m == 0:
-            return
+            return None
         if not np.all(np.isfinite(x)):
             raise ValueError("calibration inputs contain NaN or inf")
-        total = self._n + m
+        x *= np.sqrt(2.0 / (tokens_before + m))
+        return x.T @ x  # numpy turns a @ a.T-shaped products of one buffer into SYRK
+
+    def merge(self, part: np.ndarray, tokens: int) -> None:
+        """Rescale H to the new token count and add a ``partial`` of ``tokens`` rows."""
+        if self._k is None:
+            self._k = part.shape[0]
+            self._h = np.zeros((self._k, self._k), dtype=np.float64)
+        if part.shape != (self._k, self._k):
+            raise ValueError(f"expected {self._k} input channels, got a term of shape {part.shape}")
+        total = self._n + tokens
         self._h *= self._n / total
-        x *= np.sqrt(2.0 / total)
-        self._h += x.T @ x  # numpy turns a @ a.T-shaped products of one buffer into SYRK
+        self._h += part
         self._n = total
 
     def hessian(self) -> np.ndarray:

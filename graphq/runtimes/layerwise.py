@@ -3,19 +3,27 @@
 For layer i, the inputs of its linear layers are captured by running layer i on the hidden states that the
 already-quantized layers < i produced (errors of earlier layers are seen and compensated). Statistics are
 streamed into accumulators; only the hidden states entering the current layer are kept for all samples.
+
+The samples of each step run through ``pool`` (graphq.runtimes.workers.WorkerPool: this process, or Ray workers):
+per sample and linear input, each accumulator's ``partial`` term (or the rows, for one without it) and the token
+sample rows (indices drawn here, in sample order) come back and are merged in sample order, so the statistics are
+the same bit for bit wherever the samples ran.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable, Iterator
 
 import numpy as np
 import onnx_ir as ir
 
+from graphq.errors import GraphqError
+
 from graphq.decoder_layers import Region, decoder_regions, prefix_values
 from graphq.linear_layers import LinearLayer
-from graphq.runtimes.submodel import SubmodelSession
+from graphq.runtimes.submodel import SubmodelSession, slice_spec
 
 
 @dataclass
@@ -76,7 +84,11 @@ class LayerwiseCalibration:
         seed: int = 0,
         threads: int | None = None,
         all_layers: list[LinearLayer] | None = None,
+        pool=None,
     ):
+        from graphq.runtimes.workers import local_pool
+
+        self.pool = pool or local_pool()  # graphq.runtimes.workers.WorkerPool: where the samples run
         self.model = model
         self.layers = layers
         self.samples = samples
@@ -119,21 +131,28 @@ class LayerwiseCalibration:
                     break
                 self._forward(region, cut, feeds, values, later_needs)
                 continue
-            capture = SubmodelSession(self.model, self._specs(cut, values[0]), input_names, threads=self.threads)
             stats = {
                 name: InputStatistics({key: factory() for key, factory in self.statistics.items()})
                 for name in input_names
             }
+            # The token sample rows are drawn here, in the order one loop over the samples would draw them, and
+            # each sample's statistics come back as terms merged in sample order: the same statistics bit for bit
+            # whether the samples ran here or on workers.
+            items, before = [], 0
             for feed, sample_values in zip(feeds, values):
-                captured = capture.run({**feed, **sample_values})
-                for name, array in captured.items():
-                    rows = array.reshape(-1, array.shape[-1]).astype(np.float32)
+                rows = int(np.prod(feed["input_ids"].shape))
+                take = min(self.tokens_per_sample, rows)
+                picks = {name: np.sort(self.rng.choice(rows, take, replace=False)) for name in input_names}
+                items.append((feed, sample_values, picks, rows, before))
+                before += rows
+            setup = partial(_CaptureState, slice_spec(self.model, self._specs(cut, values[0]), input_names),
+                            self.statistics, self.threads)
+            for captured in self.pool.map(setup, _capture_sample, items):
+                for name, (terms, rows, sample) in captured.items():
                     entry = stats[name]
-                    for accumulator in entry.accumulators.values():
-                        accumulator.add(rows)
-                    take = min(self.tokens_per_sample, len(rows))
-                    entry.sample_rows.append(rows[np.sort(self.rng.choice(len(rows), take, replace=False))])
-            del capture
+                    for key, accumulator in entry.accumulators.items():
+                        _merge(accumulator, terms[key], rows)
+                    entry.sample_rows.append(sample)
             yield region, region_layers, stats
             if position == len(regions) - 1 or not region.stream_outputs:
                 break
@@ -141,11 +160,13 @@ class LayerwiseCalibration:
 
     def _forward(self, region: Region, cut: list[str], feeds: list, values: list[dict], later_needs: dict) -> None:
         """Run the region (as the graph now has it) on every sample, replacing ``values`` by what later regions read."""
-        forward = SubmodelSession(self.model, self._specs(cut, values[0]), region.stream_outputs, threads=self.threads)
         keep = later_needs[region.index]
-        for i, (feed, sample_values) in enumerate(zip(feeds, values)):
-            produced = forward.run({**feed, **sample_values})
-            merged = {**sample_values, **produced}
+        setup = partial(_ForwardState, slice_spec(self.model, self._specs(cut, values[0]), region.stream_outputs),
+                        keep, self.threads)
+        # Items read lazily: sample i's old values are dropped as soon as its new ones are in.
+        items = ((feed, values[i]) for i, feed in enumerate(feeds))
+        for i, produced in enumerate(self.pool.map(setup, _forward_sample, items)):
+            merged = {**values[i], **produced}
             values[i] = {name: merged[name] for name in merged if name in keep}
         self.peak_stream_bytes = max(self.peak_stream_bytes, sum(a.nbytes for v in values for a in v.values()))
 
@@ -157,3 +178,53 @@ class LayerwiseCalibration:
             needs[region.index] = set(later)
             later |= set(region.stream_inputs) | set(region.static_inputs)
         return needs
+
+
+def _term(accumulator: Any, rows: np.ndarray, tokens_before: int) -> tuple[str, Any]:
+    """A sample's contribution to an accumulator: its ``partial`` where it has one, else the rows themselves."""
+    partial_of = getattr(accumulator, "partial", None)
+    return ("partial", partial_of(rows, tokens_before)) if partial_of is not None else ("rows", rows)
+
+
+def _merge(accumulator: Any, term: tuple[str, Any], rows: int) -> None:
+    kind, value = term
+    if kind == "rows":
+        accumulator.add(value)
+    elif value is not None:
+        accumulator.merge(value, rows)
+
+
+class _CaptureState:
+    """A worker's (or this process's) capture session for one region, and accumulators to compute terms with."""
+
+    def __init__(self, spec, statistics: dict[str, Callable[[], Any]], threads: int | None):
+        self.session = SubmodelSession.open(spec, threads=threads)
+        self.accumulators = {key: factory() for key, factory in statistics.items()}  # never added to: partial only
+
+
+def _capture_sample(state: _CaptureState, item) -> dict[str, tuple[dict, int, np.ndarray]]:
+    """One sample through the region: per linear input, each statistic's term, the row count and the sampled rows."""
+    feed, sample_values, picks, expected_rows, tokens_before = item
+    captured = state.session.run({**feed, **sample_values})
+    result = {}
+    for name, array in captured.items():
+        rows = array.reshape(-1, array.shape[-1]).astype(np.float32)
+        if len(rows) != expected_rows:
+            raise GraphqError(f"linear input {name} has {len(rows)} rows for a sample of {expected_rows} tokens: "
+                              "layer-wise calibration expects one row per token")
+        terms = {key: _term(accumulator, rows, tokens_before) for key, accumulator in state.accumulators.items()}
+        result[name] = (terms, len(rows), rows[picks[name]])
+    return result
+
+
+class _ForwardState:
+    def __init__(self, spec, keep: set[str], threads: int | None):
+        self.session = SubmodelSession.open(spec, threads=threads)
+        self.keep = keep
+
+
+def _forward_sample(state: _ForwardState, item) -> dict[str, np.ndarray]:
+    """One sample through the region as the graph now has it: the outputs later regions read."""
+    feed, sample_values = item
+    produced = state.session.run({**feed, **sample_values})
+    return {name: array for name, array in produced.items() if name in state.keep}

@@ -44,6 +44,7 @@ class OrtCausalLM:
 
     def __init__(self, model_path: str | Path, threads: int | None = None, session: ort.InferenceSession | None = None):
         self.session = session if session is not None else create_session(model_path, threads)
+        self._reopen = (type(self), (model_path, threads)) if session is None else None
         self.input_names = [i.name for i in self.session.get_inputs()]
         if "input_ids" not in self.input_names:
             raise GraphqError(f"{model_path} has no input_ids input: it is not a causal language model export")
@@ -56,6 +57,12 @@ class OrtCausalLM:
                 self._past_specs[spec.name] = (dims[1], dims[3], _ORT_TYPES.get(spec.type, np.float32))
         self.output_names = [o.name for o in self.session.get_outputs()]
         self._present_for = {name: name.replace("past_key_values", "present") for name in self._past_specs}
+
+    def __reduce__(self):
+        """Pickled as the path it was opened from: a worker process opens its own session (graphq.runtimes.workers)."""
+        if self._reopen is None:
+            raise TypeError(f"{type(self).__name__} built from a session cannot be sent to another process")
+        return self._reopen
 
     def _feeds(self, ids: np.ndarray, past: dict[str, np.ndarray] | None, past_length: int) -> dict[str, np.ndarray]:
         batch, length = ids.shape

@@ -6,6 +6,8 @@ IR model, so weight edits are seen without re-saving the whole model.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -110,10 +112,49 @@ def _value_info(name: str, dtype: np.dtype, rank: int) -> onnx.ValueInfoProto:
     return onnx.helper.make_tensor_value_info(name, elem, [None] * rank)
 
 
+@dataclass
+class SliceSpec:
+    """A slice ready for onnxruntime, picklable (a worker process opens it): the serialized model, whose large
+    initializers are references to ``buffers`` (name -> array) instead of inline data."""
+
+    proto: bytes
+    buffers: dict[str, np.ndarray]
+    input_names: list[str]
+    output_names: list[str]
+
+
+def slice_spec(model: ir.Model, input_specs: dict[str, tuple[np.dtype, int]], outputs: list[str]) -> SliceSpec:
+    """The slice of ``model`` that computes ``outputs`` from the named inputs (see SubmodelSession)."""
+    graph = model.graph
+    nodes, initializers, reached_inputs = slice_closure(graph, outputs, set(input_specs))
+    inputs = [_value_info(name, dtype, rank) for name, (dtype, rank) in input_specs.items()]
+    inputs += [ir.serde.serialize_value(value) for value in reached_inputs]
+    buffers: dict[str, np.ndarray] = {}
+    initializer_protos = []
+    for value in initializers:
+        array = _user_buffer(value)
+        if array is None:
+            initializer_protos.append(_embedded_tensor(value))
+            continue
+        initializer_protos.append(_buffer_reference(value, array))
+        buffers[value.name] = array
+    proto = slice_model_proto(model, nodes, inputs, outputs, initializer_protos, "graphq_slice")
+    return SliceSpec(proto.SerializeToString(), buffers, [i.name for i in proto.graph.input], list(outputs))
+
+
+def share_buffers(specs: list[SliceSpec]) -> list[SliceSpec]:
+    """Point equal-named buffers of several slices at one array, so that pickling them sends each once."""
+    seen: dict[str, np.ndarray] = {}
+    for spec in specs:
+        spec.buffers = {name: seen.setdefault(name, array) for name, array in spec.buffers.items()}
+    return specs
+
+
 class SubmodelSession:
     """An onnxruntime session over the slice of ``model`` that computes ``outputs`` from the named inputs.
 
     ``input_specs`` maps each cut-point value to (dtype, rank); graph inputs the slice reaches are kept as inputs.
+    ``SubmodelSession.open(spec)`` opens a ``slice_spec`` (in this or another process).
     """
 
     def __init__(
@@ -123,29 +164,23 @@ class SubmodelSession:
         outputs: list[str],
         threads: int | None = None,
     ):
-        graph = model.graph
-        nodes, initializers, reached_inputs = slice_closure(graph, outputs, set(input_specs))
-        inputs = [_value_info(name, dtype, rank) for name, (dtype, rank) in input_specs.items()]
-        inputs += [ir.serde.serialize_value(value) for value in reached_inputs]
+        self._open(slice_spec(model, input_specs, outputs), threads)
+
+    @classmethod
+    def open(cls, spec: SliceSpec, threads: int | None = None) -> "SubmodelSession":
+        session = cls.__new__(cls)
+        session._open(spec, threads)
+        return session
+
+    def _open(self, spec: SliceSpec, threads: int | None) -> None:
         options = session_options(threads)
         # The OrtValues must outlive the session, which reads their memory directly.
-        self._buffers: list[ort.OrtValue] = []
-        initializer_protos = []
-        for value in initializers:
-            array = _user_buffer(value)
-            if array is None:
-                initializer_protos.append(_embedded_tensor(value))
-                continue
-            initializer_protos.append(_buffer_reference(value, array))
-            self._buffers.append(ort.OrtValue.ortvalue_from_numpy(array))
+        self._buffers: list[ort.OrtValue] = [ort.OrtValue.ortvalue_from_numpy(a) for a in spec.buffers.values()]
         if self._buffers:
-            options.add_external_initializers(
-                [p.name for p in initializer_protos if p.data_location == onnx.TensorProto.EXTERNAL], self._buffers
-            )
-        proto = slice_model_proto(model, nodes, inputs, outputs, initializer_protos, "graphq_slice")
-        self.input_names = [i.name for i in proto.graph.input]
-        self.output_names = list(outputs)
-        self.session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+            options.add_external_initializers(list(spec.buffers), self._buffers)
+        self.input_names = list(spec.input_names)
+        self.output_names = list(spec.output_names)
+        self.session = ort.InferenceSession(spec.proto, options, providers=["CPUExecutionProvider"])
 
     def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
         names = outputs or self.output_names
