@@ -15,7 +15,7 @@ from typing import Iterator
 import onnx_ir as ir
 
 from graphq.errors import GraphqError
-from graphq.model_io import MODEL_FILENAME, atomic_output_dir
+from graphq.model_io import MODEL_FILENAME, atomic_output_dir, inline_external_attributes
 
 TASK = "text-generation-with-past"
 # The legacy SentencePiece file written when a tokenizer comes from GGUF is a full copy of the GGUF file;
@@ -97,10 +97,16 @@ def move_weights_to_external_data(model_file: Path) -> None:
     if data_file.exists():
         return
     model = ir.load(model_file)
+    inline_external_attributes(model)  # optimum's model.onnx_data (over 2 GB) then holds nothing the graph reads
+    sources = {Path(v.const_value.path) for v in model.graph.initializers.values()
+               if isinstance(v.const_value, ir.ExternalTensor)}
     rewritten = model_file.with_name(".rewrite." + model_file.name)
     ir.save(model, rewritten, external_data=data_file.name)
     del model
     os.replace(rewritten, model_file)
+    for source in sources:  # the exporter's own data file: every tensor of it is in model.onnx.data now
+        if source.resolve() != data_file.resolve() and source.parent.resolve() == model_file.parent.resolve():
+            source.unlink(missing_ok=True)
 
 
 def round_export_to_dtype(model_file: Path, dtype: str) -> None:

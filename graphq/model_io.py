@@ -54,8 +54,24 @@ def load_model(path: str | Path) -> ir.Model:
         raise GraphqError(
             f"{model_file} is not a readable ONNX model ({first_line}): re-export it with 'graphq export'"
         ) from exc
+    inline_external_attributes(model)
     check_external_data(model, model_file)
     return model
+
+
+def inline_external_attributes(model: ir.Model) -> int:
+    """Read into memory the tensors of node attributes (Constant values) kept in an external file.
+
+    onnx's save_model puts those beside the initializers for models over 2 GB (optimum's model.onnx_data); the
+    graph slices graphq runs are built from bytes, where such a relative reference cannot resolve. They are small
+    (shapes, masks); the initializers stay lazily mapped. Returns how many were read."""
+    count = 0
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        for name, attr in list(node.attributes.items()):
+            if attr.type == ir.AttributeType.TENSOR and isinstance(attr.value, ir.ExternalTensor):
+                node.attributes[name] = ir.AttrTensor(name, ir.Tensor(attr.value.numpy(), name=attr.value.name))
+                count += 1
+    return count
 
 
 def check_external_data(model: ir.Model, model_file: Path) -> None:

@@ -693,3 +693,31 @@ def test_staging_of_another_host_is_left_alone(inputs, tmp_path, capsys):
     capsys.readouterr()
     assert main(["quantize", str(inputs["llama"]), "-o", str(tmp_path / "out"), "--quiet"]) == 0
     assert "removed" not in capsys.readouterr().err and foreign.is_dir()
+
+
+def test_constants_kept_in_external_data_are_read_into_the_graph(inputs, tmp_path):
+    """onnx saves the Constant nodes' tensors of a model over 2 GB in its data file too (optimum's model.onnx_data).
+    graphq's calibration slices are sessions built from bytes, where that relative reference cannot resolve; the
+    loader reads them into the graph, and `graphq export` leaves no second data file behind."""
+    import onnx
+
+    from graphq.config import QuantConfig
+    from graphq.export import move_weights_to_external_data
+    from graphq.quantize import quantize as run_quantize
+
+    folder = tmp_path / "big-style"
+    folder.mkdir()
+    model = onnx.load(str(inputs["llama"] / "model.onnx"))
+    onnx.save_model(model, str(folder / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="model.onnx_data", size_threshold=0, convert_attribute=True)
+    saved = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    external = [n for n in saved.graph.node for a in n.attribute if a.t.data_location == onnx.TensorProto.EXTERNAL]
+    assert external, "the setup must put Constant tensors in the data file"
+    for side in inputs["llama"].iterdir():
+        if side.suffix == ".json":
+            shutil.copy(side, folder / side.name)
+    config = QuantConfig(method="awq", group_size=32, calib=str(inputs["text"]), num_samples=2, seq_len=16)
+    run_quantize(folder, config, tmp_path / "q", progress=False)  # slices with those constants run
+    move_weights_to_external_data(folder / "model.onnx")  # what export does after optimum
+    assert sorted(p.name for p in folder.glob("model.onnx*")) == ["model.onnx", "model.onnx.data"]
+    run_quantize(folder, config, tmp_path / "q2", progress=False)
