@@ -265,3 +265,57 @@ def test_extracted_params_of_w8a8_hold_the_input_ranges(tiny_models, tiny_text, 
     np.testing.assert_allclose(tensors["model.layers.0.self_attn.q_proj.weight_clip_max"],
                                np.maximum(-128 * scale, 127 * scale), rtol=1e-6)
     assert sorted(p.name for p in (tmp_path / "w8").iterdir() if p.is_dir()) == ["stages"]  # spills: checkpoints
+
+
+def test_the_torch_model_draws_no_random_weights_and_loads_the_graphs(tiny_models):
+    from graphq.linear_layers import find_linear_layers
+    from graphq.model_io import load_model
+    from graphq.runtimes.torch_model import build_torch_model, hf_tensors, load_graph_weights
+
+    source = tiny_models["qwen2"]["onnx"]
+    model = load_model(source)
+    layers = find_linear_layers(model)
+    rng = torch.get_rng_state()
+    empty = build_torch_model(source, model, layers, decoder_weights=False)
+    # from_config's random initialisation would have drawn from the global generator (and allocated the weights)
+    assert torch.equal(torch.get_rng_state(), rng)
+    decoder = {n: p for n, p in empty.named_parameters() if ".layers." in n}
+    assert decoder and all(p.is_meta for p in decoder.values())
+    assert not empty.get_input_embeddings().weight.is_meta
+    graph = {name: load() for name, load in hf_tensors(model, layers)}
+    loaded = load_graph_weights(empty, model, layers, lambda name: name.startswith("model.layers.1."))
+    assert loaded and all(name.startswith("model.layers.1.") for name in loaded)
+    for name, parameter in empty.named_parameters():
+        if name in loaded:
+            np.testing.assert_array_equal(parameter.detach().numpy(), graph[name])
+        elif name.startswith("model.layers."):
+            assert parameter.is_meta
+    full = build_torch_model(source, model, layers)
+    assert not any(p.is_meta for p in full.parameters())
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_kd_holds_one_decoder_layers_weights_at_a_time(tiny_models, tiny_text, tmp_path, monkeypatch):
+    """The float model is in the graph already: torch materialises only the decoder layer being trained (and the
+    embedding only until the first layer's inputs are computed)."""
+    import graphq.kd.train as train
+    import graphq.runtimes.torch_model as torch_model
+
+    models, held = [], []
+    original_load, original_train = torch_model.load_graph_weights, train.train_layer
+
+    def load(model, *args, **kwargs):
+        models.append(model)
+        return original_load(model, *args, **kwargs)
+
+    def train_layer(block, *args, **kwargs):
+        model = models[-1]
+        loaded = [index for index, b in enumerate(torch_model.decoder_layers(model))
+                  if any(not p.is_meta for p in b.parameters())]
+        held.append((loaded, model.get_input_embeddings().weight.is_meta))
+        return original_train(block, *args, **kwargs)
+
+    monkeypatch.setattr(torch_model, "load_graph_weights", load)
+    monkeypatch.setattr(train, "train_layer", train_layer)
+    quantize(tiny_models["llama"]["onnx"], kd_config(tiny_text, "awq+kd"), tmp_path / "kd", progress=False)
+    assert held == [([0], True), ([1], True)]

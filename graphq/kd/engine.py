@@ -3,7 +3,8 @@ torch, then every learned clip (and norm) written back into the graph through ``
 
 Layer i is trained on the inputs the already-quantized layers 0..i-1 produce, against the float layer i's outputs
 on the float model's inputs (the teacher's). Only one layer's activations (teacher inputs, student inputs, targets)
-are held; the float weights of the whole model are held twice (graph and torch).
+are held, and one decoder layer's weights in torch: the float weights of the model are held once, in the graph
+(each torch layer is read from it when reached and dropped when done).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from graphq.algorithms.rtn import quantize_rtn
 from graphq.errors import GraphqError
 from graphq.kd.settings import KDSettings
 from graphq.linear_layers import LinearLayer
+from graphq.memory import trace
 from graphq.passes.weights import set_norm_weight
 from graphq.weight_methods.base import LayerResult
 
@@ -91,28 +93,43 @@ def distill(job: TrainingJob, before: list[str]) -> None:
     from graphq.kd.fake_quant import FakeQuantLinear, alpha_from_clip
     from graphq.kd.train import layer_outputs, train_layer
     from graphq.runtimes.torch_model import (build_torch_model, decoder_layer_path, decoder_layers,
-                                             first_layer_inputs)
+                                             first_layer_inputs, load_graph_weights, release_weights, to_device)
 
     config = job.config
     settings = KDSettings.from_dict(config.kd)
     seed = config.seed if settings.seed is None else settings.seed
     torch.manual_seed(seed)
     device = resolve_device(config.device)
+    trace("kd start")
     start_results = starting_point(job, before)
-    started = time.perf_counter()
-    torch_model = build_torch_model(job.model_file.parent, job.model, job.known_layers).to(device)
-    torch_model.requires_grad_(False)
-    tokens = torch.from_numpy(training_tokens(job, settings)).to(device)
-    _, kwargs = first_layer_inputs(torch_model, tokens[:1])
-    batch = settings.micro_batch_size
-    teacher_in = torch.cat([first_layer_inputs(torch_model, tokens[s:s + batch])[0] for s in range(0, len(tokens), batch)])
-    student_in = teacher_in.clone()
     by_block: dict[int, list[LinearLayer]] = {}
     outside: list[LinearLayer] = []
     for layer in job.layers:
         where = decoder_layer_path(layer.name)
         (by_block.setdefault(where[1], []) if where else outside).append(layer)
+    kept = {layer.name for layer in outside}
+    for name, result in start_results.items():  # trained layers keep the start's clip and entry, not its integers
+        if name not in kept:
+            start_results[name] = dataclasses.replace(result, weight=None)
+    trace("kd after starting point")
+    started = time.perf_counter()
+    # The decoder layers' weights are read from the graph one layer at a time, when the layer is reached, and
+    # dropped when it is done: torch never holds the whole model beside the graph.
+    torch_model = to_device(build_torch_model(job.model_file.parent, job.model, job.known_layers,
+                                              decoder_weights=False), device)
+    torch_model.requires_grad_(False)
+    trace("kd after torch model")
+    tokens = torch.from_numpy(training_tokens(job, settings)).to(device)
+    _, kwargs = first_layer_inputs(torch_model, tokens[:1])
+    batch = settings.micro_batch_size
+    teacher_in = torch.cat([first_layer_inputs(torch_model, tokens[s:s + batch])[0] for s in range(0, len(tokens), batch)])
+    student_in = teacher_in.clone()
     blocks = decoder_layers(torch_model)
+    block_names = {id(module): name for name, module in torch_model.named_modules()}
+    for module in [torch_model.get_input_embeddings(), torch_model.get_output_embeddings()]:
+        if module is not None:  # the embedding's work is done: only decoder layers run from here on
+            release_weights(module)
+    trace("kd after first inputs")
     group = lambda layer: config.group_size_for(layer.in_features)  # noqa: E731
     bar = tqdm(total=len(by_block), desc=f"kd {config.scheme} ({len(tokens)}x{tokens.shape[1]} tokens)", unit="layer",
                disable=not job.progress, file=sys.stderr)
@@ -121,7 +138,13 @@ def distill(job: TrainingJob, before: list[str]) -> None:
     for index, block in enumerate(blocks):
         if index > last:
             break
-        targets = layer_outputs(block, teacher_in, kwargs, batch)
+        prefix = f"{block_names[id(block)]}."
+        load_graph_weights(torch_model, job.model, job.known_layers, lambda name: name.startswith(prefix))
+        to_device(block, device).requires_grad_(False)
+        # The float layer's outputs replace its inputs in place: the teacher's inputs are not needed again.
+        targets = layer_outputs(block, teacher_in, kwargs, batch, out=teacher_in)
+        del teacher_in
+        trace(f"kd layer {index} targets")
         planned = by_block.get(index, [])
         if planned:
             fake = {}
@@ -152,6 +175,7 @@ def distill(job: TrainingJob, before: list[str]) -> None:
             training = train_layer(block, alphas if settings.enable else [], norms if settings.enable else [],
                                    student_in, targets, kwargs, settings, seed + index, on_step)
             steps.close()
+            trace(f"kd layer {index} trained")
             block.requires_grad_(False)
             for name, layer in norm_layers.items():
                 state[f"{name}.weight"] = torch_model.get_submodule(name).weight.detach().cpu().numpy().copy()
@@ -169,8 +193,11 @@ def distill(job: TrainingJob, before: list[str]) -> None:
                 job.finish(layer, qw, entry)
             bar.update(1)
             bar.set_postfix(loss=f"{training.loss_start:.2e}->{training.loss_end:.2e}")
-        student_in = layer_outputs(block, student_in, kwargs, batch)
+        student_in = layer_outputs(block, student_in, kwargs, batch, out=student_in)
         teacher_in = targets
+        del targets
+        release_weights(block)
+        trace(f"kd layer {index} done")
     bar.close()
     for layer in outside:  # lm_head: no decoder layer to train in; the starting method's (or RTN's) result
         start = start_results.get(layer.name)

@@ -36,9 +36,15 @@ def layer_loss(block: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, kw
     return total / max(count, 1)
 
 
-def layer_outputs(block: nn.Module, inputs: torch.Tensor, kwargs: dict, batch: int) -> torch.Tensor:
+def layer_outputs(block: nn.Module, inputs: torch.Tensor, kwargs: dict, batch: int,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """The block's outputs on ``inputs``, ``batch`` samples at a time (samples are independent), written into
+    ``out`` (which may be ``inputs`` itself: each batch is read before its outputs overwrite it)."""
+    out = torch.empty_like(inputs) if out is None else out
     with torch.no_grad():
-        return torch.cat([run_layer(block, inputs[s:s + batch], kwargs) for s in range(0, inputs.shape[0], batch)])
+        for s in range(0, inputs.shape[0], batch):
+            out[s:s + batch] = run_layer(block, inputs[s:s + batch], kwargs)
+    return out
 
 
 def train_layer(

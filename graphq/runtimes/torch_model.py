@@ -54,13 +54,22 @@ def decoder_layer_path(linear_name: str) -> tuple[str, int] | None:
     return (match.group(1), int(match.group(2))) if match else None
 
 
-def build_torch_model(model_dir: Path, model: ir.Model, layers: list[LinearLayer]):
-    """The float torch model (eval mode, fp32, no KV cache) whose decoder weights are the graph's.
+def _parameter_owners(torch_model) -> dict[str, tuple[Any, str]]:
+    """Parameter name -> (module holding it, attribute), tied parameters under each of their names."""
+    modules = dict(torch_model.named_modules(remove_duplicate=False))
+    owners = {}
+    for name, _ in torch_model.named_parameters(remove_duplicate=False):
+        parent, _, attribute = name.rpartition(".")
+        owners[name] = (modules[parent], attribute)
+    return owners
 
-    Every parameter of the decoder layers and the token embedding must be found in the graph; the final norm and
-    lm_head may be missing (layer-by-layer training never computes logits)."""
+
+def empty_torch_model(model_dir: Path):
+    """The Hugging Face model of ``model_dir``'s config.json (fp32, sdpa, no KV cache) with every parameter on the
+    meta device: no weight is allocated or drawn (buffers such as rotary frequencies are computed on the CPU)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.integrations.accelerate import init_empty_weights
 
     config_file = model_dir / "config.json"
     if not config_file.is_file():
@@ -71,27 +80,77 @@ def build_torch_model(model_dir: Path, model: ir.Model, layers: list[LinearLayer
     except Exception as exc:  # transformers raises many types for unknown architectures
         raise GraphqError(f"{config_file} names a model transformers cannot build ({str(exc).splitlines()[0]})") from exc
     hf_config.use_cache = False
-    torch.manual_seed(0)  # from_config draws random weights first; they are all replaced, but stay deterministic
-    torch_model = AutoModelForCausalLM.from_config(hf_config, attn_implementation="sdpa", dtype=torch.float32)
-    # Each graph tensor replaces the random one in place, so the model is never held twice in torch.
-    parameters = dict(torch_model.named_parameters(remove_duplicate=False))
+    with init_empty_weights(include_buffers=False):
+        torch_model = AutoModelForCausalLM.from_config(hf_config, attn_implementation="sdpa", dtype=torch.float32)
+    return torch_model.eval()
+
+
+def load_graph_weights(torch_model, model: ir.Model, layers: list[LinearLayer],
+                       select: Callable[[str], bool] = lambda name: True) -> set[str]:
+    """Give every parameter whose name ``select`` accepts the graph's tensor of that name (a float32 copy), read
+    now; returns the names loaded. Tied parameters share the loaded tensor only after ``tie_weights``."""
+    import torch
+    from torch import nn
+
+    owners = _parameter_owners(torch_model)
     found: set[str] = set()
     for name, load in hf_tensors(model, layers):
-        if name not in parameters or name in found:
+        if name not in owners or name in found or not select(name):
             continue
+        module, attribute = owners[name]
+        current = getattr(module, attribute)
         array = load()
-        if tuple(array.shape) != tuple(parameters[name].shape):
+        if tuple(array.shape) != tuple(current.shape):
             raise GraphqError(f"the graph's {name} has shape {tuple(array.shape)}, config.json implies "
-                              f"{tuple(parameters[name].shape)}: the export and its config.json do not match")
-        parameters[name].data = torch.from_numpy(array)
+                              f"{tuple(current.shape)}: the export and its config.json do not match")
+        module._parameters[attribute] = nn.Parameter(torch.from_numpy(array), requires_grad=current.requires_grad)
         found.add(name)
-    needed = [name for name in parameters if re.search(r"(?:layers|h|blocks|layer)\.\d+\.|embed", name)]
-    missing = [name for name in needed if name not in found]
+    return found
+
+
+def release_weights(module) -> None:
+    """Drop the module's parameters and buffers to the meta device (their memory is freed once unreferenced)."""
+    module.to("meta")
+
+
+def to_device(module, device: str):
+    """``module.to(device)`` for the tensors that are loaded; those on the meta device stay there."""
+    return module._apply(lambda t: t if t.is_meta else t.to(device))
+
+
+def build_torch_model(model_dir: Path, model: ir.Model, layers: list[LinearLayer], decoder_weights: bool = True):
+    """The float torch model (eval mode, fp32, no KV cache) whose decoder weights are the graph's.
+
+    Every parameter of the decoder layers and the token embedding must be found in the graph; the final norm and
+    lm_head may be missing (layer-by-layer training never computes logits; they are left at zero).
+    ``decoder_weights=False`` leaves the decoder layers' parameters (and an untied lm_head) on the meta device
+    for the caller to load one layer at a time (``load_graph_weights``), so the model is never held whole."""
+    import torch
+
+    torch_model = empty_torch_model(model_dir)
+    hf_config = torch_model.config
+    names = set(_parameter_owners(torch_model))
+    available = {name for name, _ in hf_tensors(model, layers)}  # names only: nothing is read yet
+    needed = [name for name in names if re.search(r"(?:layers|h|blocks|layer)\.\d+\.|embed", name)]
+    missing = [name for name in needed if name not in available]
     if missing:
         raise GraphqError(f"the graph has no tensor for {missing[0]} ({len(missing)} missing): the torch stage needs "
                           "every decoder weight under its Hugging Face name (re-export with 'graphq export')")
+    if decoder_weights:
+        load_graph_weights(torch_model, model, layers)
+    else:
+        output = torch_model.get_output_embeddings()
+        skip = {f"{name}." for name, module in torch_model.named_modules() if module is output}
+        load_graph_weights(torch_model, model, layers, lambda name: decoder_layer_path(name) is None
+                           and not any(name.startswith(prefix) for prefix in skip))
     if getattr(hf_config, "tie_word_embeddings", False):
         torch_model.tie_weights()
+    if decoder_weights:
+        for module, attribute in _parameter_owners(torch_model).values():
+            current = getattr(module, attribute)
+            if current.is_meta:  # not in the graph (a final norm or lm_head the export dropped)
+                module._parameters[attribute] = torch.nn.Parameter(torch.zeros(current.shape, dtype=current.dtype),
+                                                                   requires_grad=current.requires_grad)
     return torch_model.eval()
 
 
