@@ -205,6 +205,8 @@ def test_calibrated_weights_smoothing_and_fallback(tiny_models, tiny_text, tmp_p
     layers = quantized_layers(result.report)
     assert {e["method"] for e in layers.values()} == {"awq"}
     assert all("output_error" in e and "output_error_rtn" in e for e in layers.values())
+    # Static W4A8: AWQ's scale search scored the inputs on their per-tensor int8 grid too.
+    assert all(e["awq_scored_activations"].startswith("int8 per tensor") for e in layers.values())
     assert result.report["smoothing"]["groups"]
     # The alpha search scored the weights on the grid they are rounded onto: int4 per group, not W8A8's int8.
     assert all(g["weight_grids"] == [f"int4 g{GROUP} asym"] for g in result.report["smoothing"]["groups"])
