@@ -98,6 +98,23 @@ def test_static_activation_scoring(symmetric):
     assert scaled_quantization_error(sample, weights, scales, 4, 32, symmetric, narrow) < info["error"]
 
 
+def test_smoothquant_candidates_join_the_static_search():
+    """Rare spikes (a channel huge on a few tokens) set the per-tensor range but barely move mean |x|: SmoothQuant's
+    max-based scales, scored on the same grids, beat every AWQ ratio there and win; without act_range refused."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((512, K)).astype(np.float32)
+    x[::50, 5], x[::70, 60] = 300.0, -200.0
+    weights = make_weights()
+    act_range = (x.min(axis=0), x.max(axis=0))
+    _, awq_only = search_awq_scales(x, weights, 4, 32, False, act_range=act_range)
+    scales, info = search_awq_scales(x, weights, 4, 32, False, act_range=act_range, smooth_alphas=(0.2, 0.4, 0.6))
+    assert info["smooth_alpha"] in (0.2, 0.4, 0.6) and info["ratio"] is None
+    assert info["error"] < awq_only["error"]
+    assert info["error"] == pytest.approx(scaled_quantization_error(x, weights, scales, 4, 32, False, act_range))
+    with pytest.raises(ValueError, match="act_range"):
+        search_awq_scales(x, weights, 4, 32, False, smooth_alphas=(0.5,))
+
+
 def test_ratio_zero_is_exactly_rtn():
     x, weights = make_inputs(), make_weights()
     ones = awq_scales_for_ratio(np.abs(x).mean(axis=0), 0.0)

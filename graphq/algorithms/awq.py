@@ -161,6 +161,7 @@ def search_awq_scales(
     x_magnitude: np.ndarray | None = None,
     duo_scaling: bool = False,
     act_range: tuple[np.ndarray, np.ndarray] | None = None,
+    smooth_alphas: Sequence[float] = (),
 ) -> tuple[np.ndarray, dict]:
     """AutoAWQ's grid search for per-input-channel scales s [K] of linears that share the input x_sample.
 
@@ -171,8 +172,11 @@ def search_awq_scales(
     ``x_magnitude`` replaces the mean |x| of x_sample (e.g. a ``ChannelMagnitude`` over all calibration
     data); ``duo_scaling`` divides by weight magnitude too, as AutoAWQ's default does (s = 1 is then tried
     besides the grid). ``act_range`` (per-channel min, max of x) scores each candidate with the input on the
-    static per-tensor int8 grid too (W4A8 static, ``scaled_quantization_error``). ``info`` holds 'ratio' (None when duo scaling kept s = 1), 'error', 'error_rtn'
-    (s = 1), 'ratios' and 'errors'.
+    static per-tensor int8 grid too (W4A8 static, ``scaled_quantization_error``); with it, ``smooth_alphas`` adds
+    SmoothQuant's scales ``max|x|^a / max|W|^(1 - a)`` (max |x| from ``act_range``, max |W| over the group's
+    linears) for each a to the candidates, which target the activation range's outlier channels where AWQ's mean
+    |x| does not. ``info`` holds 'ratio' (None when duo scaling kept s = 1 or a SmoothQuant candidate won),
+    'smooth_alpha' (the winning SmoothQuant a, else None), 'error', 'error_rtn' (s = 1), 'ratios' and 'errors'.
     """
     if not weights_kn:
         raise ValueError("need at least one weight")
@@ -199,8 +203,22 @@ def search_awq_scales(
         errors.append(error)
         if error < best_error:
             best_error, best_ratio, best_scales = error, float(ratio), s
+    best_alpha = None
+    if smooth_alphas:
+        if act_range is None:
+            raise ValueError("smooth_alphas needs act_range (the activations' max |x| per channel)")
+        from graphq.algorithms.smoothing import smoothquant_scales, weight_absmax
+
+        x_absmax = np.maximum(np.abs(act_range[0]), np.abs(act_range[1]))
+        w_absmax = weight_absmax(weights_kn)
+        for alpha in smooth_alphas:
+            s = smoothquant_scales(x_absmax, w_absmax, float(alpha))
+            error = scaled_quantization_error(x, weights_kn, s, bits, group_size, symmetric, act_range)
+            if error < best_error:
+                best_error, best_ratio, best_scales, best_alpha = error, None, s, float(alpha)
     info = {
         "ratio": best_ratio,
+        "smooth_alpha": best_alpha,
         "error": best_error,
         "error_rtn": error_rtn,
         "ratios": ratios.tolist(),

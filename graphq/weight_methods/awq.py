@@ -21,6 +21,10 @@ from graphq.weight_methods.base import LayerResult, RegionWork, WeightMethod
 from graphq.weight_methods.registry import register_weight_method
 
 
+#: Static W4A8: SmoothQuant's scales at these alphas join AWQ's candidates (scored on both grids).
+STATIC_SMOOTH_ALPHAS = tuple(round(0.1 * i, 1) for i in range(1, 11))
+
+
 class ActivationAwareScaling(WeightMethod):
     name = "awq"
     statistics = {"magnitude": ChannelMagnitude, "range": ChannelRange}
@@ -39,8 +43,9 @@ class ActivationAwareScaling(WeightMethod):
                 work.samples[input_name], weights, config.bits, config.group_size_for(group[0].in_features),
                 config.is_symmetric, x_magnitude=work.stats[input_name].magnitude.mean(),
                 act_range=work.stats[input_name].range.ranges() if static else None,
+                smooth_alphas=STATIC_SMOOTH_ALPHAS if static else (),
             )
-            searched = info["ratio"] not in (0.0, None)
+            searched = info["ratio"] not in (0.0, None) or info["smooth_alpha"] is not None
             skipped = None
             if searched:
                 everyone = readers_by_input.get(input_name, group)
@@ -56,6 +61,8 @@ class ActivationAwareScaling(WeightMethod):
                 work.notes[layer.name]["awq_ratio"] = info["ratio"] if searched and skipped is None else 0.0
                 if static:
                     work.notes[layer.name]["awq_scored_activations"] = "int8 per tensor, static (range of x / s)"
+                    if info["smooth_alpha"] is not None and searched and skipped is None:
+                        work.notes[layer.name]["awq_smooth_alpha"] = info["smooth_alpha"]
                 if skipped is not None:
                     work.notes[layer.name]["awq_skipped"] = skipped
 
