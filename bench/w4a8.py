@@ -1,5 +1,6 @@
-"""W4A8 on SmolLM2-135M: int4 g128 asymmetric weights with int8 activations, static (SmoothQuant, alpha auto) and
-dynamic per token, next to W4A16 with the same weight method and calibration samples.
+"""W4A8 on SmolLM2-135M: int4 g128 asymmetric weights with int8 activations, static (AWQ scored on both grids, with
+or without SmoothQuant alpha auto first) and dynamic per token, next to W4A16 with the same weight method and
+calibration samples.
 
     nice -n 10 .venv/bin/python -m bench.w4a8 [--work out/bench] [--num-samples 16] [--seq-len 512] [--only KEY ...]
 
