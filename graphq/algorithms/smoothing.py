@@ -20,7 +20,8 @@ activations into the weights (quantized per output channel, where it hurts less)
 - ``search_alpha`` tries alpha on a grid and keeps the one with the lowest output error of the whole group after
   fake quantization on exactly the grids the emitters use (``graphq.algorithms.grid``): weights on each linear's
   own ``WeightGrid`` (default W8A8's int8 per output channel, symmetric, the extreme on -128; a W4A8 layer's int4
-  per-group grid, so the search sees that scaling a weight row up coarsens its whole group); activations per-tensor asymmetric (256 levels, zero point),
+  per-group grid, so the search sees that scaling a weight row up coarsens its whole group); activations
+  per-tensor asymmetric (256 levels, zero point),
   or per token symmetric (absmax / 127) for W8A8 dynamic; per-tensor range = min/max over all calibration data (the statistics'
   channel min/max, transformed) widened to include 0, as onnxruntime's QuantizeLinear needs.
 
