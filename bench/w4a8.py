@@ -1,5 +1,6 @@
-"""W4A8 on SmolLM2-135M: int4 g128 asymmetric weights with int8 activations, static (SmoothQuant, alpha auto) and
-dynamic per token, next to W4A16 with the same weight method and calibration samples.
+"""W4A8 on SmolLM2-135M: int4 g128 asymmetric weights with int8 activations, static (AWQ scored on both grids, with
+or without SmoothQuant alpha auto first) and dynamic per token, next to W4A16 with the same weight method and
+calibration samples.
 
     nice -n 10 .venv/bin/python -m bench.w4a8 [--work out/bench] [--num-samples 16] [--seq-len 512] [--only KEY ...]
 
@@ -32,6 +33,11 @@ class Variant:
 VARIANTS = [
     Variant("w4a16-awq", "W4A16 AWQ (same samples)", dict(scheme="w4a16", method="awq")),
     Variant("w4a8-dynamic-awq", "W4A8 dynamic per token, AWQ weights", dict(scheme="w4a8-dynamic", method="awq")),
+    # Static W4A8's AWQ scores each candidate scale on both grids (int4 g128 weights, the per-tensor int8 range of
+    # x / s) and tries SmoothQuant's max-based scales next to AWQ's mean-|x| ratios: no --smooth needed.
+    Variant("w4a8-static-awq", "W4A8 static minmax, AWQ scored on int4 x int8 (with SmoothQuant candidates)",
+            dict(scheme="w4a8", method="awq")),
+    # --smooth first (its alpha search scores the int4 g128 grid), then the same AWQ on the smoothed model.
     Variant("w4a8-static-awq-sq-auto", "W4A8 static minmax + SmoothQuant alpha auto, AWQ weights",
             dict(scheme="w4a8", method="awq", smooth="smoothquant", smooth_alpha="auto")),
     Variant("w4a8-static-rtn-sq-auto", "W4A8 static minmax + SmoothQuant alpha auto, RTN weights",

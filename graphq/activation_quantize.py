@@ -57,6 +57,18 @@ def int8_weight(layer: LinearLayer, config: QuantConfig | None = None,
     return weight, qw, error
 
 
+def weight_grid(layer: LinearLayer, config: QuantConfig):
+    """The grid the layer's weight is rounded onto, which the smoothing alpha search scores: a W4A8 layer's int4
+    per-group grid (its group size and symmetry), else W8A8's int8 per output channel, symmetric."""
+    from graphq.algorithms.smoothing import INT8_PER_CHANNEL, WeightGrid
+
+    scheme = config.scheme_for(layer.name)
+    if scheme not in W4A8_SCHEMES:
+        return INT8_PER_CHANNEL
+    sub = config.for_scheme(scheme)
+    return WeightGrid(bits=sub.bits, group_size=sub.group_size_for(layer.in_features), symmetric=sub.is_symmetric)
+
+
 def _smooth(
     model: ir.Model, layers: list[LinearLayer], result: CalibrationResult, config: QuantConfig
 ) -> tuple[dict, dict[str, ActivationStats]]:
@@ -74,7 +86,8 @@ def _smooth(
     # The alpha search measures W8A8 error the way the layers will be quantized: per token when all are dynamic.
     per_token = all(config.scheme_for(layer.name) in DYNAMIC_ACTIVATION_SCHEMES for layer in layers)
     report = smooth_linear_groups(model, layers, stats, config.smooth, config.smooth_alpha, config.smooth_all_linears,
-                                  smoothed_stats=smoothed, act_per_token=per_token)
+                                  smoothed_stats=smoothed, act_per_token=per_token,
+                                  weight_grid=lambda layer: weight_grid(layer, config))
     known: dict[str, ActivationStats] = {}
     for layer in layers:
         name = layer.input.name  # after smoothing

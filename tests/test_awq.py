@@ -7,6 +7,7 @@ import pytest
 
 from graphq.algorithms.awq import (
     ChannelMagnitude,
+    ChannelRange,
     activation_channel_magnitude,
     awq_scales_for_ratio,
     clip_weight,
@@ -50,6 +51,68 @@ def test_channel_magnitude_streams_mean_abs():
     np.testing.assert_allclose(activation_channel_magnitude([x[:10], x[10:]]), magnitude.mean(), rtol=1e-12)
     with pytest.raises(ValueError):
         ChannelMagnitude().mean()
+
+
+def test_channel_range_streams_min_max():
+    x = make_inputs(t=300)
+    stream = ChannelRange()
+    for chunk in (x[:7], x[7:200].reshape(1, -1, K), x[200:]):
+        stream.add(chunk)
+    low, high = stream.ranges()
+    np.testing.assert_array_equal(low, x.min(axis=0))
+    np.testing.assert_array_equal(high, x.max(axis=0))
+    with pytest.raises(ValueError, match="channels"):
+        stream.add(np.zeros((2, K + 1)))
+    with pytest.raises(ValueError):
+        ChannelRange().ranges()
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_static_activation_scoring(symmetric):
+    """With ``act_range`` (static W4A8) the error is || x W - Q_a(x / s) Q_w(s W) ||^2 with Q_a the per-tensor int8
+    grid over the range of x / s, computed directly here; the search then minimises that error (never above
+    ratio 0's, nor above the weight-only search's scales scored the same way), and the extremes of the range,
+    not just the sample's, set the grid."""
+    from graphq.algorithms.grid import fake_quantize_range
+
+    x = make_inputs(t=256)
+    x[0, 3] = 400.0  # an attention-sink-like token: the calibration range sees it, the search sample may not
+    weights = make_weights()
+    act_range = (x.min(axis=0), x.max(axis=0))
+    sample = x[1:]
+    s = awq_scales_for_ratio(np.abs(sample).mean(axis=0), 0.5)
+    xq = fake_quantize_range(sample / s, float((act_range[0] / s).min()), float((act_range[1] / s).max()))
+    direct = sum(np.sum((sample @ w - xq @ quantize_rtn(w * s[:, None], 4, 32, symmetric).dequantize()) ** 2,
+                        dtype=np.float64) for w in weights)
+    got = scaled_quantization_error(sample, weights, s, 4, 32, symmetric, act_range)
+    assert got == pytest.approx(direct, rel=1e-5)
+    assert got > scaled_quantization_error(sample, weights, s, 4, 32, symmetric)  # the input grid costs too
+    plain, _ = search_awq_scales(sample, weights, 4, 32, symmetric)
+    scales, info = search_awq_scales(sample, weights, 4, 32, symmetric, act_range=act_range)
+    assert info["error"] <= info["error_rtn"]
+    assert info["error"] <= scaled_quantization_error(sample, weights, plain, 4, 32, symmetric, act_range)
+    assert info["error_rtn"] == pytest.approx(
+        scaled_quantization_error(sample, weights, np.ones(K, np.float32), 4, 32, symmetric, act_range))
+    # The sink's range: without it the same scales would look cheaper (a finer activation grid).
+    narrow = (sample.min(axis=0), sample.max(axis=0))
+    assert scaled_quantization_error(sample, weights, scales, 4, 32, symmetric, narrow) < info["error"]
+
+
+def test_smoothquant_candidates_join_the_static_search():
+    """Rare spikes (a channel huge on a few tokens) set the per-tensor range but barely move mean |x|: SmoothQuant's
+    max-based scales, scored on the same grids, beat every AWQ ratio there and win; without act_range refused."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((512, K)).astype(np.float32)
+    x[::50, 5], x[::70, 60] = 300.0, -200.0
+    weights = make_weights()
+    act_range = (x.min(axis=0), x.max(axis=0))
+    _, awq_only = search_awq_scales(x, weights, 4, 32, False, act_range=act_range)
+    scales, info = search_awq_scales(x, weights, 4, 32, False, act_range=act_range, smooth_alphas=(0.2, 0.4, 0.6))
+    assert info["smooth_alpha"] in (0.2, 0.4, 0.6) and info["ratio"] is None
+    assert info["error"] < awq_only["error"]
+    assert info["error"] == pytest.approx(scaled_quantization_error(x, weights, scales, 4, 32, False, act_range))
+    with pytest.raises(ValueError, match="act_range"):
+        search_awq_scales(x, weights, 4, 32, False, smooth_alphas=(0.5,))
 
 
 def test_ratio_zero_is_exactly_rtn():

@@ -9,7 +9,9 @@ import pytest
 
 from graphq.algorithms.smoothing import (
     DEFAULT_ALPHA_GRID,
+    INT8_PER_CHANNEL,
     InputChannelStats,
+    WeightGrid,
     os_plus_scales,
     os_plus_shift,
     search_alpha,
@@ -127,6 +129,33 @@ def test_alpha_search_scores_the_emitted_grids():
         norm = sum(np.sum((x @ w) ** 2, dtype=np.float64) for w in weights)
         got = w8a8_output_error(stats, weights, 0 * ones, ones, per_token=per_token)
         assert got == pytest.approx(error / norm, rel=1e-4)
+
+
+@pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
+def test_alpha_search_scores_each_linears_own_weight_grid(symmetric):
+    """With ``weight_grids`` every linear's weight is scored on its own grid (W4A8: int4 per group): the error is
+    the direct numpy one, and the search, which now sees that a high alpha's large row scales coarsen whole int4
+    groups, picks a lower alpha than the int8 per-channel search, with a lower int4 error than that alpha gives."""
+    x, weights = outlier_case(seed=4)
+    stats = InputChannelStats.from_rows(x, max_tokens=256)
+    grids = [WeightGrid(4, 16, symmetric), WeightGrid(4, 32, symmetric)]
+    shift, scale = smoothing_factors(stats, weights, "smoothquant", 0.7)
+    xs = stats.tokens / scale
+    xq = fake_quantize_range(xs, float((stats.channel_min / scale).min()), float((stats.channel_max / scale).max()))
+    error = sum(np.sum((stats.tokens @ w - xq @ fake_quantize_weight(w * scale[:, None], 4, g.group_size, symmetric))
+                       ** 2, dtype=np.float64) for w, g in zip(weights, grids))
+    norm = sum(np.sum((stats.tokens @ w) ** 2, dtype=np.float64) for w in weights)
+    assert w8a8_output_error(stats, weights, shift, scale, weight_grids=grids) == pytest.approx(error / norm, rel=1e-4)
+    # The default grid is W8A8's, so existing callers (W8A8) are scored exactly as before.
+    assert w8a8_output_error(stats, weights, shift, scale, weight_grids=[INT8_PER_CHANNEL] * 2) == \
+        w8a8_output_error(stats, weights, shift, scale)
+    alpha8, _ = search_alpha(stats, weights, "smoothquant")
+    alpha4, info4 = search_alpha(stats, weights, "smoothquant", weight_grids=grids)
+    assert alpha4 < alpha8
+    shift8, scale8 = smoothing_factors(stats, weights, "smoothquant", alpha8)
+    assert info4["error"] < w8a8_output_error(stats, weights, shift8, scale8, weight_grids=grids)
+    with pytest.raises(ValueError, match="weight grids"):
+        search_alpha(stats, weights, "smoothquant", weight_grids=grids[:1])
 
 
 @pytest.mark.parametrize("method", ["smoothquant", "os+"])

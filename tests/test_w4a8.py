@@ -205,13 +205,35 @@ def test_calibrated_weights_smoothing_and_fallback(tiny_models, tiny_text, tmp_p
     layers = quantized_layers(result.report)
     assert {e["method"] for e in layers.values()} == {"awq"}
     assert all("output_error" in e and "output_error_rtn" in e for e in layers.values())
+    # Static W4A8: AWQ's scale search scored the inputs on their per-tensor int8 grid too.
+    assert all(e["awq_scored_activations"].startswith("int8 per tensor") for e in layers.values())
     assert result.report["smoothing"]["groups"]
+    # The alpha search scored the weights on the grid they are rounded onto: int4 per group, not W8A8's int8.
+    assert all(g["weight_grids"] == [f"int4 g{GROUP} asym"] for g in result.report["smoothing"]["groups"])
     fallback = [e for e in layers.values() if "activation_fallback" in e]
     assert fallback and {e["scheme"] for e in fallback} == {"w4a16"} and all("input_scale" not in e for e in fallback)
     assert {e["scheme"] for e in layers.values()} == {"w4a8", "w4a16"}
     assert artifact_roundtrip(result, tmp_path) == 0.0
     # AWQ beats RTN on the layers' own inputs (the point of calibrated weights under W4A8).
     assert np.mean([e["output_error"] for e in layers.values()]) < np.mean([e["output_error_rtn"] for e in layers.values()])
+
+
+def test_smoothing_weight_grid_is_the_layers_own(tiny_models):
+    """The grid the smoothing alpha search scores per layer: int4 per group (group size, symmetry) for W4A8,
+    int8 per channel symmetric for a W8A8 layer given by scheme_overrides; a group covering K is per channel."""
+    from graphq.activation_quantize import weight_grid
+    from graphq.algorithms.smoothing import INT8_PER_CHANNEL, WeightGrid
+    from graphq.linear_layers import find_linear_layers
+    from graphq.model_io import load_model
+
+    layers = {l.name: l for l in find_linear_layers(load_model(tiny_models["llama"]["onnx"]))}
+    q, down = layers["model.layers.0.self_attn.q_proj"], layers["model.layers.0.mlp.down_proj"]
+    config = QuantConfig(scheme="w4a8", group_size=GROUP, scheme_overrides={"*down_proj": "w8a8"}).validate()
+    assert weight_grid(q, config) == WeightGrid(4, GROUP, False)
+    assert weight_grid(down, config) == INT8_PER_CHANNEL
+    sym = QuantConfig(scheme="w4a8-dynamic", group_size=128, symmetric=True).validate()
+    assert weight_grid(q, sym) == WeightGrid(4, -1, True)  # 128 >= K = 64: per channel
+    assert weight_grid(q, QuantConfig(scheme="w8a8").validate()) == INT8_PER_CHANNEL
 
 
 def test_dynamic_with_gptq(tiny_models, tiny_text, tmp_path):

@@ -440,6 +440,7 @@ def test_smoothing_and_fallback_in_the_w8a8_pipeline(tiny_models, tiny_text, tmp
     report = result.report
     smoothing = report["smoothing"]
     assert smoothing["method"] == "smoothquant" and smoothing["groups"]
+    assert all(g["weight_grids"] == ["int8 per channel sym"] for g in smoothing["groups"])  # W8A8's weight grid
     assert report["activation_calibration"]["passes"] == 2  # ranges before smoothing, histograms after
     fallback = [e for e in report["layers"] if "activation_fallback" in e]
     groups = {tuple(sorted([e["name"], *e["shares_input_with"]])) for e in fallback}

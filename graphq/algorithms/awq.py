@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from graphq.algorithms.channel_stats import ChannelSum
+from graphq.algorithms.grid import fake_quantize_range
 from graphq.algorithms.rtn import QuantizedWeight, grouped as _grouped, quantize_rtn
 
 # AutoAWQ's floor on mag**ratio, so that channels never seen active do not get a zero (or inf) scale.
@@ -40,6 +41,34 @@ class ChannelMagnitude(ChannelSum):
         if self._sum is None or self._n == 0:
             raise ValueError("no activations were added")
         return self._sum / self._n
+
+
+class ChannelRange:
+    """Streams min and max per input channel over every calibration token (``low``, ``high`` [K]): the per-tensor
+    activation range of x / s is then (min_k low_k / s_k, max_k high_k / s_k), as the static range pass will see
+    it, extremes (attention sinks) included, which a token sample rarely holds."""
+
+    def __init__(self) -> None:
+        self.low: np.ndarray | None = None
+        self.high: np.ndarray | None = None
+
+    def add(self, x: np.ndarray) -> None:
+        rows = np.asarray(x, dtype=np.float32)
+        rows = rows.reshape(-1, rows.shape[-1])
+        if not len(rows):
+            return
+        low, high = rows.min(axis=0), rows.max(axis=0)
+        if self.low is None:
+            self.low, self.high = low, high
+        elif low.shape != self.low.shape:
+            raise ValueError(f"expected {self.low.shape[0]} input channels, got {low.shape[0]}")
+        else:
+            self.low, self.high = np.minimum(self.low, low), np.maximum(self.high, high)
+
+    def ranges(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.low is None:
+            raise ValueError("no activations were added")
+        return self.low, self.high
 
 
 def activation_channel_magnitude(x_chunks: Iterable[np.ndarray]) -> np.ndarray:
@@ -96,15 +125,27 @@ def scaled_quantization_error(
     bits: int,
     group_size: int,
     symmetric: bool,
+    act_range: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> float:
-    """sum over the linears of || x W - x Q(diag(s) W) / s ||^2, i.e. the output error once s is folded."""
+    """sum over the linears of || x W - x Q(diag(s) W) / s ||^2, i.e. the output error once s is folded.
+
+    With ``act_range`` (per-channel min, max of x over the calibration data) the input is quantized too, as static
+    W4A8 will: || x W - Q_a(x / s) Q(diag(s) W) ||^2, Q_a the per-tensor asymmetric int8 grid over the range of
+    x / s (``grid.fake_quantize_range``), so the scales also pay for what they do to the activation range."""
     x = np.asarray(x_sample, dtype=np.float32).reshape(-1, np.shape(scales)[0])
     s = np.asarray(scales, dtype=np.float32)[:, None]
+    xq = None
+    if act_range is not None:
+        low, high = (np.asarray(a, dtype=np.float32) / s[:, 0] for a in act_range)
+        xq = fake_quantize_range(x / s[:, 0], float(low.min()), float(high.max()))
     total = 0.0
     for weight in weights_kn:
         weight = np.asarray(weight, dtype=np.float32)
-        deq = _fake_quantize(weight * s, bits, group_size, symmetric) / s
-        diff = x @ (weight - deq)  # one product of the difference: exact where x W - x W' would cancel
+        if xq is None:
+            deq = _fake_quantize(weight * s, bits, group_size, symmetric) / s
+            diff = x @ (weight - deq)  # one product of the difference: exact where x W - x W' would cancel
+        else:
+            diff = x @ weight - xq @ _fake_quantize(weight * s, bits, group_size, symmetric)
         total += float(np.sum(np.square(diff, dtype=np.float64)))
     return total
 
@@ -119,6 +160,8 @@ def search_awq_scales(
     *,
     x_magnitude: np.ndarray | None = None,
     duo_scaling: bool = False,
+    act_range: tuple[np.ndarray, np.ndarray] | None = None,
+    smooth_alphas: Sequence[float] = (),
 ) -> tuple[np.ndarray, dict]:
     """AutoAWQ's grid search for per-input-channel scales s [K] of linears that share the input x_sample.
 
@@ -128,8 +171,12 @@ def search_awq_scales(
 
     ``x_magnitude`` replaces the mean |x| of x_sample (e.g. a ``ChannelMagnitude`` over all calibration
     data); ``duo_scaling`` divides by weight magnitude too, as AutoAWQ's default does (s = 1 is then tried
-    besides the grid). ``info`` holds 'ratio' (None when duo scaling kept s = 1), 'error', 'error_rtn'
-    (s = 1), 'ratios' and 'errors'.
+    besides the grid). ``act_range`` (per-channel min, max of x) scores each candidate with the input on the
+    static per-tensor int8 grid too (W4A8 static, ``scaled_quantization_error``); with it, ``smooth_alphas`` adds
+    SmoothQuant's scales ``max|x|^a / max|W|^(1 - a)`` (max |x| from ``act_range``, max |W| over the group's
+    linears) for each a to the candidates, which target the activation range's outlier channels where AWQ's mean
+    |x| does not. ``info`` holds 'ratio' (None when duo scaling kept s = 1 or a SmoothQuant candidate won),
+    'smooth_alpha' (the winning SmoothQuant a, else None), 'error', 'error_rtn' (s = 1), 'ratios' and 'errors'.
     """
     if not weights_kn:
         raise ValueError("need at least one weight")
@@ -142,7 +189,7 @@ def search_awq_scales(
         raise ValueError(f"x_magnitude has shape {mag.shape}, expected ({k},)")
     w_mag = weight_channel_magnitude(weights_kn, group_size) if duo_scaling else None
     ones = np.ones(k, dtype=np.float32)
-    error_rtn = scaled_quantization_error(x, weights_kn, ones, bits, group_size, symmetric)
+    error_rtn = scaled_quantization_error(x, weights_kn, ones, bits, group_size, symmetric, act_range)
     # Without duo scaling ratio 0 is s = 1 itself; with it, s = 1 is not on the grid and is tried apart.
     best_error, best_ratio, best_scales = error_rtn, (None if duo_scaling else 0.0), ones
     ratios = np.linspace(0.0, 1.0, max(grid, 1))
@@ -152,12 +199,26 @@ def search_awq_scales(
             errors.append(error_rtn)
             continue
         s = awq_scales_for_ratio(mag, float(ratio), w_mag)
-        error = scaled_quantization_error(x, weights_kn, s, bits, group_size, symmetric)
+        error = scaled_quantization_error(x, weights_kn, s, bits, group_size, symmetric, act_range)
         errors.append(error)
         if error < best_error:
             best_error, best_ratio, best_scales = error, float(ratio), s
+    best_alpha = None
+    if smooth_alphas:
+        if act_range is None:
+            raise ValueError("smooth_alphas needs act_range (the activations' max |x| per channel)")
+        from graphq.algorithms.smoothing import smoothquant_scales, weight_absmax
+
+        x_absmax = np.maximum(np.abs(act_range[0]), np.abs(act_range[1]))
+        w_absmax = weight_absmax(weights_kn)
+        for alpha in smooth_alphas:
+            s = smoothquant_scales(x_absmax, w_absmax, float(alpha))
+            error = scaled_quantization_error(x, weights_kn, s, bits, group_size, symmetric, act_range)
+            if error < best_error:
+                best_error, best_ratio, best_scales, best_alpha = error, None, s, float(alpha)
     info = {
         "ratio": best_ratio,
+        "smooth_alpha": best_alpha,
         "error": best_error,
         "error_rtn": error_rtn,
         "ratios": ratios.tolist(),

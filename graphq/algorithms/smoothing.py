@@ -18,8 +18,10 @@ activations into the weights (quantized per output channel, where it hurts less)
   outlier channels' excess into the weights; the formula shares the search and the tests with SmoothQuant, and with
   alpha searched per group it covers the paper's intent (one knob per group chosen by output error).
 - ``search_alpha`` tries alpha on a grid and keeps the one with the lowest output error of the whole group after
-  W8A8 fake quantization on exactly the grids the emitters use (``graphq.algorithms.grid``): weights int8 per
-  output channel, symmetric (the extreme on -128); activations per-tensor asymmetric (256 levels, zero point),
+  fake quantization on exactly the grids the emitters use (``graphq.algorithms.grid``): weights on each linear's
+  own ``WeightGrid`` (default W8A8's int8 per output channel, symmetric, the extreme on -128; a W4A8 layer's int4
+  per-group grid, so the search sees that scaling a weight row up coarsens its whole group); activations
+  per-tensor asymmetric (256 levels, zero point),
   or per token symmetric (absmax / 127) for W8A8 dynamic; per-tensor range = min/max over all calibration data (the statistics'
   channel min/max, transformed) widened to include 0, as onnxruntime's QuantizeLinear needs.
 
@@ -56,6 +58,27 @@ FINE_ALPHA_STEP = 0.05
 # must not get a zero or infinite scale (it would turn the folded norm weight into inf or 0).
 _SCALE_MIN = 1e-5
 _SCALE_MAX = 1e5
+
+
+@dataclass(frozen=True)
+class WeightGrid:
+    """The grid a linear's weight will be rounded onto: ``bits``, ``group_size`` input channels per scale (-1: per
+    output channel), ``symmetric``. The alpha search scores each linear on its own grid (RTN, the weight stage's
+    starting point): int8 per channel for W8A8, int4 per group for W4A8, where smoothing's large scales cost more."""
+
+    bits: int = 8
+    group_size: int = -1
+    symmetric: bool = True
+
+    def fake_quantize(self, weight_kn: np.ndarray) -> np.ndarray:
+        return fake_quantize_weight(weight_kn, self.bits, self.group_size, self.symmetric)
+
+    def describe(self) -> str:
+        group = "per channel" if self.group_size == -1 else f"g{self.group_size}"
+        return f"int{self.bits} {group} {'sym' if self.symmetric else 'asym'}"
+
+
+INT8_PER_CHANNEL = WeightGrid()
 
 
 @dataclass
@@ -216,6 +239,7 @@ def w8a8_output_error(
     scale: np.ndarray,
     weight_bits: int = 8,
     per_token: bool = False,
+    weight_grids: Sequence[WeightGrid] | None = None,
 ) -> float:
     """Relative output error of the group after smoothing by (shift, scale) and W8A8 fake quantization:
 
@@ -223,18 +247,24 @@ def w8a8_output_error(
 
     on ``stats.tokens``; since x W == x' W' + z W exactly, the error is ||(x W - z W) - Q_a(x') Q_w(W')||^2. The
     activation range is the per-tensor min/max of x' over all calibration data (from the channel min/max), or with
-    ``per_token`` each token's own min/max (dynamic per-token activations)."""
-    products = GroupProducts(stats, weights_kn)
+    ``per_token`` each token's own min/max (dynamic per-token activations). ``weight_grids`` (one per linear)
+    replaces the int8 per-channel weight grid of ``weight_bits`` bits."""
+    products = GroupProducts(stats, weights_kn, weight_grids)
     return products.error(shift, scale, weight_bits, per_token)
 
 
 class GroupProducts:
     """The float outputs x W of a group on the token sample, computed once: every error evaluation (each alpha,
-    the unsmoothed baseline) then pays one product, Q_a(x') Q_w(W'), per linear."""
+    the unsmoothed baseline) then pays one product, Q_a(x') Q_w(W'), per linear. ``weight_grids``: each linear's
+    weight grid (``WeightGrid``); None: int8 per output channel (or ``weight_bits`` per channel, see ``error``)."""
 
-    def __init__(self, stats: InputChannelStats, weights_kn: Sequence[np.ndarray]) -> None:
+    def __init__(self, stats: InputChannelStats, weights_kn: Sequence[np.ndarray],
+                 weight_grids: Sequence[WeightGrid] | None = None) -> None:
         self.stats = stats
         self.weights = [np.asarray(w, dtype=np.float32) for w in weights_kn]
+        if weight_grids is not None and len(weight_grids) != len(self.weights):
+            raise ValueError(f"{len(weight_grids)} weight grids for {len(self.weights)} weights")
+        self.grids = list(weight_grids) if weight_grids is not None else None
         # float32 products: their rounding (~1e-7 relative) is far below the int8 error being measured.
         self.outputs = [stats.tokens @ w for w in self.weights]
         self.norm = sum(float(np.sum(np.square(y, dtype=np.float64))) for y in self.outputs)
@@ -251,8 +281,9 @@ class GroupProducts:
         z = np.asarray(shift, dtype=np.float32)
         s = np.asarray(scale, dtype=np.float32)[:, None]
         error = 0.0
-        for w, y in zip(self.weights, self.outputs):
-            wq = fake_quantize_weight(w * s, weight_bits)
+        grids = self.grids or [WeightGrid(bits=weight_bits)] * len(self.weights)
+        for w, y, grid in zip(self.weights, self.outputs, grids):
+            wq = grid.fake_quantize(w * s)
             target = y - z @ w if z.any() else y
             error += float(np.sum(np.square(target - xq @ wq, dtype=np.float64)))
         return error / max(self.norm, 1e-30)
@@ -265,6 +296,7 @@ def search_alpha(
     grid: Sequence[float] | None = None,
     weight_bits: int = 8,
     per_token: bool = False,
+    weight_grids: Sequence[WeightGrid] | None = None,
 ) -> tuple[float, dict]:
     """The alpha with the lowest ``w8a8_output_error`` of the group (ties keep the smaller alpha).
 
@@ -272,12 +304,13 @@ def search_alpha(
     then the two points 0.05 either side of the best, i.e. the 0.05 grid's resolution at 13 evaluations instead of
     21 (the error is smooth in alpha; each evaluation costs one [tokens, K] x [K, N] product per linear).
     ``per_token`` measures the error under dynamic per-token activation quantization instead of per-tensor.
+    ``weight_grids`` (one ``WeightGrid`` per linear) scores each weight on the grid it will be rounded onto.
 
     ``info``: 'alpha', 'error' (at that alpha), 'error_unsmoothed' (s = 1, z = 0: plain W8A8), 'alphas' and
     'errors' (every alpha tried, ascending). Deterministic: no randomness beyond the given token sample."""
     if len(stats.tokens) == 0:
         raise ValueError("the statistics hold no token sample to search alpha on")
-    products = GroupProducts(stats, weights_kn)
+    products = GroupProducts(stats, weights_kn, weight_grids)
     tried: dict[float, float] = {}
 
     def evaluate(alphas: Iterable[float]) -> None:

@@ -47,10 +47,14 @@ Example (no CLI; ``stats`` normally comes from the calibration engine)::
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import onnx_ir as ir
 
-from graphq.algorithms.smoothing import METHODS, GroupProducts, InputChannelStats, search_alpha, smoothing_factors
+from graphq.algorithms.smoothing import (
+    METHODS, GroupProducts, InputChannelStats, WeightGrid, search_alpha, smoothing_factors,
+)
 from graphq.errors import GraphqError
 from graphq.linear_layers import LinearLayer
 from graphq.passes.fold import apply_fold, fold_target, input_readers
@@ -65,6 +69,7 @@ def smooth_linear_groups(
     *,
     smoothed_stats: dict[str, InputChannelStats] | None = None,
     act_per_token: bool = False,
+    weight_grid: Callable[[LinearLayer], WeightGrid] | None = None,
 ) -> dict:
     """Smooth every group of linears sharing an input among ``layers``; the float function stays the same.
 
@@ -75,7 +80,9 @@ def smooth_linear_groups(
     would add) where that error is lower. If ``smoothed_stats`` is a dict, it receives the statistics of each smoothed
     group's new input (keyed by its new name), (x - z) / s, so calibration need not run again for them.
     ``act_per_token`` makes the errors (and the auto search) assume dynamic per-token activation quantization
-    (``--scheme w8a8-dynamic``) instead of static per-tensor.
+    (``--scheme w8a8-dynamic``) instead of static per-tensor. ``weight_grid(layer)`` gives the grid each linear's
+    weight will be rounded onto (default int8 per output channel): the errors score every linear on its own grid,
+    e.g. W4A8's int4 per-group weights, where the large scales of a high alpha coarsen whole groups.
 
     Returns a JSON-friendly report: 'method', 'alpha', 'all_linears', 'groups' (per smoothed group: layers, input,
     smoothed_input, alpha, fold, scale_min/max, shift_absmax, ops_added, error_unsmoothed/error_smoothed: relative
@@ -121,13 +128,15 @@ def smooth_linear_groups(
             notes.append(f"OS+ shift dropped ({target['shift_reason']}): scale only, SmoothQuant formula")
         entry = stats[input_name]
         weights = [l.weight_kn() for l in group]
+        grids = [weight_grid(l) for l in group] if weight_grid is not None else None
         if alpha == "auto":
-            chosen, info = search_alpha(entry, weights, group_method, per_token=act_per_token)
+            chosen, info = search_alpha(entry, weights, group_method, per_token=act_per_token, weight_grids=grids)
             if group_method == "os+":
                 # A shift is not always a gain: where an outlier channel is near 0 on most tokens (SwiGLU outputs
                 # before down_proj), centring it moves every token off the exact zero level. Measured on
                 # SmolLM2-135M, OS+ with down_proj's shift costs W8A8 ~3x the perplexity increase.
-                plain_alpha, plain_info = search_alpha(entry, weights, "smoothquant", per_token=act_per_token)
+                plain_alpha, plain_info = search_alpha(entry, weights, "smoothquant", per_token=act_per_token,
+                                                       weight_grids=grids)
                 if plain_info["error"] < info["error"]:
                     notes.append(
                         f"OS+ shift dropped: scale only gives a lower W8A8 error "
@@ -145,7 +154,7 @@ def smooth_linear_groups(
             chosen = float(alpha)
         shift, scale = smoothing_factors(entry, weights, group_method, chosen)
         if alpha != "auto":
-            products = GroupProducts(entry, weights)
+            products = GroupProducts(entry, weights, grids)
             ones = np.ones_like(scale)
             unsmoothed = products.error(np.zeros_like(ones), ones, per_token=act_per_token)
             smoothed = products.error(shift, scale, per_token=act_per_token)
@@ -166,6 +175,7 @@ def smooth_linear_groups(
             "scale_max": float(scale.max()),
             "shift_absmax": float(np.abs(shift).max()),
             "ops_added": ops,
+            "weight_grids": sorted({g.describe() for g in grids}) if grids else ["int8 per channel sym"],
             "error_unsmoothed": float(unsmoothed),
             "error_smoothed": float(smoothed),
             "notes": notes + ([target["reason"]] if target["kind"] == "none" else []),

@@ -10,30 +10,42 @@ from __future__ import annotations
 
 import numpy as np
 
-from graphq.algorithms.awq import ChannelMagnitude, quantize_with_clip, search_awq_clip, search_awq_scales
+from graphq.algorithms.awq import (
+    ChannelMagnitude, ChannelRange, quantize_with_clip, search_awq_clip, search_awq_scales,
+)
 from graphq.algorithms.rtn import quantize_rtn
+from graphq.config import STATIC_ACTIVATION_SCHEMES
 from graphq.linear_layers import LinearLayer
 from graphq.passes.fold import apply_fold, fold_target, input_readers
 from graphq.weight_methods.base import LayerResult, RegionWork, WeightMethod
 from graphq.weight_methods.registry import register_weight_method
 
 
+#: Static W4A8: SmoothQuant's scales at these alphas join AWQ's candidates (scored on both grids).
+STATIC_SMOOTH_ALPHAS = tuple(round(0.1 * i, 1) for i in range(1, 11))
+
+
 class ActivationAwareScaling(WeightMethod):
     name = "awq"
-    statistics = {"magnitude": ChannelMagnitude}
+    statistics = {"magnitude": ChannelMagnitude, "range": ChannelRange}
     rounds = True
 
     def transform(self, work: RegionWork) -> None:
         config = work.config
         readers, every_linear = input_readers(work.model, work.known_layers or work.layers)
         readers_by_input = dict(readers)
+        # Static W4A8: the scales are scored with the input on its per-tensor int8 grid too (the range of x / s over
+        # all calibration tokens), since they move the activation range as much as the weights' grid.
+        static = config.scheme in STATIC_ACTIVATION_SCHEMES
         for input_name, group in work.groups.items():
             weights = [layer.weight_kn() for layer in group]
             scales, info = search_awq_scales(
                 work.samples[input_name], weights, config.bits, config.group_size_for(group[0].in_features),
                 config.is_symmetric, x_magnitude=work.stats[input_name].magnitude.mean(),
+                act_range=work.stats[input_name].range.ranges() if static else None,
+                smooth_alphas=STATIC_SMOOTH_ALPHAS if static else (),
             )
-            searched = info["ratio"] not in (0.0, None)
+            searched = info["ratio"] not in (0.0, None) or info["smooth_alpha"] is not None
             skipped = None
             if searched:
                 everyone = readers_by_input.get(input_name, group)
@@ -47,6 +59,10 @@ class ActivationAwareScaling(WeightMethod):
                         work.rescaled[target["upstream"].name] = f"AWQ scales of {group[0].name}"
             for layer in group:
                 work.notes[layer.name]["awq_ratio"] = info["ratio"] if searched and skipped is None else 0.0
+                if static:
+                    work.notes[layer.name]["awq_scored_activations"] = "int8 per tensor, static (range of x / s)"
+                    if info["smooth_alpha"] is not None and searched and skipped is None:
+                        work.notes[layer.name]["awq_smooth_alpha"] = info["smooth_alpha"]
                 if skipped is not None:
                     work.notes[layer.name]["awq_skipped"] = skipped
 
