@@ -23,10 +23,10 @@ VARIANTS = {
     "w4a16": ("W4A16 g128 asym RTN, MatMulNBits (lm_head, embedding float)", dict(scheme="w4a16")),
     "w4a16-int4-embedding": ("W4A16 + int4 g32 embedding and tied lm_head (GatherBlockQuantized, MatMulNBits)",
                              dict(scheme="w4a16", quantize_embeddings="int4")),
-    "nf4": ("NF4 g64 lookup tables (issue 11: uint8 codes + Gather, then MatMul)",
+    "nf4": ("NF4 g64 lookup tables, data-free (issue 11: uint8 codes + Gather, then MatMul)",
             dict(scheme="w4a16", method="lut", weight_format="nf4", group_size=64)),
     "w8a8-dynamic": ("W8A8 dynamic per token (QDQ)", dict(scheme="w8a8-dynamic")),
-    "w8a8": ("W8A8 static minmax (QDQ)", dict(scheme="w8a8", num_samples=16)),
+    "w8a8": ("W8A8 static minmax (QDQ)", dict(scheme="w8a8", num_samples=16, calib=str(DATA / "sensesensibility.txt"))),
 }
 
 
@@ -47,8 +47,7 @@ def main() -> None:
         if args.only and key not in args.only:
             continue
         out = args.work / "speed" / key
-        config = QuantConfig(**{"group_size": 128, "calib": str(DATA / "sensesensibility.txt"), "seq_len": 512,
-                                "save_format": ["onnx"], **options})
+        config = QuantConfig(**{"group_size": 128, "seq_len": 512, "save_format": ["onnx"], **options})
         graphq.quantize(float_dir, config, out, overwrite=True, progress=False)
         shutil.rmtree(out / "stages", ignore_errors=True)  # only the model is timed
         models[key], labels[key] = out, label
