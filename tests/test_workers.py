@@ -23,11 +23,8 @@ from graphq.sensitivity import analyze
 from graphq.tokenizer import load_tokenizer
 from graphq.verify import verify
 
-CALIB_TEXTS = [
-    "the quick brown fox jumps over the lazy dog and then it rests in the sun for a while.",
-    "she said that they would come home early, but the rain kept them at the old inn all night.",
-    "numbers like 12 and 345 appear; so do marks: commas, colons; and 'quotes' (in brackets).",
-] * 4
+from test_layerwise import CALIB_TEXTS
+
 
 
 @pytest.fixture(scope="module")

@@ -53,11 +53,21 @@ class ChannelRange:
         self.high: np.ndarray | None = None
 
     def add(self, x: np.ndarray) -> None:
+        part = self.partial(x)
+        if part is not None:
+            self.merge(part, 0)
+
+    def partial(self, x: np.ndarray, tokens_before: int = 0) -> np.ndarray | None:
+        """One batch's [2, K] (min, max), computed anywhere (a worker); ``merge`` takes it (min and max do not
+        depend on the order)."""
         rows = np.asarray(x, dtype=np.float32)
         rows = rows.reshape(-1, rows.shape[-1])
-        if not len(rows):
+        return np.stack([rows.min(axis=0), rows.max(axis=0)]) if len(rows) else None
+
+    def merge(self, part: np.ndarray | None, tokens: int) -> None:
+        if part is None:
             return
-        low, high = rows.min(axis=0), rows.max(axis=0)
+        low, high = part
         if self.low is None:
             self.low, self.high = low, high
         elif low.shape != self.low.shape:
