@@ -128,11 +128,7 @@ class LogitMetrics:
         self.kl = self.agree = self.cosine = 0.0
         self.positions = 0
 
-    def add(self, window: np.ndarray, logits: np.ndarray, reference_logits: np.ndarray | None = None) -> None:
-        """One window of ids [T] and the logits [T, vocab] of the candidate (and of the reference)."""
-        self.add_terms(window_terms(window, logits, reference_logits))
-
-    def add_terms(self, terms: "WindowTerms") -> None:
+    def add_terms(self, terms: WindowTerms) -> None:
         """One window's terms (``window_terms``, computed here or by a worker), added in window order."""
         self.nll -= terms.nll
         self.targets += terms.targets

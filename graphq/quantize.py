@@ -415,8 +415,7 @@ def export_stage(run: Run, staging: Path, checkpoints: Path, progress: bool) -> 
         "model_bytes_after": size_after,
         "linear_weight_bytes_before": sum(e["weight_bytes_before"] for e in quantized),
         "linear_weight_bytes_after": sum(e["weight_bytes_after"] for e in quantized),
-        "elapsed_seconds": None,  # the caller's, once the export is timed too
-        "stage_seconds": None,
+        **stage_times(run.seconds),  # the stages so far: the caller adds the export's once it is timed
         "target": run.target.name,
         "serving_dtype": run.serving_dtype,
         **({"dtype_warning": run.dtype_warning} if run.dtype_warning else {}),
@@ -445,6 +444,12 @@ def export_stage(run: Run, staging: Path, checkpoints: Path, progress: bool) -> 
         (staging / FINISHED_MARK).write_text(json.dumps(report, indent=2) + "\n")
         report["compression"] = compress_artifacts_dir(staging, staging / "w8a8sc", config.tp_size, progress)
     return report
+
+
+def stage_times(seconds: dict[str, float]) -> dict:
+    """report.json's ``elapsed_seconds`` (their sum) and ``stage_seconds``."""
+    return {"elapsed_seconds": round(sum(seconds.values()), 3),
+            "stage_seconds": {stage: round(value, 3) for stage, value in seconds.items()}}
 
 
 def seconds_per_decoder_layer(entries: list[dict]) -> dict[str, dict[str, float]]:
@@ -515,8 +520,7 @@ def quantize(
                 run.with_stage_options(config, name)
                 report = export_stage(run, staging, output_dir, progress)
                 run.seconds[name] = time.perf_counter() - started
-                report["elapsed_seconds"] = round(sum(run.seconds.values()), 3)
-                report["stage_seconds"] = {stage: round(seconds, 3) for stage, seconds in run.seconds.items()}
+                report.update(stage_times(run.seconds))
                 if pool is not None and pool.summary() is not None:
                     report["workers"] = pool.summary()
                 (staging / FINISHED_MARK).write_text(json.dumps(report, indent=2) + "\n")

@@ -8,7 +8,6 @@ whose outputs carry the Hugging Face names.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any, Callable, Iterator
