@@ -20,6 +20,7 @@ from graphq.artifacts.records import ArtifactCollector
 from graphq.artifacts.targets import ArtifactTarget, target_for
 from graphq.calibration_data import load_calibration_samples
 from graphq.config import W4A8_SCHEMES, QuantConfig
+from graphq.errors import GraphqError
 from graphq.layer_plan import LayerSetting
 from graphq.linear_layers import LinearLayer
 from graphq.model_io import load_model
@@ -229,8 +230,13 @@ def save_stage(run: Run, staging: Path, output_dir: Path, stage: str, model_chan
 def resume(output_dir: Path, stage: str, run: Run | None) -> Run:
     """The run as ``stage``'s published checkpoint holds it; the graph stays the one in memory when there is one."""
     data = read_state(output_dir, stage)
-    tensors = read_tensors(stage_dir(output_dir, stage))
+    tensors = read_tensors(stage_dir(output_dir, stage), stage)
     root = output_dir / STAGES_DIR
-    if run is not None:
-        return Run.restore(data, tensors, root, run.model, run.layers, run.samples)
-    return Run.restore(data, tensors, root, load_model(checkpoint_model_file(output_dir, data)))
+    model = run.model if run is not None else load_model(checkpoint_model_file(output_dir, data))
+    try:
+        if run is not None:
+            return Run.restore(data, tensors, root, model, run.layers, run.samples)
+        return Run.restore(data, tensors, root, model)
+    except (KeyError, TypeError, ValueError) as exc:  # a stage.json edited by hand or cut short
+        raise GraphqError(f"{stage_dir(output_dir, stage) / 'stage.json'} is not a complete {stage} checkpoint "
+                          f"({type(exc).__name__}: {exc}): run --stage {stage} again") from exc

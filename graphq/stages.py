@@ -224,11 +224,15 @@ def write_checkpoint(directory: Path, stage: str, state: dict, tensors: dict[str
     (directory / STATE_FILE).write_text(json.dumps(data, indent=1) + "\n")
 
 
-def read_tensors(directory: Path) -> dict[str, np.ndarray]:
+def read_tensors(directory: Path, stage: str) -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file
 
     path = directory / TENSORS_FILE
-    return load_file(str(path)) if path.is_file() else {}
+    try:
+        return load_file(str(path)) if path.is_file() else {}
+    except Exception as exc:  # safetensors raises its own error types for truncated or foreign files
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise GraphqError(f"{path} is not a readable stage checkpoint ({reason}): run --stage {stage} again") from exc
 
 
 def checkpoint_model_file(output_dir: Path, state: dict) -> Path:

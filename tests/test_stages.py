@@ -219,3 +219,30 @@ def test_a_run_failing_in_a_stage_keeps_the_stages_before_it(staged, tiny_models
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]  # no partial folder left
     graphq.quantize(model, config, out, progress=False)
     assert_same_export(staged["w8a8-smooth-kv"][0], out)
+
+
+@pytest.mark.parametrize("damage", ["stage.json not JSON", "stage.json without a key", "tensors cut short"])
+def test_a_damaged_checkpoint_is_one_line_and_changes_nothing(tiny_models, tiny_text, tmp_path, capsys, damage):
+    from test_cli import assert_one_error
+    from test_reliability import tree_digest
+
+    model = str(tiny_models["llama"]["onnx"])
+    out = tmp_path / "q"
+    args = ["quantize", model, "-o", str(out), "--scheme", "w4a8", "--method", "rtn", "--group-size", str(GROUP),
+            "--calib", str(tiny_text), "--num-samples", "2", "--seq-len", "16", "--quiet"]
+    assert cli_main([*args, "--stage", "weights"]) == 0
+    checkpoint = stage_dir(out, "weights")
+    if damage == "stage.json not JSON":
+        (checkpoint / "stage.json").write_text("{\"format\": 1, ")
+    elif damage == "stage.json without a key":
+        state = json.loads((checkpoint / "stage.json").read_text())
+        del state["collector"]
+        (checkpoint / "stage.json").write_text(json.dumps(state))
+    else:
+        data = (checkpoint / "tensors.safetensors").read_bytes()
+        (checkpoint / "tensors.safetensors").write_bytes(data[: len(data) // 2])
+    before = tree_digest(tmp_path)
+    capsys.readouterr()
+    code = cli_main([*args, "--stage", "activations"])
+    assert_one_error(code, *capsys.readouterr(), "checkpoint", "run --stage weights again")
+    assert tree_digest(tmp_path) == before  # no staging folder left, the checkpoint as it was
