@@ -60,20 +60,25 @@ def main() -> None:
     from graphq import QuantConfig
     from graphq.sensitivity import analyze
 
-    sensitivity, analysis_seconds = {}, {}
+    sensitivity = {scheme: runs / f"sensitivity-{scheme}.json" for scheme in ("w8a8", "w4a16")}
+    selected = [(index, variant) for index, variant in enumerate(variants(sensitivity, args.num_samples, args.awq_samples))
+                if not args.only or any(part in variant[0] for part in args.only)]
+    # Only the rankings the selected rows read are analysed (the W4A16 one is most of the run's time).
+    needed = {path for _, (_, options, _) in selected for path in [options.get("sensitivity_file")] if path}
+    analysis_seconds = {}
     for scheme, options in (("w8a8", {}), ("w4a16", dict(group_size=128, symmetric=False))):
+        if str(sensitivity[scheme]) not in needed:
+            continue
         started = time.perf_counter()
         report = analyze(float_dir, QuantConfig(scheme=scheme, calib=str(args.calib), seed=args.seed, **options),
                          num_windows=2, progress=False)
         analysis_seconds[scheme] = time.perf_counter() - started
-        sensitivity[scheme] = report.save(runs / f"sensitivity-{scheme}.json")
+        report.save(sensitivity[scheme])
         print(f"analyze {scheme}: {analysis_seconds[scheme]:.1f}s; top {N}: {report.ranking[:N]}", flush=True)
     evaluator = Evaluator(float_dir, args)
     reference = evaluator.measure("fp32", float_dir, None).ppl
     rows = [Row("fp32", reference, None, None)]
-    for index, (label, options, samples) in enumerate(variants(sensitivity, args.num_samples, args.awq_samples)):
-        if args.only and not any(part in label for part in args.only):
-            continue
+    for index, (label, options, samples) in selected:
         out_dir = runs / f"row{index}"
         print(f"{label} ...", flush=True)
         child = run_isolated("graphq", dict(float_dir=str(float_dir), out_dir=str(out_dir), options=options,
@@ -92,8 +97,8 @@ def main() -> None:
         rows.append(Row(label, measured.ppl, child["seconds"], child["peak_rss_bytes"] / 2**20, note=note))
     print()
     print(f"SmolLM2-135M; calibration {args.calib.name} ({args.num_samples} x {args.seq_len} tokens, AWQ "
-          f"{args.awq_samples} x {args.seq_len}); analysis 2 windows x 128 tokens (w8a8 {analysis_seconds['w8a8']:.0f}s, "
-          f"w4a16 {analysis_seconds['w4a16']:.0f}s); eval {args.eval_text.name}, first {args.max_tokens} tokens, "
+          f"{args.awq_samples} x {args.seq_len}); analysis 2 windows x 128 tokens ("
+          f"{', '.join(f'{scheme} {seconds:.0f}s' for scheme, seconds in analysis_seconds.items())}); eval {args.eval_text.name}, first {args.max_tokens} tokens, "
           f"windows of {args.ctx}; float model {model_size_bytes(float_dir / 'model.onnx') / 2**20:.1f} MiB")
     print(markdown_table(rows, reference))
 
