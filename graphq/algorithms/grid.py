@@ -56,7 +56,11 @@ def compute_scales(
     Symmetric: only values of the opposite sign within one step of the extreme round past the top level and clip
     by one step. Padding rows of a partial last group are zeros, which change neither rule.
     """
-    groups = grouped(weight, group_size)
+    return group_scales(grouped(weight, group_size), bits, symmetric)
+
+
+def group_scales(groups: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """``compute_scales`` of a weight already viewed as [n_groups, group_size, N] (``grouped``)."""
     qmin, qmax = integer_range(bits, symmetric)
     if symmetric:
         rows = np.abs(groups).argmax(axis=1)
@@ -95,6 +99,22 @@ def fake_quantize_weight(weight_kn: np.ndarray, bits: int = 8, group_size: int =
     if zero_points is not None:
         q -= np.repeat(zero_points, gs, axis=0)[:k].astype(np.float32)
     return (q * np.repeat(scales, gs, axis=0)[:k]).astype(np.float32)
+
+
+def fake_quantize_groups(groups: np.ndarray, bits: int, symmetric: bool) -> np.ndarray:
+    """``fake_quantize_weight`` of a weight viewed as [n_groups, group_size, N] (``grouped``), in that layout and bit
+    for bit the same values: the searches score many candidates per weight and skip the regrouping copies."""
+    qmin, qmax = integer_range(bits, symmetric)
+    scales, zero_points = group_scales(groups, bits, symmetric)
+    scales = scales[:, None, :]
+    q = np.round(groups / scales)
+    if zero_points is None:
+        return np.clip(q, qmin, qmax, out=q) * scales
+    zero = zero_points.astype(np.float32)[:, None, :]
+    q += zero
+    np.clip(q, qmin, qmax, out=q)
+    q -= zero
+    return q * scales
 
 
 @dataclass
