@@ -8,6 +8,7 @@ import pytest
 from graphq.algorithms.awq import (
     ChannelMagnitude,
     ChannelRange,
+    InputGram,
     activation_channel_magnitude,
     awq_scales_for_ratio,
     clip_weight,
@@ -229,3 +230,70 @@ def test_clip_search_subsamples_tokens():
     x = make_inputs(t=2000, seed=8)
     _, info = search_awq_clip(x, heavy_tailed_weight(), 4, 32, True, max_tokens=256)
     assert info["tokens"] == 256
+
+
+def test_input_gram_streams_and_skips_wide_inputs():
+    x = make_inputs(t=300)
+    gram = InputGram()
+    for chunk in (x[:7], x[7:200].reshape(1, -1, K), x[200:]):
+        gram.add(chunk)
+    assert gram.tokens == 300
+    exact = x.astype(np.float64).T @ x / 300
+    np.testing.assert_allclose(gram.gram(), exact, rtol=1e-5, atol=1e-6 * np.abs(exact).max())
+    # The worker path (partial terms merged in order) gives the same bits as add.
+    merged = InputGram()
+    for chunk in (x[:7], x[7:200], x[200:]):
+        merged.merge(merged.partial(chunk), len(chunk))
+    np.testing.assert_array_equal(merged.gram(), gram.gram())
+    wide = InputGram(max_channels=K - 1)
+    wide.add(x)
+    assert wide.gram() is None and InputGram().gram() is None
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_gram_scores_the_same_error_as_every_token(symmetric):
+    """The Gram matrix of all tokens scores a candidate as the mean output error over those tokens, so the scale
+    search picks the same ratio as one over every token and the clip search the same factors, without the tokens."""
+    x, weights = make_inputs(t=400, seed=9), make_weights()
+    gram = InputGram()
+    gram.add(x)
+    g = gram.gram()
+    s = awq_scales_for_ratio(np.abs(x).mean(axis=0), 0.6)
+    assert scaled_quantization_error(None, weights, s, 4, 32, symmetric, gram=g) == pytest.approx(
+        scaled_quantization_error(x, weights, s, 4, 32, symmetric) / len(x), rel=1e-4)
+    by_tokens, info_tokens = search_awq_scales(x, weights, 4, 32, symmetric)
+    by_gram, info_gram = search_awq_scales(None, weights, 4, 32, symmetric, x_magnitude=np.abs(x).mean(axis=0, dtype=np.float64),
+                                           gram=g)
+    assert info_gram["ratio"] == info_tokens["ratio"] and info_tokens["ratio"] > 0
+    np.testing.assert_allclose(info_gram["errors"], np.array(info_tokens["errors"]) / len(x), rtol=1e-4)
+    np.testing.assert_array_equal(by_gram, by_tokens)
+    with pytest.raises(ValueError, match="x_magnitude and gram"):
+        search_awq_scales(None, weights, 4, 32, symmetric, gram=g)
+    weight = heavy_tailed_weight(seed=10)
+    clip_tokens, _ = search_awq_clip(x, weight, 4, 48, symmetric, max_tokens=len(x))
+    clip_gram, info = search_awq_clip(None, weight, 4, 48, symmetric, gram=g)
+    assert info["tokens"] is None and info["error"] < info["error_noclip"]
+    assert np.mean(clip_gram.shrink == clip_tokens.shrink) > 0.98  # float rounding may split a near tie
+    with pytest.raises(ValueError, match="gram"):
+        search_awq_clip(None, weight, 4, 48, symmetric, gram=g[:-1, :-1])
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_coarse_to_fine_search_matches_the_whole_grid(symmetric):
+    """Scoring every 4th candidate and then the ones around the best finds the ratio scoring the whole grid finds
+    (the error is unimodal along it), with 12 of the 20 ratios scored; per group and channel the clip error is
+    jagged along its grid, so a few choices differ, for a total error within a percent of the whole grid's."""
+    x, weights = make_inputs(seed=11), make_weights()
+    full, info_full = search_awq_scales(x, weights, 4, 32, symmetric, coarse_step=1)
+    fast, info_fast = search_awq_scales(x, weights, 4, 32, symmetric)
+    assert info_fast["ratio"] == info_full["ratio"] and info_full["ratio"] > 0
+    np.testing.assert_array_equal(fast, full)
+    scored = ~np.isnan(info_fast["errors"])
+    assert scored.sum() <= 12 and not np.isnan(info_full["errors"]).any()
+    np.testing.assert_array_equal(np.array(info_fast["errors"])[scored], np.array(info_full["errors"])[scored])
+    weight = heavy_tailed_weight(seed=12)
+    clip_full, full_info = search_awq_clip(x, weight, 4, 32, symmetric, coarse_step=1)
+    clip_fast, fast_info = search_awq_clip(x, weight, 4, 32, symmetric)
+    assert np.mean(clip_fast.shrink == clip_full.shrink) > 0.9 and len(np.unique(clip_full.shrink)) > 3
+    assert full_info["error"] <= fast_info["error"] <= full_info["error"] * 1.01
+    assert fast_info["error_noclip"] == full_info["error_noclip"]

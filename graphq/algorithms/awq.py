@@ -18,13 +18,35 @@ from dataclasses import dataclass
 import numpy as np
 
 from graphq.algorithms.channel_stats import ChannelSum
-from graphq.algorithms.grid import fake_quantize_range
+from graphq.algorithms.grid import fake_quantize_groups, fake_quantize_range
 from graphq.algorithms.rtn import QuantizedWeight, grouped as _grouped, quantize_rtn
 
 # AutoAWQ's floor on mag**ratio, so that channels never seen active do not get a zero (or inf) scale.
 _MIN_SCALE = 1e-4
 # Elements of one [groups, tokens, columns] error tensor in the clip search; bounds memory to ~64 MB.
 _CLIP_CHUNK_ELEMENTS = 1 << 24
+# Both grid searches score every COARSE_STEP-th candidate (and the last), then every candidate between the best
+# one's neighbours: 12 of the 20 ratios (of the 21 clip factors). That is the whole grid's choice wherever the error
+# is unimodal along it, as it is along the ratios; the per-group clip error is jagged, and there the total comes
+# within a fraction of a percent of the whole grid's (tests/test_awq.py). 1 scores the whole grid.
+COARSE_STEP = 4
+
+
+def _coarse_indices(n: int, step: int) -> np.ndarray:
+    return np.array(sorted(set(range(0, n, max(step, 1))) | {n - 1}))
+
+
+def _refinements(best: np.ndarray, coarse: np.ndarray, step: int) -> list[np.ndarray]:
+    """For each element's best coarse index, the grid indices strictly between its coarse neighbours, one array per
+    offset (an offset that falls outside that interval repeats the best index, which changes nothing)."""
+    position = np.searchsorted(coarse, best)
+    below = coarse[np.maximum(position - 1, 0)]
+    above = coarse[np.minimum(position + 1, len(coarse) - 1)]
+    candidates = []
+    for offset in [o for o in range(-(step - 1), step) if o != 0]:
+        index = best + offset
+        candidates.append(np.where((index > below) & (index < above), index, best))
+    return candidates
 
 
 class ChannelMagnitude(ChannelSum):
@@ -81,6 +103,50 @@ class ChannelRange:
         return self.low, self.high
 
 
+class InputGram:
+    """Streams the Gram matrix X^T X [K, K] of one linear input over every calibration token, for inputs of at
+    most ``max_channels`` channels.
+
+    The searches' output error ||x D||^2 (D a weight difference) is then sum(D * (G D)): exact over all tokens, and
+    K^2 N per candidate instead of the token sample's T K N. With the streaming itself (K^2 / 2 per token) that
+    pays while K is well below the sample's T (2048 tokens by default), hence the default bound; wider inputs keep
+    nothing (``gram()`` is None) and the searches use the sample.
+    """
+
+    def __init__(self, max_channels: int = 1024) -> None:
+        self.max_channels = max_channels
+        self._sum: np.ndarray | None = None
+        self.tokens = 0
+
+    def add(self, x: np.ndarray) -> None:
+        rows = np.asarray(x).reshape(-1, np.shape(x)[-1])
+        self.merge(self.partial(rows), rows.shape[0])
+
+    def partial(self, x: np.ndarray, tokens_before: int = 0) -> np.ndarray | None:
+        """One batch's X^T X (float32), computed anywhere; ``merge`` sums them in float64. None for a too-wide input."""
+        rows = np.asarray(x, dtype=np.float32)
+        rows = rows.reshape(-1, rows.shape[-1])
+        if rows.shape[-1] > self.max_channels or not len(rows):
+            return None
+        return rows.T @ rows  # one buffer times its transpose: numpy calls SYRK
+
+    def merge(self, part: np.ndarray | None, tokens: int) -> None:
+        if part is None:
+            return
+        if self._sum is None:
+            self._sum = np.zeros(part.shape, dtype=np.float64)
+        elif part.shape != self._sum.shape:
+            raise ValueError(f"expected {self._sum.shape[0]} input channels, got {part.shape[0]}")
+        self._sum += part
+        self.tokens += tokens
+
+    def gram(self) -> np.ndarray | None:
+        """X^T X / tokens (float32), or None when the input was too wide (or nothing was added)."""
+        if self._sum is None or self.tokens == 0:
+            return None
+        return (self._sum / self.tokens).astype(np.float32)
+
+
 def activation_channel_magnitude(x_chunks: Iterable[np.ndarray]) -> np.ndarray:
     """Mean |x| per input channel [K] (float64) over chunks of shape [..., K]."""
     magnitude = ChannelMagnitude()
@@ -90,7 +156,10 @@ def activation_channel_magnitude(x_chunks: Iterable[np.ndarray]) -> np.ndarray:
 
 
 def _fake_quantize(weight_kn: np.ndarray, bits: int, group_size: int, symmetric: bool) -> np.ndarray:
-    return quantize_rtn(weight_kn, bits, group_size, symmetric).dequantize()
+    """``quantize_rtn(...).dequantize()``, the same bits, without the codes."""
+    k = weight_kn.shape[0]
+    groups = _grouped(np.asarray(weight_kn, dtype=np.float32), k if group_size == -1 else group_size)
+    return fake_quantize_groups(groups, bits, symmetric).reshape(-1, weight_kn.shape[1])[:k]
 
 
 def weight_channel_magnitude(weights_kn: Sequence[np.ndarray], group_size: int) -> np.ndarray:
@@ -136,14 +205,25 @@ def scaled_quantization_error(
     group_size: int,
     symmetric: bool,
     act_range: tuple[np.ndarray, np.ndarray] | None = None,
+    gram: np.ndarray | None = None,
 ) -> float:
     """sum over the linears of || x W - x Q(diag(s) W) / s ||^2, i.e. the output error once s is folded.
+
+    With ``gram`` (X^T X / tokens over all calibration tokens, ``InputGram``) the error is the mean over those
+    tokens, sum(D * (G D)) with D = W - Q(diag(s) W) / s, and ``x_sample`` is not read.
 
     With ``act_range`` (per-channel min, max of x over the calibration data) the input is quantized too, as static
     W4A8 will: || x W - Q_a(x / s) Q(diag(s) W) ||^2, Q_a the per-tensor asymmetric int8 grid over the range of
     x / s (``grid.fake_quantize_range``), so the scales also pay for what they do to the activation range."""
-    x = np.asarray(x_sample, dtype=np.float32).reshape(-1, np.shape(scales)[0])
     s = np.asarray(scales, dtype=np.float32)[:, None]
+    if gram is not None and act_range is None:
+        total = 0.0
+        for weight in weights_kn:
+            weight = np.asarray(weight, dtype=np.float32)
+            diff = weight - _fake_quantize(weight * s, bits, group_size, symmetric) / s
+            total += float(np.sum(diff * (gram @ diff), dtype=np.float64))
+        return total
+    x = np.asarray(x_sample, dtype=np.float32).reshape(-1, np.shape(scales)[0])
     xq = None
     if act_range is not None:
         low, high = (np.asarray(a, dtype=np.float32) / s[:, 0] for a in act_range)
@@ -172,6 +252,8 @@ def search_awq_scales(
     duo_scaling: bool = False,
     act_range: tuple[np.ndarray, np.ndarray] | None = None,
     smooth_alphas: Sequence[float] = (),
+    gram: np.ndarray | None = None,
+    coarse_step: int = COARSE_STEP,
 ) -> tuple[np.ndarray, dict]:
     """AutoAWQ's grid search for per-input-channel scales s [K] of linears that share the input x_sample.
 
@@ -185,34 +267,56 @@ def search_awq_scales(
     static per-tensor int8 grid too (W4A8 static, ``scaled_quantization_error``); with it, ``smooth_alphas`` adds
     SmoothQuant's scales ``max|x|^a / max|W|^(1 - a)`` (max |x| from ``act_range``, max |W| over the group's
     linears) for each a to the candidates, which target the activation range's outlier channels where AWQ's mean
-    |x| does not. ``info`` holds 'ratio' (None when duo scaling kept s = 1 or a SmoothQuant candidate won),
-    'smooth_alpha' (the winning SmoothQuant a, else None), 'error', 'error_rtn' (s = 1), 'ratios' and 'errors'.
+    |x| does not. ``gram`` (``InputGram.gram()``) scores the weight-only candidates over every calibration token
+    instead of x_sample (which may then be None, given ``x_magnitude``). The ratios are searched coarse to fine
+    (``COARSE_STEP``; ``coarse_step=1`` scores all of them). ``info`` holds 'ratio' (None when duo scaling kept
+    s = 1 or a SmoothQuant candidate won), 'smooth_alpha' (the winning SmoothQuant a, else None), 'error',
+    'error_rtn' (s = 1), 'ratios' and 'errors' (NaN for the ratios the search skipped).
     """
     if not weights_kn:
         raise ValueError("need at least one weight")
     k = np.shape(weights_kn[0])[0]
     if any(np.shape(w)[0] != k for w in weights_kn):
         raise ValueError("all weights must share the input dimension K")
-    x = np.asarray(x_sample, dtype=np.float32).reshape(-1, k)
+    if gram is not None and np.shape(gram) != (k, k):
+        raise ValueError(f"gram has shape {np.shape(gram)}, expected ({k}, {k})")
+    if x_sample is None and (x_magnitude is None or gram is None or act_range is not None):
+        raise ValueError("without x_sample, give x_magnitude and gram (and no act_range)")
+    x = None if x_sample is None else np.asarray(x_sample, dtype=np.float32).reshape(-1, k)
     mag = np.abs(x).mean(axis=0, dtype=np.float64) if x_magnitude is None else np.asarray(x_magnitude)
     if mag.shape != (k,):
         raise ValueError(f"x_magnitude has shape {mag.shape}, expected ({k},)")
     w_mag = weight_channel_magnitude(weights_kn, group_size) if duo_scaling else None
     ones = np.ones(k, dtype=np.float32)
-    error_rtn = scaled_quantization_error(x, weights_kn, ones, bits, group_size, symmetric, act_range)
+
+    def error_of(scales: np.ndarray) -> float:
+        return scaled_quantization_error(x, weights_kn, scales, bits, group_size, symmetric, act_range, gram)
+
+    error_rtn = error_of(ones)
     # Without duo scaling ratio 0 is s = 1 itself; with it, s = 1 is not on the grid and is tried apart.
     best_error, best_ratio, best_scales = error_rtn, (None if duo_scaling else 0.0), ones
     ratios = np.linspace(0.0, 1.0, max(grid, 1))
-    errors = []
-    for ratio in ratios:
-        if ratio == 0.0 and not duo_scaling:
-            errors.append(error_rtn)
-            continue
-        s = awq_scales_for_ratio(mag, float(ratio), w_mag)
-        error = scaled_quantization_error(x, weights_kn, s, bits, group_size, symmetric, act_range)
-        errors.append(error)
-        if error < best_error:
-            best_error, best_ratio, best_scales = error, float(ratio), s
+    errors = np.full(len(ratios), np.nan)
+    scales_at: dict[int, np.ndarray] = {}
+
+    def score(index: int) -> None:
+        if np.isnan(errors[index]):
+            if ratios[index] == 0.0 and not duo_scaling:
+                errors[index], scales_at[index] = error_rtn, ones
+            else:
+                scales_at[index] = awq_scales_for_ratio(mag, float(ratios[index]), w_mag)
+                errors[index] = error_of(scales_at[index])
+
+    coarse = _coarse_indices(len(ratios), coarse_step)
+    for index in coarse:
+        score(int(index))
+    best_coarse = np.array(int(coarse[np.nanargmin(errors[coarse])]))
+    for index in _refinements(best_coarse, coarse, coarse_step):
+        score(int(index))
+    # In grid order, strictly better only: ties keep the smaller ratio, as a scan of the whole grid would.
+    for index in np.flatnonzero(~np.isnan(errors)):
+        if errors[index] < best_error:
+            best_error, best_ratio, best_scales = float(errors[index]), float(ratios[index]), scales_at[int(index)]
     best_alpha = None
     if smooth_alphas:
         if act_range is None:
@@ -223,7 +327,7 @@ def search_awq_scales(
         w_absmax = weight_absmax(weights_kn)
         for alpha in smooth_alphas:
             s = smoothquant_scales(x_absmax, w_absmax, float(alpha))
-            error = scaled_quantization_error(x, weights_kn, s, bits, group_size, symmetric, act_range)
+            error = error_of(s)
             if error < best_error:
                 best_error, best_ratio, best_scales, best_alpha = error, None, s, float(alpha)
     info = {
@@ -232,7 +336,7 @@ def search_awq_scales(
         "error": best_error,
         "error_rtn": error_rtn,
         "ratios": ratios.tolist(),
-        "errors": errors,
+        "errors": errors.tolist(),
     }
     return best_scales, info
 
@@ -261,6 +365,8 @@ def search_awq_clip(
     max_shrink: float = 0.5,
     *,
     max_tokens: int = 512,
+    gram: np.ndarray | None = None,
+    coarse_step: int = COARSE_STEP,
 ) -> tuple[ClipRanges, dict]:
     """AutoAWQ's auto_clip: per group and output channel, the weight range that minimizes output error.
 
@@ -268,22 +374,35 @@ def search_awq_clip(
     large error on a few weights for a smaller one on all. Candidate ranges shrink the max (and for
     asymmetric, the min) by 1 - max_shrink * i / n_grid, i = 0..n_grid; the error is each group's own
     contribution to the output, mean over at most ``max_tokens`` evenly strided tokens. Factor 1 (no
-    clipping) is tried first and kept on ties. ``info`` holds 'error' and 'error_noclip' (summed over
-    groups and output channels) and 'tokens'.
+    clipping) is tried first and kept on ties; the factors are searched coarse to fine per group and output channel
+    (``COARSE_STEP``; 1 scores all). With ``gram`` (X^T X / tokens of the input as the weight reads it,
+    over all calibration tokens) each group's error is d^T G_gg d over its diagonal block instead, the same mean
+    over every token, and ``x_sample`` is not read. ``info`` holds 'error' and 'error_noclip' (summed over
+    groups and output channels) and 'tokens' (None with ``gram``).
     """
     weight = np.asarray(weight_kn, dtype=np.float32)
     if weight.ndim != 2:
         raise ValueError(f"expected a 2-D weight, got shape {weight.shape}")
     k, n = weight.shape
     gs = k if group_size == -1 else group_size
-    x = np.asarray(x_sample, dtype=np.float32).reshape(-1, k)
-    if x.shape[0] > max_tokens:
-        x = x[:: x.shape[0] // max_tokens][:max_tokens]
-    t = x.shape[0]
     grouped = _grouped(weight, gs)  # [G, gs, N]
     n_groups = grouped.shape[0]
-    x_grouped = _grouped(x.T, gs).transpose(0, 2, 1)  # [G, T, gs], zero-padded channels
-    x_grouped = np.ascontiguousarray(x_grouped)
+    if gram is not None:
+        if np.shape(gram) != (k, k):
+            raise ValueError(f"gram has shape {np.shape(gram)}, expected ({k}, {k})")
+        padded = np.zeros((n_groups * gs, n_groups * gs), dtype=np.float32)
+        padded[:k, :k] = gram
+        blocks = np.stack([padded[g * gs:(g + 1) * gs, g * gs:(g + 1) * gs] for g in range(n_groups)])  # [G, gs, gs]
+        t = None
+        rows_per_group = gs
+    else:
+        x = np.asarray(x_sample, dtype=np.float32).reshape(-1, k)
+        if x.shape[0] > max_tokens:
+            x = x[:: x.shape[0] // max_tokens][:max_tokens]
+        t = x.shape[0]
+        x_grouped = _grouped(x.T, gs).transpose(0, 2, 1)  # [G, T, gs], zero-padded channels
+        x_grouped = np.ascontiguousarray(x_grouped)
+        rows_per_group = t
 
     if symmetric:
         base_high = np.abs(grouped).max(axis=1)
@@ -293,27 +412,39 @@ def search_awq_clip(
         base_low = grouped.min(axis=1)
     factors = 1.0 - max_shrink * np.arange(n_grid + 1) / max(n_grid, 1)
     factors = factors[factors > 0]
+    coarse = _coarse_indices(len(factors), coarse_step)
 
     best_err = np.full((n_groups, n), np.inf)
-    best_factor = np.ones((n_groups, n), dtype=np.float32)
+    best_index = np.zeros((n_groups, n), dtype=np.int64)
     err_noclip = np.zeros((n_groups, n))
-    chunk = max(1, _CLIP_CHUNK_ELEMENTS // max(1, n_groups * t))
+    chunk = max(1, _CLIP_CHUNK_ELEMENTS // max(1, n_groups * rows_per_group))
     for c1 in range(0, n, chunk):
         cols = slice(c1, min(c1 + chunk, n))
         w = grouped[:, :, cols]
-        for i, factor in enumerate(factors):
+
+        def score(index: np.ndarray) -> None:
+            """Errors of factor ``index`` (one, or one per group and channel); keeps the better (ties: less shrink)."""
+            factor = factors[index]
             low = (base_low[:, cols] * factor).astype(np.float32)
             high = (base_high[:, cols] * factor).astype(np.float32)
-            clipped = _clip_grouped(w, low, high).reshape(n_groups * gs, -1)[:k]
-            deq = _fake_quantize(clipped, bits, gs, symmetric)
-            diff = w - _grouped(deq, gs)
-            out = np.matmul(x_grouped, diff)  # [G, T, cols]: each group's share of the output error
-            err = np.mean(np.square(out, dtype=np.float64), axis=1)
-            if i == 0:
+            diff = w - fake_quantize_groups(_clip_grouped(w, low, high), bits, symmetric)
+            if gram is None:
+                out = np.matmul(x_grouped, diff)  # [G, T, cols]: each group's share of the output error
+                err = np.mean(np.square(out, dtype=np.float64), axis=1)
+            else:
+                err = np.sum(diff * np.matmul(blocks, diff), axis=1, dtype=np.float64)  # [G, cols]
+            if np.ndim(index) == 0 and index == 0:
                 err_noclip[:, cols] = err
-            better = err < best_err[:, cols]
-            best_err[:, cols] = np.where(better, err, best_err[:, cols])
-            best_factor[:, cols] = np.where(better, factor, best_factor[:, cols])
+            current, current_index = best_err[:, cols], best_index[:, cols]
+            better = (err < current) | ((err == current) & (index < current_index))
+            best_err[:, cols] = np.where(better, err, current)
+            best_index[:, cols] = np.where(better, index, current_index)
+
+        for index in coarse:
+            score(np.int64(index))
+        for index in _refinements(best_index[:, cols], coarse, coarse_step):
+            score(index)
+    best_factor = factors[best_index].astype(np.float32)
 
     clip = ClipRanges(
         low=(base_low * best_factor).astype(np.float32),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from graphq.algorithms.awq import (
-    ChannelMagnitude, ChannelRange, quantize_with_clip, search_awq_clip, search_awq_scales,
+    ChannelMagnitude, ChannelRange, InputGram, quantize_with_clip, search_awq_clip, search_awq_scales,
 )
 from graphq.algorithms.rtn import quantize_rtn
 from graphq.config import STATIC_ACTIVATION_SCHEMES
@@ -27,7 +27,9 @@ STATIC_SMOOTH_ALPHAS = tuple(round(0.1 * i, 1) for i in range(1, 11))
 
 class ActivationAwareScaling(WeightMethod):
     name = "awq"
-    statistics = {"magnitude": ChannelMagnitude, "range": ChannelRange}
+    # The Gram matrix of each (narrow) input lets both searches score candidates over every calibration token, at
+    # less cost than over the token sample.
+    statistics = {"magnitude": ChannelMagnitude, "range": ChannelRange, "gram": InputGram}
     rounds = True
 
     def transform(self, work: RegionWork) -> None:
@@ -44,6 +46,7 @@ class ActivationAwareScaling(WeightMethod):
                 config.is_symmetric, x_magnitude=work.stats[input_name].magnitude.mean(),
                 act_range=work.stats[input_name].range.ranges() if static else None,
                 smooth_alphas=STATIC_SMOOTH_ALPHAS if static else (),
+                gram=None if static else work.original_gram(input_name),
             )
             searched = info["ratio"] not in (0.0, None) or info["smooth_alpha"] is not None
             skipped = None
@@ -68,14 +71,14 @@ class ActivationAwareScaling(WeightMethod):
 
     def round_group(self, work: RegionWork, input_name: str, group: list[LinearLayer]) -> dict[str, LayerResult]:
         config = work.config
-        x = work.current_input(input_name)
+        x, gram = work.current_input(input_name), work.current_gram(input_name)
         results = {}
         for layer in group:
             weight = layer.weight_kn()
             group_size = config.group_size_for(layer.in_features)
             clip = None
             if config.awq_clip:
-                clip, _ = search_awq_clip(x, weight, config.bits, group_size, config.is_symmetric)
+                clip, _ = search_awq_clip(x, weight, config.bits, group_size, config.is_symmetric, gram=gram)
                 qw = quantize_with_clip(weight, clip, config.bits, group_size, config.is_symmetric)
             else:
                 qw = quantize_rtn(weight, config.bits, group_size, config.is_symmetric)

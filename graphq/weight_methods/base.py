@@ -68,6 +68,20 @@ class RegionWork:
         """The token sample as the linears read it now (after the folds so far)."""
         return self.samples[input_name] / self.input_scale[input_name]
 
+    def original_gram(self, input_name: str) -> np.ndarray | None:
+        """X^T X / tokens of the input over every calibration token as captured (before any fold), where a method
+        collected it (AWQ's ``InputGram``, for inputs narrow enough); else None."""
+        gram = self.stats[input_name].accumulators.get("gram")
+        return None if gram is None else gram.gram()
+
+    def current_gram(self, input_name: str) -> np.ndarray | None:
+        """``original_gram`` of the input as the linears read it now, x / s."""
+        gram = self.original_gram(input_name)
+        if gram is None:
+            return None
+        scale = self.input_scale[input_name]
+        return gram / np.outer(scale, scale)
+
 
 class WeightMethod:
     """Base of the registered weight methods; subclasses set ``name`` and override what they do.

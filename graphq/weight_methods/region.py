@@ -20,7 +20,15 @@ class RegionResult:
     rescaled: dict[str, str] = field(default_factory=dict)  # linear name -> why its output channels were rescaled
 
 
-def relative_output_error(x: np.ndarray, weight: np.ndarray, approximation: np.ndarray) -> float:
+def relative_output_error(
+    x: np.ndarray, weight: np.ndarray, approximation: np.ndarray, gram: np.ndarray | None = None
+) -> float:
+    """||x (W - A)||^2 / ||x W||^2 over the token sample x, or over every calibration token given their Gram
+    matrix X^T X (then x is not read)."""
+    if gram is not None:
+        diff = weight - approximation
+        return float(np.sum(diff * (gram @ diff), dtype=np.float64)
+                     / max(np.sum(weight * (gram @ weight), dtype=np.float64), 1e-30))
     reference = x @ weight
     return float(np.sum(np.square(x @ (weight - approximation), dtype=np.float64))
                  / max(np.sum(np.square(reference, dtype=np.float64)), 1e-30))
@@ -39,8 +47,9 @@ def quantize_region(
     ``known_layers``: the caller's objects for every linear of the model, so folds that rescale a linear outside
     ``region_layers`` (left float, or under another scheme) update the objects the caller holds.
     The report fields ``output_error`` (the quantized layer on its current input) and ``output_error_rtn`` (RTN on
-    the original weight and input) are relative squared errors on the token sample; for pruned linears the error
-    is against the weight before pruning (so it counts the zeros too).
+    the original weight and input) are relative squared errors on the token sample, or on every calibration token
+    where a method collected the input's Gram matrix (AWQ); for pruned linears the error is against the weight
+    before pruning (so it counts the zeros too).
     """
     work = RegionWork(model, region_layers, stats, config, known_layers or region_layers)
     originals = {layer.name: layer.weight_kn() for layer in region_layers}
@@ -53,6 +62,7 @@ def quantize_region(
     for input_name, group in work.groups.items():
         rounded = rounder.round_group(work, input_name, group)
         x_original, x = work.samples[input_name], work.current_input(input_name)
+        gram_original, gram = work.original_gram(input_name), work.current_gram(input_name)
         for layer in group:
             result = rounded[layer.name]
             result.entry = {**work.notes[layer.name], **result.entry}
@@ -61,8 +71,8 @@ def quantize_region(
             group_size = config.group_size_for(layer.in_features)
             original = originals[layer.name]
             rtn = quantize_rtn(original, config.bits, group_size, config.is_symmetric).dequantize()
-            result.entry["output_error_rtn"] = relative_output_error(x_original, original, rtn)
+            result.entry["output_error_rtn"] = relative_output_error(x_original, original, rtn, gram_original)
             dense = work.dense_weights.get(layer.name, layer.weight_kn())
-            result.entry["output_error"] = relative_output_error(x, dense, result.weight.dequantize())
+            result.entry["output_error"] = relative_output_error(x, dense, result.weight.dequantize(), gram)
             results[layer.name] = result
     return RegionResult(results, work.rescaled)
