@@ -10,6 +10,7 @@ from pathlib import Path
 
 from graphq.errors import GraphqError
 from graphq.interrupts import SIGTERM_EXIT_STATUS, Terminated, handle_sigterm, restore_sigterm
+from graphq.threads import busy_machine_hint
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -334,6 +335,9 @@ def _run_verify(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    hint = busy_machine_hint() if args.command in ("quantize", "analyze") and not getattr(args, "quiet", False) else None
+    if hint:
+        print(f"graphq: note: {hint}", file=sys.stderr)
     if hasattr(args, "workers"):  # the commands that distribute work: one pool, started and shut down here
         with _worker_pool(args) as pool:
             args.pool = pool

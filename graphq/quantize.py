@@ -51,6 +51,7 @@ from graphq.layer_plan import (PLAN_FILE, LayerSetting, check_names, embedding_o
 from graphq.memory import peak_rss_bytes
 from graphq.passes.embedding import find_embedding
 from graphq.passes.weights import set_layer_weight
+from graphq.threads import with_configured_threads
 from graphq.precision_plan import needs_plan, plan_precision
 from graphq.selection import matches, skip_reason
 from graphq.sparsify import prune_float_layers, warn_all_zero
@@ -461,6 +462,7 @@ def seconds_per_decoder_layer(entries: list[dict]) -> dict[str, dict[str, float]
     return per_layer
 
 
+@with_configured_threads
 def quantize(
     model_path: str | Path,
     config: QuantConfig,

@@ -42,6 +42,7 @@ from graphq.runtimes.activation_capture import ActivationCapture
 from graphq.runtimes.layerwise import graph_input_feeds
 from graphq.runtimes.submodel import SubmodelSession, share_buffers, slice_spec
 from graphq.selection import skip_reason
+from graphq.threads import with_configured_threads
 
 SENSITIVITY_VERSION = 1
 ANALYSIS_SEQ_LEN = 128  # tokens per analysis window at most: the ranking needs few, short windows (each linear costs a forward of them)
@@ -156,6 +157,7 @@ def _measure(state: _Measurements, item: tuple[int | None, str]) -> tuple[float,
     return kl, agree, positions
 
 
+@with_configured_threads
 def analyze(
     model_path: str | Path,
     config: QuantConfig,

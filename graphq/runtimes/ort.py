@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import time
 from pathlib import Path
@@ -12,6 +11,7 @@ import onnxruntime as ort
 
 from graphq.errors import GraphqError
 from graphq.model_io import resolve_model_file
+from graphq.threads import configured_threads
 
 _PAST = re.compile(r"past_key_values\.(\d+)\.(key|value)")
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
@@ -21,7 +21,7 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if threads is None:
-        threads = int(os.environ.get("GRAPHQ_THREADS", "0"))
+        threads = configured_threads() or 0
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     # onnxruntime fuses DequantizeLinear + MatMul into MatMulNBits and by default computes it with int8
