@@ -91,7 +91,14 @@ def check_external_data(model: ir.Model, model_file: Path) -> None:
                     f"{model_file} keeps its weights in {tensor.location}, which is missing beside it: "
                     "copy the whole export folder"
                 )
-            sizes[path] = path.stat().st_size
+            stat = path.stat()
+            if stat.st_nlink > 1:
+                # onnx and onnx_ir refuse to read such a file (a possible hard-link attack) at the first weight read.
+                raise GraphqError(
+                    f"{tensor.location} beside {model_file} has {stat.st_nlink} hard links, which onnx refuses to "
+                    "read: copy the export folder without hard links (cp -r, not cp -l)"
+                )
+            sizes[path] = stat.st_size
         end = (tensor.offset or 0) + (tensor.length if tensor.length is not None else tensor.nbytes)
         if end > sizes[path]:
             raise GraphqError(

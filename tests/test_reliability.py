@@ -132,6 +132,10 @@ def export_copy(edit: Callable[[Path], None]):
     return build
 
 
+def hard_link_data(folder: Path) -> None:
+    os.link(folder / "model.onnx.data", folder.parent / "linked.data")
+
+
 def truncate(path: Path, size: int = 1000) -> None:
     with open(path, "r+b") as f:
         f.truncate(size)
@@ -275,6 +279,10 @@ ROWS: dict[str, Row] = {
                                 "which is missing"),
     "inspect-truncated-data": Row(lambda p: ["inspect", export_copy(lambda f: truncate(f / "model.onnx.data"))(p)],
                                   "is truncated"),
+    # onnx refuses to read external data with several hard links (cp -l copies); said up front, not mid-verify
+    "verify-hardlinked-data": Row(lambda p: ["verify", p.llama, export_copy(hard_link_data)(p), "--text", p.text,
+                                             "--ctx", "32"], "has 2 hard links"),
+    "quantize-hardlinked-data": Row(lambda p: quantize_from(export_copy(hard_link_data)(p)), "has 2 hard links"),
     # --------------------------------------------------------------- models that do not belong together
     "verify-swapped": Row(lambda p: ["verify", p.w4, p.llama, "--text", p.text, "--ctx", "32"], "look swapped"),
     "verify-quant-of-another-export": Row(lambda p: ["verify", p.qwen2, p.w4, "--text", p.text, "--ctx", "32"],
