@@ -24,6 +24,7 @@ from graphq.errors import GraphqError
 from graphq.decoder_layers import Region, decoder_regions, prefix_values
 from graphq.linear_layers import LinearLayer
 from graphq.runtimes.submodel import SubmodelSession, slice_spec
+from graphq.threads import blas_threads
 
 
 @dataclass
@@ -207,13 +208,16 @@ def _capture_sample(state: _CaptureState, item) -> dict[str, tuple[dict, int, np
     feed, sample_values, picks, expected_rows, tokens_before = item
     captured = state.session.run({**feed, **sample_values})
     result = {}
-    for name, array in captured.items():
-        rows = array.reshape(-1, array.shape[-1]).astype(np.float32)
-        if len(rows) != expected_rows:
-            raise GraphqError(f"linear input {name} has {len(rows)} rows for a sample of {expected_rows} tokens: "
-                              "layer-wise calibration expects one row per token")
-        terms = {key: _term(accumulator, rows, tokens_before) for key, accumulator in state.accumulators.items()}
-        result[name] = (terms, len(rows), rows[picks[name]])
+    # OpenBLAS's float32 products (the Gram and Hessian terms) round differently with another thread count: one
+    # thread, here and on every worker, keeps the statistics the same bits wherever the sample ran.
+    with blas_threads(1):
+        for name, array in captured.items():
+            rows = array.reshape(-1, array.shape[-1]).astype(np.float32)
+            if len(rows) != expected_rows:
+                raise GraphqError(f"linear input {name} has {len(rows)} rows for a sample of {expected_rows} tokens: "
+                                  "layer-wise calibration expects one row per token")
+            terms = {key: _term(accumulator, rows, tokens_before) for key, accumulator in state.accumulators.items()}
+            result[name] = (terms, len(rows), rows[picks[name]])
     return result
 
 

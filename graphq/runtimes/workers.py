@@ -27,7 +27,6 @@ import sys
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 from graphq.errors import GraphqError
-from graphq.threads import blas_threads
 
 S = TypeVar("S")
 T = TypeVar("T")
@@ -80,12 +79,11 @@ class _Worker:
         _maybe_crash()
         context = ray.get_runtime_context()
         try:
-            with blas_threads():  # the worker's GRAPHQ_THREADS (one by default) caps numpy's BLAS too
-                if self.key != key:
-                    self.state = None  # the previous call's sessions go before the next are built
-                    self.state = ray.get(setup_ref[0])()
-                    self.key = key
-                result = work(self.state, item)
+            if self.key != key:
+                self.state = None  # the previous call's sessions go before the next are built
+                self.state = ray.get(setup_ref[0])()
+                self.key = key
+            result = work(self.state, item)
         except Exception as exc:  # noqa: BLE001 - raised again in the caller
             result = _Failure(exc)
         return os.getpid(), bool(context.was_current_actor_reconstructed), result
@@ -103,7 +101,7 @@ class WorkerPool:
         self.distributed = bool(address) or (workers or 0) > 1
         self.workers = workers or 1
         self.retries = retries
-        # Each actor holds one of Ray's CPUs: one onnxruntime (and BLAS) thread each unless GRAPHQ_THREADS says otherwise.
+        # Each actor holds one of Ray's CPUs: one onnxruntime thread each unless GRAPHQ_THREADS says otherwise.
         self.env = {"GRAPHQ_THREADS": os.environ.get("GRAPHQ_THREADS", "1"), **(env or {})}
         if os.environ.get(CRASH_ONCE_ENV):
             self.env.setdefault(CRASH_ONCE_ENV, os.environ[CRASH_ONCE_ENV])
