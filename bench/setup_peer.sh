@@ -28,7 +28,7 @@ case "$NAME" in
     # llmcompressor 0.14.0.1 is the release that accepts torch 2.13 (torch>=2.10,<=2.14); it requires transformers 5
     # (>=5.15) and compressed-tensors==0.19.0, so graphq's transformers / compressed-tensors / hub / tokenizers /
     # optimum pins (transformers 4.57) are dropped for this venv and those come from llmcompressor's own requirements.
-    PACKAGES=(llmcompressor==0.14.0.1 compressed-tensors==0.19.0 "transformers>=5.15,<=5.17" "datasets>=4.8.4")
+    PACKAGES=(llmcompressor==0.14.0.1 compressed-tensors==0.19.0 transformers==5.17.0 datasets==5.2.0)
     DROP=(transformers compressed-tensors huggingface_hub tokenizers optimum optimum-onnx)
     CHECK="import llmcompressor, torch, transformers; print('llmcompressor', llmcompressor.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)"
     ;;
