@@ -3,6 +3,7 @@ and onnxruntime's GPTQ, W4A16 g128 asym, lm_head float, on one float ONNX model 
 
     .venv/bin/python -m bench.awq_speed [--baseline-tree PATH] [--num-samples 32] [--seq-len 512]
         [--ort-gptq-samples 8] [--ort-gptq-seq-len 512] [--only KEY ...] [--skip-nncf] [--float DIR] [--work DIR]
+        [--with-g64] [--from-log]
 
 The question (AWQ speed issue): graphq AWQ no slower than NNCF's AWQ, and >= 3x faster than today's graphq (the
 ``--baseline-tree`` checkout) at the same accuracy. Calibration: ``--num-samples`` x ``--seq-len`` tokens of Sense and
@@ -20,7 +21,8 @@ are the whole quantize call (load, quantize, save); NNCF seconds are load + comp
 onnxruntime's GPTQ is slow (its time grows with samples x tokens x linears) and gets fewer samples
 (``--ort-gptq-samples``, same sampler); it runs symmetric unless ``--ort-gptq-asym``: onnxruntime 1.32's GPTQ packs
 4-bit zero points across rows and cannot store K=576 at group 128 (5 blocks per row; bench/results/awq_gptq.md).
-Every finished row is appended to WORK/awq_speed/rows.jsonl; a rerun reuses a finished quantization (its done.json)
+NNCF cannot use group 128 where K=576 (SmolLM2's hidden size) and uses 64 there; ``--with-g64`` adds graphq AWQ and
+NNCF AWQ + scale estimation at group 64 on every linear, a like-for-like pair. Every finished row is appended to WORK/awq_speed/rows.jsonl; a rerun reuses a finished quantization (its done.json)
 unless ``--fresh``.
 """
 
@@ -53,6 +55,7 @@ class Variant:
     method: str = ""  # graphq: awq|gptq|awq+gptq; ort: gptq
     nncf_args: list[str] = field(default_factory=list)
     symmetric: bool = False
+    group_size: int = GROUP
 
 
 @dataclass
@@ -95,6 +98,13 @@ def variants(args) -> list[Variant]:
         Variant("graphq-gptq", f"graphq GPTQ ({here})", "graphq", "gptq"),
         Variant("graphq-awq-gptq", f"graphq AWQ+GPTQ ({here})", "graphq", "awq+gptq"),
     ]
+    if args.with_g64:  # like for like with NNCF's adjusted groups: group 64 on every linear, both tools
+        out += [
+            Variant("graphq-awq-g64", f"graphq AWQ g64 ({here})", "graphq", "awq", group_size=64),
+            Variant("nncf-awq-se-g64", "NNCF AWQ + scale estimation g64", "nncf",
+                    nncf_args=["--mode", "int4_asym", "--group-size", "64", "--ratio", "1.0", "--awq",
+                               "--scale-estimation"], group_size=64),
+        ]
     scheme = "asym" if args.ort_gptq_asym else "sym"
     out.append(Variant(f"ort-gptq-{scheme}", f"onnxruntime GPTQ {scheme}", "ort", "gptq", symmetric=not args.ort_gptq_asym))
     return out
@@ -145,6 +155,8 @@ def run_nncf(float_dir: Path, calib_npy: Path, out_dir: Path, extra: list[str], 
         done = subprocess.run([str(NNCF_PY), str(NNCF_SCRIPT), str(float_dir), str(calib_npy), str(out_dir),
                                "--overwrite", *extra], stdout=subprocess.PIPE, stderr=handle, text=True)
     wall = time.perf_counter() - started
+    with open(log, "a") as handle:  # NNCF logs its phases (statistics, AWQ, scale estimation) on stdout
+        handle.write(done.stdout)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode or not lines:
         tail = log.read_text().strip().splitlines()
@@ -219,8 +231,12 @@ def main() -> None:
     parser.add_argument("--ort-gptq-seq-len", type=int, default=512)
     parser.add_argument("--ort-gptq-asym", action="store_true")
     parser.add_argument("--skip-nncf", action="store_true")
-    parser.add_argument("--only", nargs="*", default=None, help="run only these variants: exact keys, or parts of keys (graphq-awq, graphq-awq-baseline, nncf-awq-se, "
-                             "nncf-awq, nncf-rtn, graphq-gptq, graphq-awq-gptq, ort-gptq-sym|asym)")
+    parser.add_argument("--with-g64", action="store_true",
+                        help="also graphq AWQ and NNCF AWQ+SE at group 64 everywhere (NNCF cannot do 128 on K=576)")
+    parser.add_argument("--only", nargs="*", default=None,
+                        help="run only these variants: exact keys, or parts of keys (graphq-awq, graphq-awq-baseline, "
+                             "nncf-awq-se, nncf-awq, nncf-rtn, graphq-gptq, graphq-awq-gptq, ort-gptq-sym|asym, "
+                             "with --with-g64 graphq-awq-g64, nncf-awq-se-g64)")
     parser.add_argument("--fresh", action="store_true", help="requantize rows that already have a done.json")
     parser.add_argument("--from-log", action="store_true", help="only render WORK/awq_speed/rows.jsonl (last row per key)")
     args = parser.parse_args()
@@ -280,6 +296,8 @@ def main() -> None:
             graphq_kwargs = dict(float_dir=str(float_dir), out_dir=str(out_dir), method=variant.method,
                                  symmetric=variant.symmetric, calib=str(args.calib), num_samples=args.num_samples,
                                  seq_len=args.seq_len, seed=args.seed)
+            if variant.group_size != GROUP:
+                graphq_kwargs["group_size"] = variant.group_size
             if variant.tool == "graphq":
                 outcome = run_isolated("graphq", graphq_kwargs)
             elif variant.tool == "baseline":
@@ -300,9 +318,11 @@ def main() -> None:
             if variant.symmetric:
                 row.note += "; sym: onnxruntime's GPTQ cannot pack asym zero points for K=576 at g128"
         elif variant.tool == "nncf" and "error" not in outcome:
-            sizes = "/".join(str(b) for b in outcome.get("block_sizes", []))
+            blocks = outcome.get("block_sizes", [])
             row.note = (f"compress_weights {outcome['compress_seconds']:.1f}s, process {outcome['process_seconds']:.0f}s; "
-                        f"groups {sizes} (NNCF needs K divisible: 64 for K=576)")
+                        f"groups {'/'.join(str(b) for b in blocks)}")
+            if len(blocks) > 1:
+                row.note += " (NNCF needs K divisible: 64 for K=576)"
             if outcome.get("subset_size"):
                 row.note = f"subset_size {outcome['subset_size']}; " + row.note
         if "error" in outcome:
