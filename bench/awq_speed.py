@@ -193,13 +193,15 @@ def summary(rows: list[Row], reference: float) -> str:
     nncf = [by_key[k] for k in ("nncf-awq", "nncf-awq-se") if k in by_key]
     if ours and nncf:
         for peer in nncf:
-            lines.append(f"graphq AWQ {ours.seconds:.0f}s vs {peer.label} {peer.seconds:.0f}s: "
-                         f"{peer.seconds / ours.seconds:.2f}x (goal >= 1: {'met' if ours.seconds <= peer.seconds else 'NOT met'}); "
-                         f"delta {delta_percent(ours.ppl, reference):+.2f}% vs {delta_percent(peer.ppl, reference):+.2f}%.")
+            ratio = ours.seconds / peer.seconds
+            lines.append(f"graphq AWQ takes {ratio:.2f}x the time of {peer.label} ({ours.seconds:.0f}s vs "
+                         f"{peer.seconds:.0f}s; goal <= 1: {'met' if ratio <= 1 else 'NOT met'}); delta "
+                         f"{delta_percent(ours.ppl, reference):+.2f}% vs {delta_percent(peer.ppl, reference):+.2f}%.")
     if ours and base:
         speedup = base.seconds / ours.seconds
-        lines.append(f"graphq AWQ vs baseline: {speedup:.2f}x faster (goal >= 3x: {'met' if speedup >= 3 else 'NOT met'}); "
-                     f"delta {delta_percent(ours.ppl, reference):+.2f}% vs {delta_percent(base.ppl, reference):+.2f}%.")
+        lines.append(f"graphq AWQ is {speedup:.2f}x as fast as the baseline ({ours.seconds:.0f}s vs {base.seconds:.0f}s; "
+                     f"goal >= 3x: {'met' if speedup >= 3 else 'NOT met'}); delta "
+                     f"{delta_percent(ours.ppl, reference):+.2f}% vs {delta_percent(base.ppl, reference):+.2f}%.")
     return "\n".join(lines)
 
 
