@@ -319,6 +319,7 @@ def main() -> None:
             row.note = f"{args.ort_gptq_samples} samples x {args.ort_gptq_seq_len} tokens"
             if variant.symmetric:
                 row.note += "; sym: onnxruntime's GPTQ cannot pack asym zero points for K=576 at g128"
+            row.note += "; its output does not depend on the calibration data (bench/results/awq_speed.md)"
         elif variant.tool == "nncf" and "error" not in outcome:
             blocks = outcome.get("block_sizes", [])
             row.note = (f"compress_weights {outcome['compress_seconds']:.1f}s, process {outcome['process_seconds']:.0f}s; "
