@@ -13,7 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import sys
 import time
+from pathlib import Path
+
+# Run as a script, this file's folder (bench/) is sys.path[0], where bench/compressed_tensors.py would shadow the
+# compressed_tensors package (llm-compressor imports it) and any other bench module a same-named one: drop it.
+if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
+    del sys.path[0]
 
 import numpy as np
 
