@@ -102,7 +102,7 @@ def plan_precision(
     upgrade = config.fallback_scheme or DEFAULT_UPGRADE
     shapes = {layer.name: (layer.in_features, layer.out_features) for layer, _ in planned}
     chosen, reached = bits_budget_plan(ranking, shapes, _grid(config, config.scheme), _grid(config, upgrade),
-                                       config.target_bits)
+                                       config.target_bits, costs=kl)
     plan = PrecisionPlan("target_bits", bits_per_weight=reached, source=source)
     for name in chosen:
         plan.changes[name] = upgrade

@@ -114,6 +114,16 @@ def test_budget_plan_arithmetic_and_refusals():
     assert chosen == ["a"] and reached == pytest.approx((5.125 * 20480 + 3.375 * 4096) / 20480)
     with pytest.raises(ValueError, match="already takes"):
         bits_budget_plan(["a"], shapes, base, up, 4.0)
+    # By cost per extra bit: two small linears with 0.4 and 0.3 of the large one's cost beat it at a budget that
+    # holds either the two small ones or the large one.
+    shapes = {"large": (128, 128), "small1": (64, 64), "small2": (64, 64), "rest": (256, 256)}
+    costs = {"large": 1.0, "small1": 0.4, "small2": 0.3, "rest": 0.0}
+    ranking = ["large", "small1", "small2", "rest"]
+    budget = (sum(base.storage_bits(*v) for v in shapes.values())
+              + up.storage_bits(128, 128) - base.storage_bits(128, 128)) / sum(k * n for k, n in shapes.values())
+    assert bits_budget_plan(ranking, shapes, base, up, budget)[0] == ["large"]
+    chosen, reached = bits_budget_plan(ranking, shapes, base, up, budget, costs=costs)
+    assert chosen == ["small1", "small2"] and reached <= budget
     with pytest.raises(GraphqError, match="--target-bits mixes weight-only"):
         QuantConfig(scheme="w8a8", target_bits=6.0).validate()
     with pytest.raises(GraphqError, match="give one"):

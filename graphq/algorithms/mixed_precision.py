@@ -1,10 +1,12 @@
 """Which linears leave the base scheme, from a sensitivity ranking (pure arithmetic, no graph).
 
 - ``fallback_plan``: msModelSlim's disable_level: the N most sensitive linears stay float or take a fallback scheme.
-- ``bits_budget_plan``: mixed precision under an average bits-per-weight budget: the most sensitive linears are
-  moved to the higher-precision scheme, in ranking order, while the average over every planned weight (integers,
-  scales and zero points as stored) stays within the budget. A linear whose move would overshoot is passed over
-  and the next (smaller) one is tried, so the budget is used as fully as the ranking allows.
+- ``bits_budget_plan``: mixed precision under an average bits-per-weight budget: linears are moved to the
+  higher-precision scheme while the average over every planned weight (integers, scales and zero points as stored)
+  stays within the budget, in ranking order, or, given each linear's measured cost (its KL alone), by cost per
+  extra bit, the greedy answer to the knapsack: a small v_proj with a third of a large down_proj's KL buys more
+  per bit. A linear whose move would overshoot is passed over and the next one is tried, so the budget is used as
+  fully as the order allows.
 """
 
 from __future__ import annotations
@@ -41,10 +43,13 @@ def bits_budget_plan(
     base: WeightGrid,
     upgrade: WeightGrid,
     target_bits: float,
+    costs: dict[str, float] | None = None,
 ) -> tuple[list[str], float]:
-    """Linears to move from ``base`` to ``upgrade`` (most sensitive first) and the average bits per weight reached.
+    """Linears to move from ``base`` to ``upgrade`` and the average bits per weight reached.
 
     ``shapes``: (in_features, out_features) of every planned linear; linears absent from ``ranking`` stay at base.
+    Without ``costs`` the ranking's order (most sensitive first) is kept; with them (what each linear costs the
+    model at base, e.g. its KL) the linears go by cost per extra stored bit, ties in ranking order.
     Raises ValueError when the base scheme alone already exceeds the budget.
     """
     weights = sum(k * n for k, n in shapes.values())
@@ -53,12 +58,14 @@ def bits_budget_plan(
         raise ValueError(
             f"the base scheme already takes {total / weights:.3f} bits per weight, more than the target {target_bits}"
         )
+    extra_bits = {name: upgrade.storage_bits(*shapes[name]) - base.storage_bits(*shapes[name])
+                  for name in ranking if name in shapes}
+    order = list(extra_bits)
+    if costs is not None:
+        order.sort(key=lambda name: -costs[name] / max(extra_bits[name], 1))  # stable: ties keep the ranking's order
     chosen = []
-    for name in ranking:
-        if name not in shapes:
-            continue
-        k, n = shapes[name]
-        extra = upgrade.storage_bits(k, n) - base.storage_bits(k, n)
+    for name in order:
+        extra = extra_bits[name]
         if (total + extra) / weights <= target_bits + 1e-12:
             chosen.append(name)
             total += extra
