@@ -81,6 +81,9 @@ class QuantConfig:
     save_format: list[str] = field(default_factory=lambda: ["onnx", "safetensors"])
     part_file_size: float | None = None
     pack: bool = True
+    # MatMulNBits' accuracy_level: 0 computes in float (what graphq measures by default); 4 quantizes each block of
+    # activations to int8 inside the kernel, onnxruntime CPU's fast path (verify measures what it costs).
+    accuracy_level: int = 0
     # Sensitivity-ranked precision (issue 14): the N most sensitive linears float (or fallback_scheme), or a
     # bits-per-weight budget spent on the most sensitive; the ranking from sensitivity_file or a fresh analysis.
     disable_level: int = 0
@@ -243,6 +246,11 @@ class QuantConfig:
             isinstance(self.part_file_size, (int, float)) and self.part_file_size > 0
         ):
             raise GraphqError(f"--part-file-size must be a positive number of GB, got {self.part_file_size!r}")
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise GraphqError(f"--accuracy-level must be 0-4 (MatMulNBits: 0 float, 1 fp32, 2 fp16, 3 bf16, 4 int8 "
+                              f"activations), got {self.accuracy_level!r}")
+        if self.accuracy_level and self.format != "matmulnbits":
+            raise GraphqError(f"--accuracy-level sets MatMulNBits' compute; --format {self.format} has none: drop one")
         if self.part_file_size is not None and "safetensors" not in self.save_format:
             raise GraphqError("--part-file-size shards the safetensors: add safetensors to --save-format")
         if not isinstance(self.disable_level, int) or isinstance(self.disable_level, bool) or self.disable_level < 0:

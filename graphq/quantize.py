@@ -50,6 +50,7 @@ from graphq.layer_plan import (PLAN_FILE, LayerSetting, check_names, embedding_o
                                setting_for)
 from graphq.memory import peak_rss_bytes
 from graphq.passes.embedding import find_embedding
+from graphq.passes.matmulnbits import set_accuracy_level
 from graphq.passes.weights import set_layer_weight
 from graphq.threads import with_configured_threads
 from graphq.precision_plan import needs_plan, plan_precision
@@ -396,6 +397,8 @@ def export_stage(run: Run, staging: Path, checkpoints: Path, progress: bool) -> 
         if entry["name"] in run.rescaled and "skipped" not in entry:
             entry.setdefault("output_rescaled", run.rescaled[entry["name"]])
     out_model_file = staging / MODEL_FILENAME
+    if config.accuracy_level:
+        set_accuracy_level(model, config.accuracy_level)
     if "onnx" in config.save_format:
         save_model(model, out_model_file)
     kd_state = stage_dir(checkpoints, "weights") / KD_STATE_FILE

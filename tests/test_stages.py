@@ -5,8 +5,10 @@ its last finished stage; an activation stage rerun with other ranges keeps the w
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import graphq
@@ -246,3 +248,33 @@ def test_a_damaged_checkpoint_is_one_line_and_changes_nothing(tiny_models, tiny_
     code = cli_main([*args, "--stage", "activations"])
     assert_one_error(code, *capsys.readouterr(), "checkpoint", "run --stage weights again")
     assert tree_digest(tmp_path) == before  # no staging folder left, the checkpoint as it was
+
+
+def test_the_export_stage_sets_the_matmulnbits_accuracy_level(staged, tiny_models, tiny_text, tmp_path):
+    """--accuracy-level is an export option: rerunning the export from the weights checkpoint sets it on every
+    MatMulNBits node and nothing else changes in the weights; onnxruntime runs it close to the float kernel."""
+    import onnx
+
+    from graphq.runtimes.ort import OrtCausalLM
+
+    whole = staged["w4a16-awq-params"][0]
+    out = tmp_path / "level4"
+    shutil.copytree(whole, out)
+    options = {**COMMON, **CASES["w4a16-awq-params"], "calib": str(tiny_text)}
+    graphq.quantize(tiny_models["llama"]["onnx"], QuantConfig(**options, accuracy_level=4), out, progress=False,
+                    stage="export", overwrite=True)
+    levels = {}
+    for folder in (whole, out):
+        nodes = [n for n in onnx.load(folder / "model.onnx", load_external_data=False).graph.node
+                 if n.op_type == "MatMulNBits"]
+        levels[folder] = {a.i for n in nodes for a in n.attribute if a.name == "accuracy_level"}
+        assert nodes and len(levels[folder]) == 1
+    assert levels[whole] == {0} and levels[out] == {4}
+    assert json.loads((out / "report.json").read_text())["config"]["accuracy_level"] == 4
+    ids = np.arange(1, 33).reshape(1, -1) % 90
+    exact, fast = (OrtCausalLM(folder, threads=1).logits(ids) for folder in (whole, out))
+    cosine = np.sum(exact * fast) / (np.linalg.norm(exact) * np.linalg.norm(fast))
+    assert cosine > 0.99
+    for bad, message in ((dict(accuracy_level=5), "must be 0-4"), (dict(accuracy_level=4, format="qdq"), "has none")):
+        with pytest.raises(GraphqError, match=message):
+            QuantConfig(**{**options, **bad}).validate()

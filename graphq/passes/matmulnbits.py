@@ -117,3 +117,12 @@ def replace_node_output(graph: ir.Graph, old: ir.Node, new_value: ir.Value) -> N
     weight_input = old.inputs[1]
     graph.remove(old, safe=True)
     remove_dead_weight_path(graph, weight_input)
+
+
+def set_accuracy_level(model: ir.Model, level: int) -> int:
+    """Set ``accuracy_level`` on every MatMulNBits node (the export stage's choice, so the weights stage's checkpoint
+    serves any level); returns how many nodes there are."""
+    nodes = [node for node in ir.traversal.RecursiveGraphIterator(model.graph) if node.op_type == "MatMulNBits"]
+    for node in nodes:
+        node.attributes["accuracy_level"] = ir.AttrInt64("accuracy_level", level)
+    return len(nodes)
