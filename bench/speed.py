@@ -1,5 +1,6 @@
-"""Prefill and decode speed of SmolLM2-135M in onnxruntime CPU: fp32 against graphq's W4A16 (MatMulNBits), NF4
-lookup tables, W8A8 (dynamic and static QDQ) and W4A16 with the tied embedding / lm_head on an int4 grid too.
+"""Prefill and decode speed of SmolLM2-135M in onnxruntime CPU: fp32 against graphq's W4A16 (MatMulNBits, float and
+int8 compute), NF4 lookup tables, W8A8 (dynamic and static QDQ) and W4A16 with the tied embedding / lm_head on an
+int4 grid too.
 
     .venv/bin/python -m bench.speed [--work out/bench] [--prompt 128] [--tokens 64] [--repeats 5] [--threads N]
 
@@ -23,6 +24,10 @@ VARIANTS = {
     "w4a16": ("W4A16 g128 asym RTN, MatMulNBits (lm_head, embedding float)", dict(scheme="w4a16")),
     "w4a16-int4-embedding": ("W4A16 + int4 g32 embedding and tied lm_head (GatherBlockQuantized, MatMulNBits)",
                              dict(scheme="w4a16", quantize_embeddings="int4")),
+    "w4a16-level4": ("W4A16 g128 asym RTN, MatMulNBits --accuracy-level 4 (int8 activations per block)",
+                     dict(scheme="w4a16", accuracy_level=4)),
+    "w4a16-int4-embedding-level4": ("W4A16 + int4 embedding and tied lm_head, --accuracy-level 4",
+                                    dict(scheme="w4a16", quantize_embeddings="int4", accuracy_level=4)),
     "nf4": ("NF4 g64 lookup tables, data-free (issue 11: uint8 codes + Gather, then MatMul)",
             dict(scheme="w4a16", method="lut", weight_format="nf4", group_size=64)),
     "w8a8-dynamic": ("W8A8 dynamic per token (QDQ)", dict(scheme="w8a8-dynamic")),
