@@ -39,10 +39,18 @@ def blas_threads(threads: int | None = None) -> Iterator[None]:
     if not threads:
         yield
         return
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(limits=threads, user_api="blas"):
+    with _blas_controller().limit(limits=threads, user_api="blas"):
         yield
+
+
+@functools.lru_cache(maxsize=1)
+def _blas_controller():
+    """One scan of the loaded libraries per process: ``threadpool_limits`` rescans them on every call (2 ms here),
+    and the capture enters ``blas_threads(1)`` once per calibration sample and layer."""
+    import numpy  # noqa: F401  (its BLAS must be loaded before the scan)
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
 
 
 F = TypeVar("F", bound=Callable)
