@@ -354,6 +354,31 @@ def test_compress_over_four_ranks_and_quantize_compress(tmp_path):
     np.testing.assert_array_equal(rebuilt_logits(out / "w8a8sc", tmp_path, "compressed"), reference)
 
 
+def test_compress_copies_a_quantized_embedding_into_every_rank(tmp_path):
+    """--quantize-embeddings int8 puts a W8A16 embedding beside the W8A8S linears: every rank holds it whole, with
+    its type, and load-artifacts of the W8A8SC folder gives the W8A8S model's logits."""
+    from graphq.export import export
+    from tests.conftest import build_tiny_model
+
+    export(build_tiny_model("llama", tmp_path / "hf", seed=3, kv_heads=2), tmp_path / "onnx")
+    out = tmp_path / "q"
+    result = quantize(tmp_path / "onnx", QuantConfig(scheme="w8a8s", method="magnitude", sparsity=0.5,
+                                                     quantize_embeddings="int8", compress=True, tp_size=2, **CALIB),
+                      out, progress=False)
+    assert result.report["compression"]["tp_size"] == 2
+    for rank in range(2):
+        part = out / "w8a8sc" / f"part{rank}-of-2"
+        description = json.loads((part / "quant_model_description_w8a8sc.json").read_text())
+        specs, _ = read_header(part / "quant_model_weight_w8a8sc.safetensors")
+        assert description["model.embed_tokens.weight"] == "W8A16"
+        assert specs["model.embed_tokens.weight"][0] == "I8"
+        assert specs["model.embed_tokens.weight"][1] == tuple(read_header(
+            out / "quant_model_weight_w8a8s.safetensors")[0]["model.embed_tokens.weight"][1])
+    reference = rebuilt_logits(out, tmp_path, "plain")
+    np.testing.assert_array_equal(reference, OrtCausalLM(out).logits(np.arange(3, 60)))
+    np.testing.assert_array_equal(rebuilt_logits(out / "w8a8sc", tmp_path, "compressed"), reference)
+
+
 # --- bad input ------------------------------------------------------------------------------------------------------
 
 

@@ -214,9 +214,15 @@ def _heads(config: dict) -> dict[str, int]:
     return {k: v for k, v in (("attention heads", heads), ("key/value heads", kv)) if isinstance(v, int)}
 
 
+def compressed_layers(artifacts: Artifacts) -> list[str]:
+    """The W8A8S linears, split and compressed; any other quantized layer (an int8 embedding from
+    --quantize-embeddings, typed W8A16) is copied unsplit into every rank with its own type, like the float tensors."""
+    return [name for name in artifacts.layers if artifacts.layer_schemes[name] == "w8a8s"]
+
+
 def check_tp(artifacts: Artifacts, tp: int, model_config: dict) -> None:
     """--tp must divide the heads and every split dimension (the error names the first layer it does not)."""
-    check_tp_shapes(artifacts.layers, tp, model_config)
+    check_tp_shapes({name: artifacts.layers[name] for name in compressed_layers(artifacts)}, tp, model_config)
 
 
 def check_tp_shapes(layers: dict[str, tuple[int, int]], tp: int, model_config: dict) -> None:
@@ -332,6 +338,9 @@ def write_compressed(artifacts: Artifacts, out_dir: Path, tp: int, progress: boo
 
     Ranks are written one after the other; each layer's slice is split and compressed as its rank is written."""
     store = artifacts.store
+    compressed = compressed_layers(artifacts)
+    copied = [tensor for tensor in artifacts.types if tensor.rpartition(".")[0] in artifacts.layers
+              and tensor.rpartition(".")[0] not in compressed]
     layer_report: dict[str, dict] = {}
     for rank in range(tp):
         part_dir = out_dir / part_name(rank, tp)
@@ -342,7 +351,10 @@ def write_compressed(artifacts: Artifacts, out_dir: Path, tp: int, progress: boo
             for name in artifacts.float_names:
                 types[name] = FLOAT
                 yield name, store.get(name)
-            for name in tqdm(artifacts.layers, desc=f"compress {part_name(rank, tp)}", unit="layer",
+            for name in copied:
+                types[name] = artifacts.types[name]
+                yield name, store.get(name)
+            for name in tqdm(compressed, desc=f"compress {part_name(rank, tp)}", unit="layer",
                              disable=not progress, file=sys.stderr):
                 layer = {s: store.get(f"{name}.{s}") for s in SPLIT_SUFFIXES}
                 part = split_layer(layer, is_row_parallel(name), tp)[rank]
@@ -430,8 +442,8 @@ def open_compressed(directory: str | Path) -> Artifacts:
     out_types: dict[str, str] = {}
     layer_names = list(dict.fromkeys(name.rsplit(".", 1)[0] for name, kind in types.items() if kind == TYPE))
     for name, kind in types.items():
-        if kind == FLOAT:
-            out_types[name] = FLOAT
+        if kind != TYPE:  # float tensors and the layers copied unsplit (compressed_layers)
+            out_types[name] = kind
             merged.specs[name] = stores[0].specs[name]
             merged.getters[name] = (lambda n=name: stores[0].get(n))
     for layer in layer_names:
@@ -467,7 +479,7 @@ def open_compressed(directory: str | Path) -> Artifacts:
             merged.getters[f"{layer}.{suffix}"] = (lambda s=suffix, g=getter: g(s))
             out_types[f"{layer}.{suffix}"] = "W8A8S"
     artifacts = Artifacts(directory, expected[0] / DESCRIPTION, "w8a8s", out_types, None, merged)
-    from graphq.artifacts.layout import check_layer
+    from graphq.artifacts.layout import SCHEME_OF_TYPE, check_layer
 
     for name, kind in out_types.items():
         if kind == FLOAT:
@@ -475,6 +487,13 @@ def open_compressed(directory: str | Path) -> Artifacts:
     for layer in layer_names:
         artifacts.layer_schemes[layer] = "w8a8s"
         artifacts.layers[layer] = check_layer(layer, "w8a8s", merged.specs, False)
+    for name, kind in out_types.items():
+        layer = name.rpartition(".")[0]
+        if kind not in (FLOAT, "W8A8S") and layer not in artifacts.layer_schemes:
+            if kind not in SCHEME_OF_TYPE:
+                raise GraphqError(f"{expected[0] / DESCRIPTION}: {name} has type {kind!r}, which W8A8SC does not hold")
+            artifacts.layer_schemes[layer] = SCHEME_OF_TYPE[kind]
+            artifacts.layers[layer] = check_layer(layer, SCHEME_OF_TYPE[kind], merged.specs, False)
     return artifacts
 
 
