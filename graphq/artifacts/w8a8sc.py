@@ -339,8 +339,8 @@ def write_compressed(artifacts: Artifacts, out_dir: Path, tp: int, progress: boo
     Ranks are written one after the other; each layer's slice is split and compressed as its rank is written."""
     store = artifacts.store
     compressed = compressed_layers(artifacts)
-    copied = [tensor for tensor in artifacts.types if tensor.rpartition(".")[0] in artifacts.layers
-              and tensor.rpartition(".")[0] not in compressed]
+    copied_layers = set(artifacts.layers) - set(compressed)
+    copied = [tensor for tensor in artifacts.types if tensor.rpartition(".")[0] in copied_layers]
     layer_report: dict[str, dict] = {}
     for rank in range(tp):
         part_dir = out_dir / part_name(rank, tp)
