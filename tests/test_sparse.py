@@ -5,6 +5,7 @@ W8A8S artifacts against the table, W8A8SC compress -> load-artifacts bit-identic
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -354,7 +355,7 @@ def test_compress_over_four_ranks_and_quantize_compress(tmp_path):
     np.testing.assert_array_equal(rebuilt_logits(out / "w8a8sc", tmp_path, "compressed"), reference)
 
 
-def test_compress_copies_a_quantized_embedding_into_every_rank(tmp_path):
+def test_compress_copies_a_quantized_embedding_into_every_rank(tmp_path, capsys):
     """--quantize-embeddings int8 puts a W8A16 embedding beside the W8A8S linears: every rank holds it whole, with
     its type, and load-artifacts of the W8A8SC folder gives the W8A8S model's logits."""
     from graphq.export import export
@@ -377,6 +378,10 @@ def test_compress_copies_a_quantized_embedding_into_every_rank(tmp_path):
     reference = rebuilt_logits(out, tmp_path, "plain")
     np.testing.assert_array_equal(reference, OrtCausalLM(out).logits(np.arange(3, 60)))
     np.testing.assert_array_equal(rebuilt_logits(out / "w8a8sc", tmp_path, "compressed"), reference)
+    capsys.readouterr()
+    assert main(["inspect", str(out / "w8a8sc")]) == 0
+    listing = capsys.readouterr().out
+    assert re.search(r"W8A16\s+1 layers", listing) and "W8A8SC" in listing
 
 
 # --- bad input ------------------------------------------------------------------------------------------------------

@@ -513,6 +513,15 @@ def inspect_compressed(directory: Path, inspection_class):
                                                                               "input_scale", "input_offset"))
         result.add(layer, "w8a8sc", weights, stored * 8)
         result.sparsity[layer] = 1.0 - sum(int(i[6]) for i in infos) / weights
+    from graphq.artifacts.layout import SCHEME_OF_TYPE
+
+    copied: dict[str, list[str]] = {}  # quantized layers every rank holds whole (compressed_layers)
+    for name, kind in types.items():
+        if kind not in (FLOAT, TYPE) and kind in SCHEME_OF_TYPE:
+            copied.setdefault(name.rsplit(".", 1)[0], []).append(name)
+    for layer, names in copied.items():
+        weights = int(np.prod(stores[0].specs[f"{layer}.weight"][1]))
+        result.add(layer, SCHEME_OF_TYPE[types[names[0]]], weights, sum(stores[0].nbytes(n) for n in names) * 8)
     result.float_tensors = sum(1 for kind in types.values() if kind == FLOAT)
     result.float_bytes = sum(store.nbytes(n) for store in stores for n, kind in types.items() if kind == FLOAT)
     result.total_bytes = sum(f.stat().st_size for part in artifacts_dirs for f in part.iterdir() if f.is_file())
