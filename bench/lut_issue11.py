@@ -43,6 +43,8 @@ ROWS = {
                                                   group_size=-1, lut_table_dtype="int8", calib=CALIB),
     "3-bit shared table g64 (data-aware, --calib)": dict(scheme="w3a16", method="lut", weight_format="shared",
                                                           group_size=64, calib=CALIB),
+    "3-bit AWQ+shared table g64": dict(scheme="w3a16", method="awq+lut", weight_format="shared", group_size=64,
+                                       calib=CALIB),
     "uniform RTN asym g128 3-bit (bench.lut, 4-bit carrier)": "bench-rtn3",
     "uniform AWQ asym g128 3-bit (graphq awq, 4-bit carrier)": ("uniform-3bit", dict(method="awq", group_size=128,
                                                                                       symmetric=False, calib=CALIB)),
