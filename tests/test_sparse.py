@@ -24,6 +24,7 @@ from graphq.artifacts.safetensors_io import read_header
 from graphq.artifacts.w8a8sc import compress_weight, decode_tile, decompress_weight, encode_tile, tile_grid
 from graphq.cli import main
 from graphq.config import QuantConfig
+from graphq.errors import GraphqError
 from graphq.quantize import quantize
 from graphq.runtimes.ort import OrtCausalLM
 from tests.test_cli import assert_one_error
@@ -210,12 +211,39 @@ def test_tile_codec_is_lossless_and_smaller_for_sparse_weights():
         assert packed["info"].dtype == np.int64
         assert np.array_equal(decompress_weight(packed["weight"], packed["index"], packed["info"]), weight)
         modes |= set(packed["index"].view(np.uint8).reshape(-1, 8)[:, 4].tolist())
-    assert modes == {0, 1, 2}
+    assert {mode & 0x7F for mode in modes} == {0, 1, 2}  # raw, sparse, lowbit (plain or deflated)
     assert compress_weight(sparse)["weight"].size < 0.66 * sparse.size
     assert compress_weight(lowbit)["weight"].size < 0.45 * lowbit.size
     mode, stream = encode_tile(lowbit[:64, :128])
-    assert mode == 2 and np.array_equal(decode_tile(mode, stream, 64, 128), lowbit[:64, :128])
+    assert mode & 0x7F == 2 and np.array_equal(decode_tile(mode, stream, 64, 128), lowbit[:64, :128])
 
+
+
+def test_tile_codec_deflates_bell_shaped_lowbit_codes_and_reads_version_1():
+    from graphq.artifacts.w8a8sc import DEFLATED, MODE_LOWBIT
+
+    rng = np.random.default_rng(5)
+    j = np.clip(np.round(rng.normal(0, 2.0, size=(128, 256))), -7, 7)  # bell-shaped 4-bit levels, as real weights
+    j[j == 0] = 1
+    weight = np.where(rng.random((128, 256)) < 0.5, j * 6, 0).astype(np.int8)
+    packed = compress_weight(weight)
+    modes = set(packed["index"].view(np.uint8).reshape(-1, 8)[:, 4].tolist())
+    assert modes == {MODE_LOWBIT | DEFLATED}
+    assert np.array_equal(decompress_weight(packed["weight"], packed["index"], packed["info"]), weight)
+    mode, stream = encode_tile(weight[:64, :128])
+    plain_lowbit_bytes = 8192 // 8 + 64 + int(np.count_nonzero(weight[:64, :128]) + 1) // 2
+    assert mode == MODE_LOWBIT | DEFLATED and len(stream) < 0.95 * plain_lowbit_bytes
+    # A version-1 folder (written before deflated tiles existed) still reads.
+    dense = rng.integers(-128, 128, size=(70, 40)).astype(np.int8)
+    v1 = compress_weight(dense)
+    v1["info"][-1] = 1
+    assert np.array_equal(decompress_weight(v1["weight"], v1["index"], v1["info"]), dense)
+    with pytest.raises(GraphqError, match="does not inflate"):
+        decode_tile(MODE_LOWBIT | DEFLATED, b"not deflate", 64, 128)
+    bad = dict(packed, info=packed["info"].copy())
+    bad["info"][-1] = 9
+    with pytest.raises(GraphqError, match="codec version 9"):
+        decompress_weight(bad["weight"], bad["index"], bad["info"])
 
 # --- the methods in quantize ------------------------------------------------------------------------------------
 

@@ -23,6 +23,8 @@ Tile modes (the stream of one tile, row-major over the tile's rows r and columns
 - 2 lowbit: the bitmap, then one step byte m (1..16) per row, then a 4-bit code per nonzero value (two per byte,
   the first in the low nibble): j in [-7, 7] stands for the value j * m, code 0x8 escapes to the next byte of the
   escape list that closes the stream. W8A8S inliers are multiples of their channel's step (graphq.algorithms.lowbit).
+- mode byte + 0x80 (codec version 2): the stream of mode 1 or 2 deflated (zlib, RFC 1950, level 9); the 4-bit codes
+  of bell-shaped weights are far from uniform, which saves about 7% of the lowbit bytes of a real model.
 
 The compressor writes each tile in its smallest mode, so the codec is lossless for any int8 weight. Float tensors
 (embeddings, norms, float linears) are copied unsplit into every rank.
@@ -33,6 +35,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -48,8 +51,10 @@ from graphq.model_io import atomic_output_dir
 
 TILE_ROWS, TILE_COLS = 16, 32  # the basic block: n1 = n / 16, k1 = k / 32
 TILING_N, TILING_K = 4, 4  # basic blocks per tile along n and k
-CODEC_VERSION = 1
+CODEC_VERSION = 2
+READABLE_CODEC_VERSIONS = (1, 2)  # version 1: no deflated tiles
 MODE_RAW, MODE_SPARSE, MODE_LOWBIT = 0, 1, 2
+DEFLATED = 0x80
 ESCAPE = 0x8
 MAX_STEP = 16
 TYPE = "W8A8SC"
@@ -90,7 +95,7 @@ def _lowbit_steps(tile: np.ndarray) -> tuple[np.ndarray, int]:
 
 
 def encode_tile(tile: np.ndarray) -> tuple[int, bytes]:
-    """(mode, stream) of one int8 tile, the smallest of the three modes."""
+    """(mode, stream) of one int8 tile, in the mode that gives the fewest bytes."""
     tile = np.ascontiguousarray(tile, dtype=np.int8)
     flat = tile.reshape(-1)
     nonzero = flat != 0
@@ -111,12 +116,19 @@ def encode_tile(tile: np.ndarray) -> tuple[int, bytes]:
             nibbles = (codes[0::2] | (codes[1::2] << 4)).astype(np.uint8)
             stream = bitmap + steps.astype(np.uint8).tobytes() + nibbles.tobytes() + values[~ok].tobytes()
             candidates.append((MODE_LOWBIT, stream))
+    candidates += [(mode | DEFLATED, zlib.compress(stream, 9)) for mode, stream in candidates if mode != MODE_RAW]
     return min(candidates, key=lambda c: len(c[1]))
 
 
 def decode_tile(mode: int, stream: bytes, rows: int, cols: int) -> np.ndarray:
     """Inverse of encode_tile: the int8 [rows, cols] tile."""
     size = rows * cols
+    if mode & DEFLATED and mode & ~DEFLATED in (MODE_SPARSE, MODE_LOWBIT):
+        try:
+            stream = zlib.decompress(stream)
+        except zlib.error as error:
+            raise GraphqError(f"a deflated W8A8SC tile does not inflate ({error}): the artifact is corrupt") from None
+        mode &= ~DEFLATED
     if mode == MODE_RAW:
         if len(stream) != size:
             raise GraphqError(f"a raw W8A8SC tile holds {len(stream)} bytes, expected {size}: the artifact is corrupt")
@@ -132,7 +144,7 @@ def decode_tile(mode: int, stream: bytes, rows: int, cols: int) -> np.ndarray:
         flat[nonzero] = values
         return flat.reshape(rows, cols)
     if mode != MODE_LOWBIT:
-        raise GraphqError(f"W8A8SC tile mode {mode} is unknown (graphq writes 0, 1, 2)")
+        raise GraphqError(f"W8A8SC tile mode {mode} is unknown (graphq writes 0, 1, 2, and 129, 130 deflated)")
     steps = np.frombuffer(stream[bitmap_bytes : bitmap_bytes + rows], dtype=np.uint8).astype(np.int16)
     start = bitmap_bytes + rows
     packed = np.frombuffer(stream[start : start + (count + 1) // 2], dtype=np.uint8)
@@ -179,8 +191,9 @@ def compress_weight(weight: np.ndarray) -> dict[str, np.ndarray]:
 def decompress_weight(stream: np.ndarray, index: np.ndarray, info: np.ndarray, name: str = "weight") -> np.ndarray:
     """Inverse of compress_weight: the int8 [n, k] weight."""
     n, k, tile_rows, tile_cols, n_index, k_index, nonzero, version = (int(v) for v in info)
-    if version != CODEC_VERSION:
-        raise GraphqError(f"{name}: W8A8SC codec version {version}, this graphq reads {CODEC_VERSION}")
+    if version not in READABLE_CODEC_VERSIONS:
+        raise GraphqError(f"{name}: W8A8SC codec version {version}, this graphq reads versions "
+                          f"{', '.join(map(str, READABLE_CODEC_VERSIONS))}: update graphq")
     if (n_index, k_index, tile_rows, tile_cols) != tile_grid(n, k) or index.size != n_index * k_index * 8:
         raise GraphqError(f"{name}: its index and info disagree with the tiling of a [{n}, {k}] weight")
     data = stream.view(np.uint8).tobytes()
