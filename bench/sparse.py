@@ -187,11 +187,11 @@ def main() -> None:
                               note=f"{s / gptq_seconds:.2f}x GPTQ's time"), out)
 
     out, s, p = bench.graphq("w8a8s", "quantize", str(float_dir), "--scheme", "w8a8s", "--method", "sparsegpt",
-                             "--sparsity", "0.5", "--smooth", "smoothquant", "--act-method", "entropy", "--compress",
+                             "--sparsity", "0.5", "--smooth", "smoothquant", "--smooth-alpha", "auto", "--compress",
                              *calib)
     compression = json.loads((out / "w8a8sc" / "compression.json").read_text())
     sc_bytes = compression["artifact_bytes"]
-    bench.add(Row("graphq W8A8S lowbit (SparseGPT 50%, smoothquant, entropy)", seconds=s, peak_rss_mib=p,
+    bench.add(Row("graphq W8A8S lowbit (SparseGPT 50% + GPTQ lowbit, smoothquant alpha auto)", seconds=s, peak_rss_mib=p,
                   artifact_bytes=artifact_bytes(out), sparsity=report_sparsity(out)), out)
     bench.add(Row("  its W8A8SC (--tp 1)", artifact_bytes=sc_bytes,
                   ratio=f"{compression['compression_ratio']:.3f} linears; {sc_bytes / w8a8_bytes:.3f} of W8A8 bytes",

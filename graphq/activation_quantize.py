@@ -59,10 +59,14 @@ def int8_weight(layer: LinearLayer, config: QuantConfig | None = None,
 
 def weight_grid(layer: LinearLayer, config: QuantConfig):
     """The grid the layer's weight is rounded onto, which the smoothing alpha search scores: a W4A8 layer's int4
-    per-group grid (its group size and symmetry), else W8A8's int8 per output channel, symmetric."""
+    per-group grid (its group size and symmetry), W8A8S's lowbit levels, else W8A8's int8 per output channel,
+    symmetric."""
+    from graphq.algorithms.lowbit import LowbitGrid
     from graphq.algorithms.smoothing import INT8_PER_CHANNEL, WeightGrid
 
     scheme = config.scheme_for(layer.name)
+    if scheme == "w8a8s":
+        return LowbitGrid(config.sigma_factor, config.fraction)
     if scheme not in W4A8_SCHEMES:
         return INT8_PER_CHANNEL
     sub = config.for_scheme(scheme)
@@ -126,12 +130,14 @@ def prepare_activations(
 ) -> ActivationPrep:
     """The weight part of the activation pipeline: smoothing (it rewrites weights), then the W4A8 layers' int4
     weights by their method (``weight_stage``, required when there are any), so int4 weights are rounded on the
-    smoothed model. What it returns is all activation_quantize needs besides the graph."""
+    smoothed model; W8A8S layers whose method rounds with error feedback (sparsegpt, ...+gptq) go the same way,
+    their lowbit levels rounded by GPTQ on the smoothed, pruned weights. What it returns is all activation_quantize needs besides the graph."""
     prep = ActivationPrep()
     w8a8_layers = static_layers + dynamic_layers
-    w4a8_layers = [layer for layer in w8a8_layers if config.scheme_for(layer.name) in W4A8_SCHEMES]
+    w4a8_layers = [layer for layer in w8a8_layers if config.scheme_for(layer.name) in W4A8_SCHEMES
+                   or (config.scheme_for(layer.name) == "w8a8s" and config.lowbit_error_feedback)]
     if w4a8_layers and weight_stage is None:
-        raise ValueError("W4A8 layers need a weight stage")
+        raise ValueError("W4A8 layers (and W8A8S ones rounded with error feedback) need a weight stage")
     if config.smooth and w8a8_layers:
         capture = ActivationCapture(model, w8a8_layers)
         first = capture.calibrate(load_samples(), histograms=False, reservoir_rows=config.reservoir_rows,

@@ -189,10 +189,11 @@ class QuantConfig:
         elif self.scheme in ACTIVATION_SCHEMES and self.method != "rtn":
             from graphq.sparsity_config import activation_scheme_method_ok
 
-            if not activation_scheme_method_ok(self.method):
+            if not activation_scheme_method_ok(self.method, self.scheme):
+                also = ", and gptq after one" if self.scheme == "w8a8s" else ""
                 raise GraphqError(
                     f"--method {self.method} applies to weight-only schemes; {self.scheme} quantizes weights by RTN "
-                    "(use --smooth for activation outliers; pruning methods magnitude, wanda, sparsegpt apply)"
+                    f"(use --smooth for activation outliers; pruning methods magnitude, wanda, sparsegpt apply{also})"
                 )
         if self.scheme in ACTIVATION_SCHEMES and self.scheme not in W4A8_SCHEMES and self.symmetric is False:
             raise GraphqError(f"{self.scheme} weights are symmetric int8: drop --asym")
@@ -327,6 +328,14 @@ class QuantConfig:
         from graphq.weight_methods import resolve_methods
 
         return any(getattr(method, "prunes", False) for method in resolve_methods(self.method))
+
+    @property
+    def lowbit_error_feedback(self) -> bool:
+        """W8A8S lowbit levels rounded GPTQ's way (on the smoothed model, in the weights stage) rather than to
+        nearest: the method sequence rounds with error feedback (sparsegpt, or gptq after another pruner)."""
+        from graphq.weight_methods import resolve_methods
+
+        return any(method.name in ("gptq", "sparsegpt") for method in resolve_methods(self.method))
 
     def _check_codebook_schemes(self) -> None:
         """--weight-format known, and a codebook one only for schemes its tables serve (checked before the

@@ -352,10 +352,10 @@ def weights_stage(run: Run, progress: bool, checkpoint_dir: Path, pool=None) -> 
         prune_float_layers(model, model_file, static_layers + run.layers_of(["w8a8-dynamic"]), config, progress,
                            run.load_samples)
 
-    def w4a8_weight_stage(stage_layers: list[LinearLayer]) -> dict[str, tuple[QuantizedWeight, dict]]:
-        """Round the W4A8 layers' int4 weights by their method (as W4A16 would) and write the dequantized
-        weights back into the graph, so later layers, the layer-wise calibration and the activation ranges
-        see them; the emitter replaces them with the integers later."""
+    def weight_stage(stage_layers: list[LinearLayer]) -> dict[str, tuple[QuantizedWeight, dict]]:
+        """Round the W4A8 layers' int4 weights by their method (as W4A16 would), and the lowbit levels of W8A8S
+        layers by GPTQ, and write the dequantized weights back into the graph, so later layers, the layer-wise
+        calibration and the activation ranges see them; the emitter replaces them with the integers later."""
         rounded: dict[str, tuple[QuantizedWeight, dict]] = {}
 
         def record(layer: LinearLayer, qw: QuantizedWeight, entry: dict) -> None:
@@ -364,6 +364,8 @@ def weights_stage(run: Run, progress: bool, checkpoint_dir: Path, pool=None) -> 
             rounded[layer.name] = (qw, entry)
 
         for sub_config, config_layers in group_by_config(stage_layers, layer_configs):
+            if sub_config.scheme == "w8a8s":  # pruned above: GPTQ rounds the kept weights, the mask held fixed
+                sub_config = dataclasses.replace(sub_config, method="gptq")
             if sub_config.needs_calibration:
                 calibrated_quantize(model, model_file, config_layers, sub_config, progress, record, layers,
                                     run.rescaled, run.samples, pool=pool)
@@ -372,7 +374,7 @@ def weights_stage(run: Run, progress: bool, checkpoint_dir: Path, pool=None) -> 
         return rounded
 
     run.prep = prepare_activations(model, static_layers, dynamic_layers, config, progress, run.load_samples,
-                                   weight_stage=w4a8_weight_stage)
+                                   weight_stage=weight_stage)
 
 
 def activations_stage(run: Run, progress: bool) -> bool:

@@ -20,11 +20,13 @@ def _pruners(method: str) -> list[str]:
     return [m.name for m in resolve_methods(method) if getattr(m, "prunes", False)]
 
 
-def activation_scheme_method_ok(method: str) -> bool:
-    """W8A8 schemes round their weights by RTN; a sequence there may only prune (then RTN runs)."""
+def activation_scheme_method_ok(method: str, scheme: str = "w8a8") -> bool:
+    """W8A8 schemes round their weights by RTN; a sequence there may only prune (then RTN runs). W8A8S also takes
+    gptq after its pruner (its lowbit levels rounded with error feedback, as sparsegpt rounds them)."""
     from graphq.weight_methods import resolve_methods
 
-    return all(getattr(m, "prunes", False) or m.name == "rtn" for m in resolve_methods(method))
+    allowed = ("rtn", "gptq") if scheme == "w8a8s" else ("rtn",)
+    return all(getattr(m, "prunes", False) or m.name in allowed for m in resolve_methods(method))
 
 
 def _number(value: Any) -> bool:

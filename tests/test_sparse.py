@@ -197,6 +197,22 @@ def test_lowbit_levels_and_outliers():
     assert info["lowbit_outlier_fraction"] > 0
 
 
+
+def test_lowbit_gptq_keeps_the_grid_and_the_mask_and_beats_rounding_to_nearest(linear):
+    """W8A8S joint path: the lowbit levels rounded with GPTQ's error feedback, the pruning mask held fixed."""
+    from graphq.algorithms.lowbit import is_lowbit, lowbit_gptq
+
+    x, weight, hessian, square_norm = linear
+    pruned = weight * wanda_keep_mask(weight, square_norm, 0.5, None)
+    nearest, _ = quantize_lowbit(pruned, 3.0, 0.01)
+    joint, info = lowbit_gptq(pruned, hessian, 3.0, 0.01)
+    scale, step, outliers = lowbit_steps(pruned, 3.0, 0.01)
+    np.testing.assert_array_equal(joint.scales, nearest.scales)  # the same per-channel grid
+    assert is_lowbit(joint.q, step, outliers)
+    assert np.all(joint.q[pruned == 0] == 0)
+    assert output_error(x, pruned, joint.dequantize()) < 0.85 * output_error(x, pruned, nearest.dequantize())
+    assert info["lowbit_outlier_fraction"] == pytest.approx(float(outliers.mean()))
+
 def test_tile_codec_is_lossless_and_smaller_for_sparse_weights():
     rng = np.random.default_rng(4)
     dense = rng.integers(-128, 128, size=(100, 200)).astype(np.int8)
@@ -338,6 +354,26 @@ def test_w8a8s_artifacts_match_the_table(w8a8s):
     assert all(0.5 <= e["sparsity"] < 0.6 for e in layer_entries(report))
 
 
+
+def test_w8a8s_with_sparsegpt_rounds_the_lowbit_levels_by_gptq(tiny_models, tmp_path, w8a8s):
+    """--method sparsegpt on w8a8s: after smoothing, GPTQ rounds the kept weights onto the lowbit levels (the
+    joint path); the codes in the artifacts follow the lowbit rule and the pruned zeros stay zero."""
+    from graphq.artifacts.reader import open_artifacts
+
+    out = tmp_path / "q"
+    quantize(tiny_models["llama"]["onnx"], QuantConfig(scheme="w8a8s", method="sparsegpt", sparsity=0.5,
+                                                       smooth="smoothquant", **CALIB), out, progress=False)
+    report = json.loads((out / "report.json").read_text())
+    entries = layer_entries(report)
+    assert entries and all("gptq_damp" in e and e["output_error"] < e["output_error_rtn"] for e in entries), entries[0]
+    assert all(0.5 <= e["sparsity"] < 0.6 for e in entries)
+    artifacts = open_artifacts(out)
+    for entry in entries:
+        codes = artifacts.layer_tensors(entry["name"])["weight"]
+        assert codes.dtype == np.int8 and np.mean(codes == 0) >= 0.5
+    report_rtn = json.loads((w8a8s / "report.json").read_text())
+    assert all("gptq_damp" not in e for e in layer_entries(report_rtn))  # wanda alone: rounded to nearest
+
 def rebuilt_logits(folder: Path, tmp_path: Path, name: str) -> np.ndarray:
     out = tmp_path / name
     assert main(["load-artifacts", str(folder), "-o", str(out)]) == 0
@@ -426,6 +462,8 @@ def test_compress_copies_a_quantized_embedding_into_every_rank(tmp_path, capsys)
     (["--sparsity", "0.5"], ["pruning method"]),
     (["--method", "wanda+sparsegpt", "--sparsity", "0.5"], ["prunes twice"]),
     (["--scheme", "w8a8", "--method", "awq+wanda", "--sparsity", "0.5"], ["weight-only"]),
+    (["--scheme", "w8a8", "--method", "wanda+gptq", "--sparsity", "0.5"], ["weight-only"]),  # w8a8s only
+    (["--scheme", "w8a8s", "--method", "awq+wanda", "--sparsity", "0.5"], ["weight-only", "gptq after one"]),
     (["--scheme", "w8a8s"], ["w8a8s prunes"]),
     (["--scheme", "w4a16", "--method", "wanda", "--sparsity", "0.5", "--compress"], ["--scheme w8a8s"]),
     (["--scheme", "w8a8s", "--method", "wanda", "--sparsity", "0.5", "--sigma-factor", "5"], ["--sigma-factor"]),

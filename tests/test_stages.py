@@ -30,6 +30,8 @@ CASES = {
     "kd": dict(scheme="w4a16", method="kd", kd={"train_samples": 4, "cutoff_len": 32, "num_epochs": 1}),
     # mixed: weight-only and per-token layers in one run
     "mixed-dynamic": dict(scheme="w4a16", scheme_overrides={"mlp": "w4a8-dynamic"}),
+    # pruned, smoothed, lowbit levels rounded by GPTQ in the weights stage, compressed at the export
+    "w8a8s-sparsegpt": dict(scheme="w8a8s", method="sparsegpt", sparsity=0.5, smooth="smoothquant", compress=True),
 }
 # Timing and memory differ from run to run; everything else in report.json must not.
 VOLATILE = ("elapsed_seconds", "stage_seconds", "peak_rss_bytes", "seconds_per_decoder_layer")

@@ -15,11 +15,28 @@ value, which the W8A8SC codec (graphq.artifacts.w8a8sc) stores in 4 bits.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from graphq.algorithms.rtn import QuantizedWeight
 
 MAX_STEP = 16  # -8 * 16 = -128: the 4-bit levels must fit int8
+
+
+@dataclass(frozen=True)
+class LowbitGrid:
+    """The W8A8S weight grid as the smoothing alpha search scores it (graphq.algorithms.smoothing.WeightGrid's
+    interface): 4-bit levels per channel with the outliers on int8, far coarser than W8A8's int8."""
+
+    sigma_factor: float = 3.0
+    fraction: float = 0.01
+
+    def fake_quantize(self, weight_kn: np.ndarray) -> np.ndarray:
+        return quantize_lowbit(weight_kn, self.sigma_factor, self.fraction)[0].dequantize()
+
+    def describe(self) -> str:
+        return f"lowbit per channel (4-bit levels, outliers beyond {self.sigma_factor:g} sigma on int8)"
 
 
 def lowbit_steps(weight_kn: np.ndarray, sigma_factor: float, fraction: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -70,3 +87,56 @@ def is_lowbit(codes_kn: np.ndarray, step: np.ndarray, outliers: np.ndarray) -> b
     inl = ~outliers
     j = codes_kn.astype(np.int64) // step[None, :]
     return bool(np.all((codes_kn.astype(np.int64) % step[None, :] == 0)[inl] & (j >= -8)[inl] & (j <= 7)[inl]))
+
+
+def lowbit_gptq(weight_kn: np.ndarray, hessian: np.ndarray, sigma_factor: float = 3.0, fraction: float = 0.01,
+                damp: float = 0.01, block_size: int = 128) -> tuple[QuantizedWeight, dict]:
+    """The lowbit levels rounded GPTQ's way: input channel by input channel, each rounding error spread over the
+    channels not yet rounded through the inverse Hessian's Cholesky factor (H [K, K] of the layer's input).
+
+    The grid (scale, step m, outliers) of every channel is fixed up front from ``weight_kn`` as quantize_lowbit
+    fixes it, and the zeros of ``weight_kn`` are the pruning mask: they stay zero and their drift is compensated
+    like a rounding error (SparseGPT's update with the mask held fixed). Returns what quantize_lowbit returns.
+    """
+    from graphq.algorithms.gptq import _damped_inverse_cholesky
+
+    weight = np.asarray(weight_kn, dtype=np.float32)
+    k, n = weight.shape
+    h = np.array(hessian, dtype=np.float64)
+    if h.shape != (k, k):
+        raise ValueError(f"Hessian shape {h.shape} does not match weight shape {weight.shape}")
+    scale, step, outliers = lowbit_steps(weight, sigma_factor, fraction)
+    warnings: list[str] = []
+    keep = weight != 0
+    dead = np.diagonal(h) == 0
+    if dead.any():
+        h[dead, dead] = 1.0
+        keep[dead, :] = False
+        warnings.append(f"{int(dead.sum())} input channel(s) never active in calibration: their weights were zeroed")
+    upper, damp_used = _damped_inverse_cholesky(h, damp, warnings)
+    del h
+    s = scale.astype(np.float64)
+    inlier_step = s * step
+    w = weight.T.astype(np.float64)  # [N, K]: columns are input channels
+    codes = np.zeros((n, k), dtype=np.int16)
+    for i1 in range(0, k, block_size):
+        i2 = min(i1 + block_size, k)
+        block = w[:, i1:i2].copy()
+        errors = np.zeros((n, i2 - i1), dtype=np.float64)
+        for i in range(i2 - i1):
+            column = i1 + i
+            current = block[:, i]
+            inlier = np.clip(np.round(current / inlier_step), -8, 7) * step
+            outlier = np.clip(np.round(current / s), -127, 127)
+            code = np.where(keep[column], np.where(outliers[column], outlier, inlier), 0)
+            err = (current - code * s) / upper[column, column]
+            block[:, i:] -= np.outer(err, upper[column, column:i2])
+            errors[:, i] = err
+            codes[:, column] = code
+        if i2 < k:
+            w[:, i2:] -= errors @ upper[i1:i2, i2:]
+    qw = QuantizedWeight(q=np.ascontiguousarray(codes.T).astype(np.int8), scales=scale[None, :].astype(np.float32),
+                         zero_points=None, bits=8, group_size=k)
+    info = {"lowbit_outlier_fraction": float(outliers.mean()), "lowbit_mean_step": float(step.mean()),
+            "damp": damp_used, "warnings": warnings}
+    return qw, info

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from graphq.algorithms.gptq import HessianAccumulator, gptq_quantize
+from graphq.algorithms.lowbit import lowbit_gptq
 from graphq.linear_layers import LinearLayer
 from graphq.weight_methods.base import LayerResult, RegionWork, WeightMethod
 from graphq.weight_methods.registry import register_weight_method
@@ -32,6 +33,8 @@ class Gptq(WeightMethod):
         stats = work.stats[input_name].hessian
         s = work.input_scale[input_name]
         hessian = stats.hessian() / np.outer(s, s)  # H of x / s
+        if config.scheme == "w8a8s":  # the lowbit levels of the pruned weights, error-compensated
+            return {layer.name: self.round_lowbit(layer, hessian, config) for layer in group}
         joined, info = gptq_quantize(
             np.concatenate([layer.weight_kn() for layer in group], axis=1), hessian, config.bits,
             config.group_size_for(group[0].in_features), config.is_symmetric, damp=config.damp,
@@ -44,6 +47,11 @@ class Gptq(WeightMethod):
             results[layer.name] = LayerResult(joined.output_columns(start, stop), entry)
             start = stop
         return results
+
+    @staticmethod
+    def round_lowbit(layer: LinearLayer, hessian: np.ndarray, config) -> LayerResult:
+        qw, info = lowbit_gptq(layer.weight_kn(), hessian, config.sigma_factor, config.fraction, damp=config.damp)
+        return LayerResult(qw, {"gptq_damp": info.pop("damp"), **info})
 
 
 register_weight_method(Gptq())

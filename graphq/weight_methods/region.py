@@ -34,6 +34,15 @@ def relative_output_error(
                  / max(np.sum(np.square(reference, dtype=np.float64)), 1e-30))
 
 
+def rounded_to_nearest(weight: np.ndarray, config, group_size: int) -> np.ndarray:
+    """The reference the output errors are compared with: the weight rounded to nearest on the scheme's grid."""
+    if config.scheme == "w8a8s":
+        from graphq.algorithms.lowbit import quantize_lowbit
+
+        return quantize_lowbit(weight, config.sigma_factor, config.fraction)[0].dequantize()
+    return quantize_rtn(weight, config.bits, group_size, config.is_symmetric).dequantize()
+
+
 def quantize_region(
     model: ir.Model,
     region_layers: list[LinearLayer],
@@ -70,7 +79,7 @@ def quantize_region(
                 result.weight = keep_pruned_zero(result.weight, work.keep_masks[layer.name])
             group_size = config.group_size_for(layer.in_features)
             original = originals[layer.name]
-            rtn = quantize_rtn(original, config.bits, group_size, config.is_symmetric).dequantize()
+            rtn = rounded_to_nearest(original, config, group_size)
             result.entry["output_error_rtn"] = relative_output_error(x_original, original, rtn, gram_original)
             dense = work.dense_weights.get(layer.name, layer.weight_kn())
             result.entry["output_error"] = relative_output_error(x, dense, result.weight.dequantize(), gram)
