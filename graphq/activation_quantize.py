@@ -131,12 +131,13 @@ def prepare_activations(
     """The weight part of the activation pipeline: smoothing (it rewrites weights), then the W4A8 layers' int4
     weights by their method (``weight_stage``, required when there are any), so int4 weights are rounded on the
     smoothed model; W8A8S layers whose method rounds with error feedback (sparsegpt, ...+gptq) go the same way,
-    their lowbit levels rounded by GPTQ on the smoothed, pruned weights. What it returns is all activation_quantize needs besides the graph."""
+    their lowbit levels rounded by GPTQ on the smoothed, pruned weights. What it returns is all activation_quantize
+    needs besides the graph."""
     prep = ActivationPrep()
     w8a8_layers = static_layers + dynamic_layers
-    w4a8_layers = [layer for layer in w8a8_layers if config.scheme_for(layer.name) in W4A8_SCHEMES
-                   or (config.scheme_for(layer.name) == "w8a8s" and config.lowbit_error_feedback)]
-    if w4a8_layers and weight_stage is None:
+    staged_layers = [layer for layer in w8a8_layers if config.scheme_for(layer.name) in W4A8_SCHEMES
+                     or (config.scheme_for(layer.name) == "w8a8s" and config.lowbit_error_feedback)]
+    if staged_layers and weight_stage is None:
         raise ValueError("W4A8 layers (and W8A8S ones rounded with error feedback) need a weight stage")
     if config.smooth and w8a8_layers:
         capture = ActivationCapture(model, w8a8_layers)
@@ -152,8 +153,8 @@ def prepare_activations(
                   f"group(s) smoothed, {len(smoothed['skipped'])} skipped, {smoothed['ops_added']} op(s) added",
                   file=sys.stderr)
         del first
-    if w4a8_layers:
-        prep.rounded = weight_stage(w4a8_layers)
+    if staged_layers:
+        prep.rounded = weight_stage(staged_layers)
         prep.known = {}  # the weight stage changed weights (and AWQ folds inputs): the statistics are measured again
     return prep
 
