@@ -363,7 +363,9 @@ class QuantConfig:
         fmt = self.weight_format
         if self.lut_table_dtype not in ("float16", "int8"):
             raise GraphqError(f"--lut-table-dtype must be float16 or int8, got {self.lut_table_dtype!r}")
-        lut_rounds = rounding_method(resolve_methods(self.method)).name == "lut"
+        methods = resolve_methods(self.method)
+        # lut learns the tables; it rounds, or gptq after it chooses the codes with error feedback (lut+gptq)
+        lut_rounds = any(m.name == "lut" for m in methods) and rounding_method(methods).name in ("lut", "gptq")
         schemes = self.schemes
         if fmt == "uniform":
             if lut_rounds:
@@ -374,8 +376,8 @@ class QuantConfig:
                                   "(or --scheme w4a16)")
             return
         if not lut_rounds:
-            raise GraphqError(f"--weight-format {fmt} needs --method lut (or a sequence ending in it, e.g. awq+lut), "
-                              f"not {self.method}")
+            raise GraphqError(f"--weight-format {fmt} needs --method lut (or a sequence ending in it, e.g. awq+lut, "
+                              f"or lut+gptq), not {self.method}")
         if self.format != "matmulnbits":
             raise GraphqError(f"--weight-format {fmt} is written as a lookup table (Gather + MatMul): drop --format")
         if self.symmetric is not None:

@@ -93,6 +93,49 @@ def test_data_aware_lut_lowers_the_output_error_against_data_free(tiny_models, t
     assert err(aware) < err(free)
 
 
+
+@pytest.mark.parametrize("weight_format, bits, group_size", [("shared", 3, 64), ("lut", 4, -1)])
+def test_codebook_gptq_keeps_the_tables_and_lowers_the_output_error(weight_format, bits, group_size):
+    """lut+gptq: the tables and scales lut learned, the codes chosen with GPTQ's error feedback."""
+    from graphq.algorithms.codebook import codebook_gptq
+    from graphq.algorithms.gptq import HessianAccumulator
+    from graphq.weight_methods.lut import codebook_quantize
+
+    rng = np.random.default_rng(3)
+    mixing = rng.normal(size=(128, 128)) * 0.3 + np.eye(128)
+    x = (rng.normal(size=(2048, 128)) @ mixing) * np.exp(rng.normal(size=128) * 0.5)  # correlated channels
+    w = rng.normal(size=(128, 48)).astype(np.float32)
+    acc = HessianAccumulator()
+    acc.add(x)
+    hessian = acc.hessian()
+    config = lut_config(weight_format=weight_format, scheme=f"w{bits}a16", group_size=group_size)
+    nearest = codebook_quantize(w, config, np.diag(hessian))
+    fed, info = codebook_gptq(w, hessian, nearest)
+    assert np.array_equal(fed.table, nearest.table)
+    assert (fed.table_scales is None) == (nearest.table_scales is None)
+    if fed.table_scales is not None:
+        assert np.array_equal(fed.table_scales, nearest.table_scales)
+    assert fed.codes.dtype == np.uint8 and fed.codes.max() < 2 ** bits
+    err = lambda approx: float(np.square(x @ (w - approx)).sum())  # noqa: E731
+    assert err(fed.dequantize()) < 0.8 * err(nearest.dequantize())
+    assert info["damp"] > 0 and info["warnings"] == []
+
+
+def test_lut_then_gptq_in_quantize(tiny_models, tiny_text, tmp_path):
+    """--method awq+lut+gptq --weight-format shared: codebook layers, every layer's output error at or below the
+    nearest-code one of awq+lut, and the graph runs."""
+    base = dict(weight_format="shared", scheme="w3a16", group_size=32, calib=str(tiny_text))
+    fed = quantize(tiny_models["llama"]["onnx"], lut_config(method="awq+lut+gptq", **base), tmp_path / "fed",
+                   progress=False)
+    nearest = quantize(tiny_models["llama"]["onnx"], lut_config(method="awq+lut", **base), tmp_path / "near",
+                       progress=False)
+    layers = [e for e in fed.report["layers"] if "skipped" not in e]
+    assert layers and all(e["format"] == "lut" and "gptq_damp" in e for e in layers)
+    near = {e["name"]: e for e in nearest.report["layers"] if "skipped" not in e}
+    assert np.mean([e["output_error"] for e in layers]) < np.mean([near[e["name"]]["output_error"] for e in layers])
+    assert fed.report["codebook"]["method"] == "awq+lut+gptq"
+    assert np.isfinite(logits(fed.output_dir, IDS)).all()
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -103,6 +146,7 @@ def test_data_aware_lut_lowers_the_output_error_against_data_free(tiny_models, t
         (dict(weight_format="nf4", scheme="w3a16", group_size=32), "cannot serve scheme w3a16"),
         (dict(weight_format="uniform"), "add --weight-format"),
         (dict(method="rtn"), "needs --method lut"),
+        (dict(method="gptq"), "needs --method lut"),
         (dict(weight_format="table"), "unknown --weight-format"),
         (dict(weight_format="nf4", group_size=32, lut_table_dtype="int8"), "applies to --weight-format lut"),
         (dict(symmetric=True), "no zero point"),

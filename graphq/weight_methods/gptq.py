@@ -35,6 +35,8 @@ class Gptq(WeightMethod):
         hessian = stats.hessian() / np.outer(s, s)  # H of x / s
         if config.scheme == "w8a8s":  # the lowbit levels of the pruned weights, error-compensated
             return {layer.name: self.round_lowbit(layer, hessian, config) for layer in group}
+        if config.weight_format != "uniform":  # lut+gptq: lut's tables, the codes chosen with error feedback
+            return {layer.name: self.round_codebook(layer, hessian, config) for layer in group}
         joined, info = gptq_quantize(
             np.concatenate([layer.weight_kn() for layer in group], axis=1), hessian, config.bits,
             config.group_size_for(group[0].in_features), config.is_symmetric, damp=config.damp,
@@ -47,6 +49,19 @@ class Gptq(WeightMethod):
             results[layer.name] = LayerResult(joined.output_columns(start, stop), entry)
             start = stop
         return results
+
+    @staticmethod
+    def round_codebook(layer: LinearLayer, hessian: np.ndarray, config) -> LayerResult:
+        from graphq.algorithms.codebook import codebook_gptq
+        from graphq.weight_methods.lut import codebook_entry, codebook_quantize
+
+        weight = layer.weight_kn()
+        importance = np.maximum(np.diagonal(hessian).astype(np.float64), 0.0)  # lut's weighting: diag of H
+        importance = importance if importance.any() else None
+        cw, info = codebook_gptq(weight, hessian, codebook_quantize(weight, config, importance), damp=config.damp)
+        entry = codebook_entry(cw, weight, config, importance)
+        return LayerResult(cw, {**entry, "gptq_damp": info["damp"],
+                                "warnings": [*entry.get("warnings", []), *info["warnings"]]})
 
     @staticmethod
     def round_lowbit(layer: LinearLayer, hessian: np.ndarray, config) -> LayerResult:

@@ -59,7 +59,7 @@ def table_description(cw: CodebookWeight, fmt: str) -> str:
     return f"{levels}-entry {cw.table.dtype} table {where}{scaled}"
 
 
-def _entry(cw: CodebookWeight, weight: np.ndarray, config, importance: np.ndarray | None) -> dict:
+def codebook_entry(cw: CodebookWeight, weight: np.ndarray, config, importance: np.ndarray | None) -> dict:
     entry = {
         "weight_format": config.weight_format,
         "lut_table": table_description(cw, config.weight_format),
@@ -110,7 +110,7 @@ class Lut(WeightMethod):
 
     def round_data_free(self, layer: LinearLayer, weight: np.ndarray, config) -> LayerResult:
         cw = codebook_quantize(weight, config)
-        return LayerResult(cw, _entry(cw, weight, config, None))
+        return LayerResult(cw, codebook_entry(cw, weight, config, None))
 
     def round_group(self, work: RegionWork, input_name: str, group: list[LinearLayer]) -> dict[str, LayerResult]:
         config = work.config
@@ -127,7 +127,7 @@ class Lut(WeightMethod):
         for layer in group:
             weight = layer.weight_kn()
             cw = codebook_quantize(weight, config, importance)
-            results[layer.name] = LayerResult(cw, _entry(cw, weight, config, importance))
+            results[layer.name] = LayerResult(cw, codebook_entry(cw, weight, config, importance))
         return results
 
 
