@@ -337,15 +337,19 @@ def _run_verify(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    # The load is read before the work adds to it, and the hint printed once it is done: a refused input stays
+    # one error line.
     hint = busy_machine_hint() if args.command in ("quantize", "analyze") and not getattr(args, "quiet", False) else None
-    if hint:
-        print(f"graphq: note: {hint}", file=sys.stderr)
     if hasattr(args, "workers"):  # the commands that distribute work: one pool, started and shut down here
         with _worker_pool(args) as pool:
             args.pool = pool
-            return _run(args)
-    args.pool = None
-    return _run(args)
+            code = _run(args)
+    else:
+        args.pool = None
+        code = _run(args)
+    if hint and code == 0:
+        print(f"graphq: note: {hint}", file=sys.stderr)
+    return code
 
 
 def _run(args: argparse.Namespace) -> int:

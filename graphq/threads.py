@@ -74,6 +74,6 @@ def busy_machine_hint() -> str | None:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     load = os.getloadavg()[0]
     if cores > 1 and load >= cores:
-        return (f"the machine is busy (load {load:.1f} on {cores} cores): GRAPHQ_THREADS=1 is usually much faster "
-                "here (threads waiting on each other cost more than they compute)")
+        return (f"the machine was busy when this run started (load {load:.1f} on {cores} cores): GRAPHQ_THREADS=1 is "
+                "usually much faster then (threads waiting on each other cost more than they compute)")
     return None

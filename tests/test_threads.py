@@ -49,3 +49,20 @@ def test_busy_machine_hint_follows_the_load(monkeypatch):
     assert "GRAPHQ_THREADS=1" in busy_machine_hint() and "load 3.5 on 2 cores" in busy_machine_hint()
     monkeypatch.setattr("os.getloadavg", lambda: (0.4, 0.3, 0.2))
     assert busy_machine_hint() is None
+
+
+def test_busy_hint_comes_after_a_finished_run_and_never_with_an_error(monkeypatch, tiny_models, tmp_path, capsys):
+    """On a loaded machine a refused input is still one error line; a finished quantize ends with the hint."""
+    from graphq.cli import main
+    from tests.test_cli import assert_one_error
+
+    monkeypatch.delenv("GRAPHQ_THREADS", raising=False)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr("os.getloadavg", lambda: (6.0, 6.0, 6.0))
+    model = str(tiny_models["llama"]["onnx"])
+    code = main(["quantize", model, "-o", str(tmp_path / "bad"), "--scheme", "w4a16", "--group-size", "12"])
+    captured = capsys.readouterr()
+    assert_one_error(code, captured.out, captured.err, "group size 12")
+    assert main(["quantize", model, "-o", str(tmp_path / "ok"), "--scheme", "w4a16"]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("graphq:")]
+    assert lines[-1].startswith("graphq: note: the machine was busy") and "load 6.0 on 2 cores" in lines[-1]
