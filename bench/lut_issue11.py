@@ -52,6 +52,8 @@ ROWS = {
     "uniform RTN asym g128 3-bit (bench.lut, 4-bit carrier)": "bench-rtn3",
     "uniform AWQ asym g128 3-bit (graphq awq, 4-bit carrier)": ("uniform-3bit", dict(method="awq", group_size=128,
                                                                                       symmetric=False, calib=CALIB)),
+    "uniform AWQ+GPTQ asym g128 3-bit (4-bit carrier)": ("uniform-3bit", dict(method="awq+gptq", group_size=128,
+                                                                              symmetric=False, calib=CALIB)),
     "graphq AWQ+GPTQ asym g128": dict(method="awq+gptq", group_size=128, symmetric=False, calib=CALIB),
 }
 
