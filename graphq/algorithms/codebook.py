@@ -494,44 +494,25 @@ def codebook_gptq(weight_kn: np.ndarray, hessian: np.ndarray, cw: CodebookWeight
     coded to the table entry nearest its current value, and the coding error spread over the channels not yet coded
     through the inverse Hessian's Cholesky factor (H [K, K] of the layer's input), so the layer's output, not the
     weight, is what the codes preserve. Returns the new codebook weight and info ('damp', 'warnings')."""
-    from graphq.algorithms.gptq import _damped_inverse_cholesky
+    from graphq.algorithms.gptq import round_with_error_feedback
 
-    weight = np.array(weight_kn, dtype=np.float32)
-    k, n = weight.shape
+    k, n = np.shape(weight_kn)
     if cw.codes.shape != (k, n):
-        raise ValueError(f"codebook of shape {cw.codes.shape} for a weight of shape {weight.shape}")
-    h = np.array(hessian, dtype=np.float64)
-    if h.shape != (k, k):
-        raise ValueError(f"Hessian shape {h.shape} does not match weight shape {weight.shape}")
-    warnings: list[str] = []
-    dead = np.diagonal(h) == 0
-    if dead.any():
-        h[dead, dead] = 1.0
-        weight[dead, :] = 0.0
-        warnings.append(f"{int(dead.sum())} input channel(s) never active in calibration: coded as 0")
-    upper, damp_used = _damped_inverse_cholesky(h, damp, warnings)
-    del h
+        raise ValueError(f"codebook of shape {cw.codes.shape} for a weight of shape {(k, n)}")
     table = cw.effective_table().astype(np.float64)  # [G, N, L]
     order = np.argsort(table, axis=2, kind="stable")
     ascending = np.take_along_axis(table, order, axis=2)
     midpoints = (ascending[..., 1:] + ascending[..., :-1]) * 0.5  # [G, N, L - 1]
     group_of = cw.group_of_row()
     columns = np.arange(n)
-    w = weight.T.astype(np.float64)  # [N, K]: columns are input channels
     codes = np.zeros((k, n), dtype=np.uint8)
-    for i1 in range(0, k, block_size):
-        i2 = min(i1 + block_size, k)
-        block = w[:, i1:i2].copy()
-        errors = np.zeros((n, i2 - i1), dtype=np.float64)
-        for i in range(i2 - i1):
-            row, g = i1 + i, group_of[i1 + i]
-            current = block[:, i]
-            position = (current[:, None] > midpoints[g]).sum(axis=1)  # nearest entry, ties to the lower one
-            codes[row] = order[g, columns, position]
-            err = (current - ascending[g, columns, position]) / upper[row, row]
-            block[:, i:] -= np.outer(err, upper[row, row:i2])
-            errors[:, i] = err
-        if i2 < k:
-            w[:, i2:] -= errors @ upper[i1:i2, i2:]
+
+    def round_channel(t: int, current: np.ndarray) -> np.ndarray:
+        g = group_of[t]
+        position = (current[:, None] > midpoints[g]).sum(axis=1)  # the nearest entry, ties to the lower one
+        codes[t] = order[g, columns, position]
+        return ascending[g, columns, position]
+
+    damp_used, warnings = round_with_error_feedback(weight_kn, hessian, round_channel, damp, block_size)
     result = CodebookWeight(codes, cw.table, cw.bits, cw.group_size, cw.table_scales, cw.fallback_rows)
     return result, {"damp": damp_used, "warnings": warnings}

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import time
 
+from typing import Callable
+
 import numpy as np
 
 from graphq.algorithms.rtn import QuantizedWeight, compute_scales, integer_range
@@ -306,3 +308,45 @@ def gptq_quantize(
         "seconds": time.perf_counter() - start,
     }
     return result, info
+
+
+def round_with_error_feedback(
+    weight_kn: np.ndarray,
+    hessian: np.ndarray,
+    round_channel: Callable[[int, np.ndarray], np.ndarray],
+    damp: float = 0.01,
+    block_size: int = 128,
+) -> tuple[float, list[str]]:
+    """GPTQ's loop for any fixed grid: input channel t by input channel, ``round_channel(t, values)`` rounds the
+    current values [N] of channel t (recording its codes as it likes) and returns what they dequantize to; the
+    rounding error is spread over the channels not yet rounded through the inverse Hessian's Cholesky factor
+    (lazy blocks of ``block_size``). Channels never active in calibration are rounded from 0. Returns (the
+    relative damping used, warnings)."""
+    weight = np.asarray(weight_kn)
+    k, n = weight.shape
+    h = np.array(hessian, dtype=np.float64)
+    if h.shape != (k, k):
+        raise ValueError(f"Hessian shape {h.shape} does not match weight shape {weight.shape}")
+    warnings: list[str] = []
+    w = weight.T.astype(np.float64)  # [N, K]: columns are input channels
+    dead = np.diagonal(h) == 0
+    if dead.any():
+        h[dead, dead] = 1.0
+        w[:, dead] = 0.0
+        warnings.append(f"{int(dead.sum())} input channel(s) never active in calibration: their weights were zeroed")
+    upper, damp_used = _damped_inverse_cholesky(h, damp, warnings)
+    del h
+    for i1 in range(0, k, block_size):
+        i2 = min(i1 + block_size, k)
+        block = w[:, i1:i2].copy()
+        errors = np.zeros((n, i2 - i1), dtype=np.float64)
+        for i in range(i2 - i1):
+            t = i1 + i
+            current = block[:, i].copy()
+            err = (current - round_channel(t, current)) / upper[t, t]
+            block[:, i:] -= np.outer(err, upper[t, t:i2])
+            errors[:, i] = err
+        if i2 < k:
+            w[:, i2:] -= errors @ upper[i1:i2, i2:]
+    return damp_used, warnings
+

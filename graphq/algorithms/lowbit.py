@@ -98,43 +98,23 @@ def lowbit_gptq(weight_kn: np.ndarray, hessian: np.ndarray, sigma_factor: float 
     fixes it, and the zeros of ``weight_kn`` are the pruning mask: they stay zero and their drift is compensated
     like a rounding error (SparseGPT's update with the mask held fixed). Returns what quantize_lowbit returns.
     """
-    from graphq.algorithms.gptq import _damped_inverse_cholesky
+    from graphq.algorithms.gptq import round_with_error_feedback
 
     weight = np.asarray(weight_kn, dtype=np.float32)
     k, n = weight.shape
-    h = np.array(hessian, dtype=np.float64)
-    if h.shape != (k, k):
-        raise ValueError(f"Hessian shape {h.shape} does not match weight shape {weight.shape}")
     scale, step, outliers = lowbit_steps(weight, sigma_factor, fraction)
-    warnings: list[str] = []
     keep = weight != 0
-    dead = np.diagonal(h) == 0
-    if dead.any():
-        h[dead, dead] = 1.0
-        keep[dead, :] = False
-        warnings.append(f"{int(dead.sum())} input channel(s) never active in calibration: their weights were zeroed")
-    upper, damp_used = _damped_inverse_cholesky(h, damp, warnings)
-    del h
     s = scale.astype(np.float64)
     inlier_step = s * step
-    w = weight.T.astype(np.float64)  # [N, K]: columns are input channels
     codes = np.zeros((n, k), dtype=np.int16)
-    for i1 in range(0, k, block_size):
-        i2 = min(i1 + block_size, k)
-        block = w[:, i1:i2].copy()
-        errors = np.zeros((n, i2 - i1), dtype=np.float64)
-        for i in range(i2 - i1):
-            column = i1 + i
-            current = block[:, i]
-            inlier = np.clip(np.round(current / inlier_step), -8, 7) * step
-            outlier = np.clip(np.round(current / s), -127, 127)
-            code = np.where(keep[column], np.where(outliers[column], outlier, inlier), 0)
-            err = (current - code * s) / upper[column, column]
-            block[:, i:] -= np.outer(err, upper[column, column:i2])
-            errors[:, i] = err
-            codes[:, column] = code
-        if i2 < k:
-            w[:, i2:] -= errors @ upper[i1:i2, i2:]
+
+    def round_channel(t: int, current: np.ndarray) -> np.ndarray:
+        inlier = np.clip(np.round(current / inlier_step), -8, 7) * step
+        outlier = np.clip(np.round(current / s), -127, 127)
+        codes[:, t] = np.where(keep[t], np.where(outliers[t], outlier, inlier), 0)
+        return codes[:, t] * s
+
+    damp_used, warnings = round_with_error_feedback(weight, hessian, round_channel, damp, block_size)
     qw = QuantizedWeight(q=np.ascontiguousarray(codes.T).astype(np.int8), scales=scale[None, :].astype(np.float32),
                          zero_points=None, bits=8, group_size=k)
     info = {"lowbit_outlier_fraction": float(outliers.mean()), "lowbit_mean_step": float(step.mean()),
