@@ -273,3 +273,23 @@ def test_linears_sharing_an_input_can_be_quantized_as_one(layer, act_order):
         np.testing.assert_array_equal(split.q, alone.q)
         np.testing.assert_array_equal(split.zero_points, alone.zero_points)
         np.testing.assert_allclose(split.scales, alone.scales, rtol=1e-6)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_a_given_grid_is_kept_and_rounded_onto_with_feedback(layer, symmetric):
+    """awq+gptq hands GPTQ AWQ's clipped grid: the scales and zero points are kept as given, the codes stay in
+    range, and the error feedback still beats rounding to nearest on that grid."""
+    from graphq.algorithms.awq import quantize_with_clip, search_awq_clip
+
+    x, weight, h = layer
+    clip, _ = search_awq_clip(x, weight, 3, 32, symmetric)
+    grid = quantize_with_clip(weight, clip, 3, 32, symmetric)
+    result, _ = gptq_quantize(weight, h, 3, 32, symmetric, grid=grid)
+    np.testing.assert_array_equal(result.scales, grid.scales)
+    if not symmetric:
+        np.testing.assert_array_equal(result.zero_points, grid.zero_points)
+    qmin, qmax = integer_range(3, symmetric)
+    assert result.q.min() >= qmin and result.q.max() <= qmax
+    assert output_error(x, weight, result.dequantize()) < 0.8 * output_error(x, weight, grid.dequantize())
+    with pytest.raises(ValueError, match="given grid"):
+        gptq_quantize(weight, h, 3, 64, symmetric, grid=grid)

@@ -167,6 +167,7 @@ def gptq_quantize(
     block_size: int = 128,
     *,
     n_samples: int | None = None,
+    grid: QuantizedWeight | None = None,
 ) -> tuple[QuantizedWeight, dict]:
     """Quantize a [K, N] weight with GPTQ against the input Hessian H [K, K] (e.g. HessianAccumulator).
 
@@ -226,7 +227,14 @@ def gptq_quantize(
             zeros[g] = z[0]
         ready[g] = True
 
-    if static_groups:
+    if grid is not None:  # every group's grid given (e.g. AWQ's clipped ranges): rounding only, with feedback
+        if grid.scales.shape != scales.shape or grid.group_size != gs or (grid.zero_points is None) != symmetric:
+            raise ValueError("the given grid does not match the weight's groups and symmetry")
+        scales[:] = grid.scales
+        if zeros is not None:
+            zeros[:] = grid.zero_points
+        ready[:] = True
+    elif static_groups:
         for g in range(n_groups):
             set_group(g, weight[g * gs : (g + 1) * gs])
 

@@ -41,6 +41,7 @@ class Gptq(WeightMethod):
             np.concatenate([layer.weight_kn() for layer in group], axis=1), hessian, config.bits,
             config.group_size_for(group[0].in_features), config.is_symmetric, damp=config.damp,
             act_order=config.act_order, static_groups=config.act_order, n_samples=stats.tokens,
+            grid=self.awq_clipped_grid(work, input_name, group),
         )
         results, start = {}, 0
         for layer in group:
@@ -49,6 +50,28 @@ class Gptq(WeightMethod):
             results[layer.name] = LayerResult(joined.output_columns(start, stop), entry)
             start = stop
         return results
+
+    @staticmethod
+    def awq_clipped_grid(work: RegionWork, input_name: str, group: list[LinearLayer]):
+        """After AWQ (awq+gptq, with its clip search on), the grids of AWQ's searched clip ranges, which GPTQ
+        then rounds onto with error feedback (AWQ's clip lives in its own rounder, which gptq replaces); else None."""
+        from graphq.algorithms.awq import quantize_with_clip, search_awq_clip
+        from graphq.algorithms.rtn import QuantizedWeight
+
+        config = work.config
+        if "awq" not in config.method.split("+") or not config.awq_clip or config.act_order:
+            return None
+        x, gram = work.current_input(input_name), work.current_gram(input_name)
+        grids = []
+        for layer in group:
+            weight = layer.weight_kn()
+            group_size = config.group_size_for(layer.in_features)
+            clip, _ = search_awq_clip(x, weight, config.bits, group_size, config.is_symmetric, gram=gram)
+            grids.append(quantize_with_clip(weight, clip, config.bits, group_size, config.is_symmetric))
+        zeros = None if grids[0].zero_points is None else np.concatenate([g.zero_points for g in grids], axis=1)
+        return QuantizedWeight(q=np.concatenate([g.q for g in grids], axis=1),
+                               scales=np.concatenate([g.scales for g in grids], axis=1), zero_points=zeros,
+                               bits=grids[0].bits, group_size=grids[0].group_size)
 
     @staticmethod
     def round_codebook(layer: LinearLayer, hessian: np.ndarray, config) -> LayerResult:
