@@ -181,6 +181,8 @@ def gptq_quantize(
     With ``act_order`` channels are visited by decreasing H_ii, so a group's first channel may come late;
     ``static_groups`` instead fixes every grid up front from the original weight, as AutoGPTQ does.
 
+    ``grid`` (a QuantizedWeight of the same groups and symmetry, e.g. AWQ's clipped RTN) fixes every group's
+    scales and zero points up front: GPTQ then only chooses the codes.
     ``n_samples`` (the calibration token count), when given, only adds a warning when it is below K.
     ``info`` holds 'loss' (the GPTQ proxy loss sum (w - q)^2 / [H^-1]_tt / 2), 'damp' (the relative damping
     actually used), 'dead_channels', 'warnings' and 'seconds'.

@@ -59,7 +59,10 @@ class Gptq(WeightMethod):
         from graphq.algorithms.rtn import QuantizedWeight
 
         config = work.config
-        if "awq" not in config.method.split("+") or not config.awq_clip or config.act_order:
+        from graphq.weight_methods import resolve_methods
+
+        after_awq = any(method.name == "awq" for method in resolve_methods(config.method))
+        if not after_awq or not config.awq_clip or config.act_order:
             return None
         x, gram = work.current_input(input_name), work.current_gram(input_name)
         grids = []
