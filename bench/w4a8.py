@@ -40,6 +40,8 @@ VARIANTS = [
     # --smooth first (its alpha search scores the int4 g128 grid), then the same AWQ on the smoothed model.
     Variant("w4a8-static-awq-sq-auto", "W4A8 static minmax + SmoothQuant alpha auto, AWQ weights",
             dict(scheme="w4a8", method="awq", smooth="smoothquant", smooth_alpha="auto")),
+    Variant("w4a8-static-awqgptq-sq-auto", "W4A8 static minmax + SmoothQuant alpha auto, AWQ+GPTQ weights",
+            dict(scheme="w4a8", method="awq+gptq", smooth="smoothquant", smooth_alpha="auto")),
     Variant("w4a8-static-rtn-sq-auto", "W4A8 static minmax + SmoothQuant alpha auto, RTN weights",
             dict(scheme="w4a8", method="rtn", smooth="smoothquant", smooth_alpha="auto")),
     Variant("w4a8-dynamic-rtn", "W4A8 dynamic per token, RTN weights", dict(scheme="w4a8-dynamic", method="rtn")),
