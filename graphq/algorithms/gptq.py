@@ -320,6 +320,25 @@ def gptq_quantize(
     return result, info
 
 
+def inverse_factor_without_dead_channels(w_nk: np.ndarray, hessian: np.ndarray,
+                                         damp: float) -> tuple[np.ndarray, float, list[str]]:
+    """(upper Cholesky factor of the damped H^-1, damping used, warnings) for an [N, K] weight whose columns are
+    the input channels. Channels never active in calibration (H_kk = 0) get a unit diagonal and their weights in
+    ``w_nk`` are zeroed in place: they carry no information about the output."""
+    n, k = w_nk.shape
+    h = np.array(hessian, dtype=np.float64)
+    if h.shape != (k, k):
+        raise ValueError(f"Hessian shape {h.shape} does not match weight shape {(k, n)}")
+    warnings: list[str] = []
+    dead = np.diagonal(h) == 0
+    if dead.any():
+        h[dead, dead] = 1.0
+        w_nk[:, dead] = 0.0
+        warnings.append(f"{int(dead.sum())} input channel(s) never active in calibration: their weights were zeroed")
+    upper, damp_used = _damped_inverse_cholesky(h, damp, warnings)
+    return upper, damp_used, warnings
+
+
 def round_with_error_feedback(
     weight_kn: np.ndarray,
     hessian: np.ndarray,
@@ -334,18 +353,8 @@ def round_with_error_feedback(
     relative damping used, warnings)."""
     weight = np.asarray(weight_kn)
     k, n = weight.shape
-    h = np.array(hessian, dtype=np.float64)
-    if h.shape != (k, k):
-        raise ValueError(f"Hessian shape {h.shape} does not match weight shape {weight.shape}")
-    warnings: list[str] = []
     w = weight.T.astype(np.float64)  # [N, K]: columns are input channels
-    dead = np.diagonal(h) == 0
-    if dead.any():
-        h[dead, dead] = 1.0
-        w[:, dead] = 0.0
-        warnings.append(f"{int(dead.sum())} input channel(s) never active in calibration: their weights were zeroed")
-    upper, damp_used = _damped_inverse_cholesky(h, damp, warnings)
-    del h
+    upper, damp_used, warnings = inverse_factor_without_dead_channels(w, hessian, damp)
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
         block = w[:, i1:i2].copy()

@@ -21,7 +21,7 @@ import time
 import numpy as np
 
 from graphq.algorithms.channel_stats import ChannelSum
-from graphq.algorithms.gptq import _damped_inverse_cholesky
+from graphq.algorithms.gptq import inverse_factor_without_dead_channels
 from graphq.algorithms.rtn import QuantizedWeight, compute_scales, integer_range, round_to_grid
 
 Pattern = tuple[int, int]  # (kept n, run length m)
@@ -134,19 +134,11 @@ def sparsegpt_prune(
     started = time.perf_counter()
     w = np.array(weight_kn, dtype=np.float64).T.copy()  # [N, K]: columns are input channels, as in the paper
     n, k = w.shape
-    h = np.array(hessian, dtype=np.float64)
-    if h.shape != (k, k):
-        raise ValueError(f"Hessian shape {h.shape} does not match weight shape {tuple(np.shape(weight_kn))}")
+    if np.shape(hessian) != (k, k):
+        raise ValueError(f"Hessian shape {np.shape(hessian)} does not match weight shape {tuple(np.shape(weight_kn))}")
     if pattern is not None and k % pattern[1]:
         raise ValueError(f"{k} input channels are not a multiple of {pattern[1]}")
-    warnings: list[str] = []
-    dead = np.diagonal(h) == 0
-    if dead.any():
-        h[dead, dead] = 1.0
-        w[:, dead] = 0.0
-        warnings.append(f"{int(dead.sum())} input channel(s) never active in calibration: their weights were zeroed")
-    upper, damp_used = _damped_inverse_cholesky(h, damp, warnings)
-    del h
+    upper, damp_used, warnings = inverse_factor_without_dead_channels(w, hessian, damp)
     gs = k if group_size == -1 else group_size
     if bits is not None and gs < k:
         block_size = max(gs, block_size - block_size % gs)  # groups never straddle a block: grids see current weights
