@@ -85,12 +85,13 @@ def _child_result(seconds: float, **extra) -> dict:
 
 
 def _run_graphq(float_dir: str, out_dir: str, method: str, symmetric: bool, calib: str, num_samples: int,
-                seq_len: int, seed: int, group_size: int = GROUP) -> dict:
+                seq_len: int, seed: int, group_size: int = GROUP, propagate: str | None = None) -> dict:
     from graphq import QuantConfig, quantize
 
     config = QuantConfig(
         scheme="w4a16", group_size=group_size, symmetric=symmetric, format="matmulnbits", method=method,
         calib=calib, num_samples=num_samples, seq_len=seq_len, seed=seed,
+        **({} if propagate is None else {"propagate": propagate}),
     )
     started = time.perf_counter()
     result = quantize(float_dir, config, out_dir, progress=False)

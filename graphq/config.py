@@ -25,6 +25,8 @@ DYNAMIC_ACTIVATION_SCHEMES = ("w8a8-dynamic", "w4a8-dynamic")
 W4A8_SCHEMES = ("w4a8", "w4a8-dynamic")
 SCHEMES = {**WEIGHT_ONLY_SCHEMES, **ACTIVATION_SCHEMES}
 ACT_METHODS = ("minmax", "percentile", "entropy", "mse", "auto")
+# graphq.runtimes.layerwise: how the hidden states reach the next decoder layer.
+PROPAGATIONS = ("quantized", "float")
 KV_CACHE_TYPES = ("int8",)
 SMOOTH_METHODS = ("smoothquant", "os+")
 FORMATS = ("matmulnbits", "qdq")
@@ -68,6 +70,10 @@ class QuantConfig:
     damp: float = 0.01
     act_order: bool = False
     awq_clip: bool = True
+    # How calibrated methods carry the hidden states to the next decoder layer (graphq.runtimes.layerwise):
+    # "quantized" runs each layer again once quantized, so later layers calibrate on its errors; "float" takes its
+    # float outputs from the capture run (AutoAWQ's and NNCF's way), one onnxruntime run a layer instead of two.
+    propagate: str = "quantized"
     act_method: str = "minmax"
     percentile: float = 99.99
     kv_cache: str | None = None
@@ -197,6 +203,8 @@ class QuantConfig:
                 )
         if self.scheme in ACTIVATION_SCHEMES and self.scheme not in W4A8_SCHEMES and self.symmetric is False:
             raise GraphqError(f"{self.scheme} weights are symmetric int8: drop --asym")
+        if self.propagate not in PROPAGATIONS:
+            raise GraphqError(f"unknown --propagate '{self.propagate}': choose one of {', '.join(PROPAGATIONS)}")
         if self.act_method not in ACT_METHODS:
             raise GraphqError(f"unknown activation method '{self.act_method}': choose one of {', '.join(ACT_METHODS)}")
         if not isinstance(self.percentile, (int, float)) or not 50 < self.percentile <= 100:

@@ -113,7 +113,7 @@ def calibrated_quantize(
     methods = resolve_methods(config.method)
     samples = samples if samples is not None else load_calibration_samples(model_file, config)
     calibration = LayerwiseCalibration(model, layers, samples, statistics_needed(methods), seed=config.seed,
-                                       all_layers=known_layers, pool=pool)
+                                       all_layers=known_layers, pool=pool, propagate=config.propagate)
     done: set[str] = set()
     warned: list[str] = []
     unscaled: list[str] = []

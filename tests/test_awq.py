@@ -13,7 +13,9 @@ from graphq.algorithms.awq import (
     awq_scales_for_ratio,
     clip_weight,
     fold_scales_into_norm,
+    gram_diagonal_blocks,
     quantize_with_clip,
+    scale_diagonal_blocks,
     scale_weight_columns,
     scale_weight_rows,
     scaled_quantization_error,
@@ -297,3 +299,84 @@ def test_coarse_to_fine_search_matches_the_whole_grid(symmetric):
     assert np.mean(clip_fast.shrink == clip_full.shrink) > 0.9 and len(np.unique(clip_full.shrink)) > 3
     assert full_info["error"] <= fast_info["error"] <= full_info["error"] * 1.01
     assert fast_info["error_noclip"] == full_info["error_noclip"]
+
+
+def exact_blocks(x: np.ndarray, group_size: int) -> np.ndarray:
+    k = x.shape[1]
+    n_groups = -(-k // group_size)
+    padded = np.zeros((len(x), n_groups * group_size))
+    padded[:, :k] = x
+    by_group = padded.reshape(len(x), n_groups, group_size)
+    return np.einsum("tgi,tgj->gij", by_group, by_group) / len(x)
+
+
+def test_input_gram_keeps_the_diagonal_blocks_of_wide_inputs():
+    """An input too wide for its whole Gram keeps the diagonal blocks every group size below 128 needs, streamed and
+    merged like the whole one; a narrow input gives the same blocks cut from its whole Gram."""
+    rng = np.random.default_rng(20)
+    x = (rng.standard_normal((250, 300)) * rng.uniform(0.1, 5.0, 300)).astype(np.float32)
+    wide, narrow = InputGram(max_channels=256), InputGram()
+    for chunk in (x[:60], x[60:]):
+        wide.add(chunk)
+        narrow.add(chunk)
+    assert wide.gram() is None and narrow.gram() is not None
+    for group_size in (32, 64, 128):
+        exact = exact_blocks(x, group_size)
+        assert wide.diagonal_blocks(group_size, 300).shape == exact.shape == (-(-300 // group_size), group_size, group_size)
+        for kept in (wide.diagonal_blocks(group_size, 300), narrow.diagonal_blocks(group_size, 300)):
+            np.testing.assert_allclose(kept, exact, rtol=1e-4, atol=1e-5 * np.abs(exact).max())
+        np.testing.assert_array_equal(narrow.diagonal_blocks(group_size, 300),
+                                      gram_diagonal_blocks(narrow.gram(), group_size))
+    assert wide.diagonal_blocks(48, 300) is None and wide.diagonal_blocks(300, 300) is None  # not kept
+    assert narrow.diagonal_blocks(48, 300).shape == (7, 48, 48)
+    assert InputGram().diagonal_blocks(32, 300) is None
+    s = rng.uniform(0.5, 2.0, 300).astype(np.float32)
+    np.testing.assert_allclose(scale_diagonal_blocks(exact_blocks(x, 64), s), exact_blocks(x / s, 64), rtol=1e-4,
+                               atol=1e-6 * np.abs(exact_blocks(x / s, 64)).max())
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_block_diagonal_scoring_is_each_groups_own_output_error(symmetric):
+    """With the Gram's diagonal blocks a candidate scores sum_g ||x_g D_g||^2 / T, each weight group's share of the
+    output error over every token (cross-group terms left out); the search still finds the salient channels' ratio,
+    and the clip search scores exactly as with the whole Gram."""
+    x, weights = make_inputs(t=400, seed=21), make_weights()
+    gram = InputGram()
+    gram.add(x)
+    blocks = gram.diagonal_blocks(32, K)
+    s = awq_scales_for_ratio(np.abs(x).mean(axis=0), 0.5)
+    expected = 0.0
+    for weight in weights:
+        diff = weight - quantize_rtn(weight * s[:, None], 4, 32, symmetric).dequantize() / s[:, None]
+        for g in range(K // 32):
+            rows = slice(32 * g, 32 * (g + 1))
+            expected += float(np.sum((x[:, rows].astype(np.float64) @ diff[rows]) ** 2)) / len(x)
+    assert scaled_quantization_error(None, weights, s, 4, 32, symmetric, gram_blocks=blocks) == pytest.approx(
+        expected, rel=1e-4)
+    magnitude = np.abs(x).mean(axis=0, dtype=np.float64)
+    _, info = search_awq_scales(None, weights, 4, 32, symmetric, x_magnitude=magnitude, gram_blocks=blocks)
+    assert info["ratio"] > 0 and info["error"] < info["error_rtn"]
+    weight = heavy_tailed_weight(seed=22)
+    by_gram, info_gram = search_awq_clip(None, weight, 4, 32, symmetric, gram=gram.gram())
+    by_blocks, info_blocks = search_awq_clip(None, weight, 4, 32, symmetric, gram_blocks=blocks)
+    np.testing.assert_array_equal(by_blocks.shrink, by_gram.shrink)
+    assert info_blocks["error"] == info_gram["error"]
+    with pytest.raises(ValueError, match="do not cover"):
+        search_awq_scales(None, weights, 4, 32, symmetric, x_magnitude=magnitude, gram_blocks=blocks[:-1])
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_clipped_fake_quantize_is_rtn_of_the_clamped_weight_bit_for_bit(symmetric):
+    from graphq.algorithms.awq import _clip_grouped, _clipped_fake_quantize
+    from graphq.algorithms.grid import fake_quantize_groups, grouped
+
+    weight = heavy_tailed_weight(seed=23)
+    weight[:, 5] = np.abs(weight[:, 5])  # a channel of one sign: its grid starts at 0
+    weight[:, 6] = 0.0
+    groups = grouped(weight, 48)  # a partial last group: zero padding
+    base_low, base_high = (-np.abs(groups).max(axis=1), np.abs(groups).max(axis=1)) if symmetric else (
+        groups.min(axis=1), groups.max(axis=1))
+    for factor in (1.0, 0.85, 0.5, np.linspace(0.5, 1.0, groups.shape[2])[None, :]):
+        low, high = (base_low * factor).astype(np.float32), (base_high * factor).astype(np.float32)
+        np.testing.assert_array_equal(_clipped_fake_quantize(groups, low, high, 4, symmetric),
+                                      fake_quantize_groups(_clip_grouped(groups, low, high), 4, symmetric))

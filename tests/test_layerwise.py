@@ -201,3 +201,64 @@ def test_the_tail_is_left_out_unless_a_linear_there_is_calibrated(tiny_models):
     assert [r.index for r in without.regions] == [0, 1]
     with_tail = LayerwiseCalibration(model, every, _samples(2, 8), {}, all_layers=every)
     assert [r.index for r in with_tail.regions] == [0, 1, None] or not any(l.layer_index is None for l in every)
+
+
+def _capture_with_damaged_weights(source, propagate: str) -> dict[str, np.ndarray]:
+    """Every linear input's captured Gram, each layer's weights scrambled after its capture (a stand-in for
+    quantization that no later layer could miss)."""
+    from graphq.algorithms.awq import InputGram
+    from graphq.passes.weights import set_layer_weight
+
+    model = ir.load(source / "model.onnx")
+    layers = [layer for layer in find_linear_layers(model) if layer.layer_index is not None]
+    calibration = LayerwiseCalibration(model, layers, _samples(3, 16), {"gram": InputGram}, propagate=propagate)
+    grams = {}
+    for _, region_layers, stats in calibration:
+        grams.update({name: entry.gram.gram() for name, entry in stats.items()})
+        for layer in region_layers:
+            set_layer_weight(model, layer, layer.weight_kn()[::-1].copy())
+    return grams
+
+
+def test_float_propagation_calibrates_later_layers_on_the_float_models_activations(tiny_models):
+    """propagate='float' hands each layer the float model's hidden states whatever was done to the layers before it
+    (one onnxruntime run a layer); 'quantized' hands it the edited layers' outputs."""
+    source = tiny_models["llama"]["onnx"]
+    float_run = _capture_with_damaged_weights(source, "float")
+    quantized_run = _capture_with_damaged_weights(source, "quantized")
+    model = ir.load(source / "model.onnx")
+    layers = [layer for layer in find_linear_layers(model) if layer.layer_index is not None]
+    from graphq.algorithms.awq import InputGram
+
+    undamaged = {}
+    for _, _, stats in LayerwiseCalibration(model, layers, _samples(3, 16), {"gram": InputGram}):
+        undamaged.update({name: entry.gram.gram() for name, entry in stats.items()})
+    assert float_run.keys() == quantized_run.keys() == undamaged.keys() and len(undamaged) == 8
+    for name in undamaged:
+        np.testing.assert_array_equal(float_run[name], undamaged[name])
+    first_layer = {layer.input.name for layer in layers if layer.layer_index == 0}
+    for name in undamaged:
+        if name in first_layer:
+            np.testing.assert_array_equal(quantized_run[name], undamaged[name])
+        else:
+            assert not np.allclose(quantized_run[name], undamaged[name], rtol=1e-3)
+    with pytest.raises(ValueError, match="propagate"):
+        LayerwiseCalibration(model, layers, _samples(1, 8), {}, propagate="fp32")
+
+
+def test_propagate_option_reaches_the_engine_and_bad_values_are_refused(tiny_models, tmp_path, capsys):
+    source = tiny_models["llama"]["onnx"]
+    base = dict(method="awq", group_size=32, calib_texts=CALIB_TEXTS, num_samples=4, seq_len=32)
+    fast = quantize(source, QuantConfig(**base, propagate="float"), tmp_path / "float", progress=False)
+    slow = quantize(source, QuantConfig(**base), tmp_path / "quantized", progress=False)
+    entries = [{e["name"]: e for e in r.report["layers"]} for r in (fast, slow)]
+    first = [name for name in entries[0] if ".layers.0." in name]
+    later = [name for name in entries[0] if ".layers.1." in name]
+    assert first and later
+    for name in first:  # the first layer sees the same inputs either way
+        assert entries[0][name]["output_error"] == entries[1][name]["output_error"]
+    assert any(entries[0][name]["output_error"] != entries[1][name]["output_error"] for name in later)
+    assert main(["quantize", str(source), "-o", str(tmp_path / "bad"), "--method", "awq", "--propagate", "fp16"]) != 0
+    assert "--propagate" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    with pytest.raises(GraphqError, match="unknown --propagate 'fp16'"):
+        QuantConfig(method="awq", propagate="fp16").validate()

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from graphq.algorithms.channel_stats import ChannelSum
-from graphq.algorithms.grid import fake_quantize_groups, fake_quantize_range
+from graphq.algorithms.grid import fake_quantize_groups, fake_quantize_range, integer_range
 from graphq.algorithms.rtn import QuantizedWeight, grouped as _grouped, quantize_rtn
 
 # AutoAWQ's floor on mag**ratio, so that channels never seen active do not get a zero (or inf) scale.
@@ -103,14 +103,20 @@ class ChannelRange:
         return self.low, self.high
 
 
+#: The widest block ``InputGram`` keeps of an input too wide for its whole Gram: the searches need only each weight
+#: group's diagonal block, and every group size graphq takes below a whole row (32, 64, 128) divides it.
+GRAM_BLOCK = 128
+
+
 class InputGram:
-    """Streams the Gram matrix X^T X [K, K] of one linear input over every calibration token, for inputs of at
-    most ``max_channels`` channels.
+    """Streams the Gram matrix X^T X [K, K] of one linear input over every calibration token; of inputs wider than
+    ``max_channels``, only its diagonal blocks of ``GRAM_BLOCK`` channels.
 
     The searches' output error ||x D||^2 (D a weight difference) is then sum(D * (G D)): exact over all tokens, and
     K^2 N per candidate instead of the token sample's T K N. With the streaming itself (K^2 / 2 per token) that
-    pays while K is well below the sample's T (2048 tokens by default), hence the default bound; wider inputs keep
-    nothing (``gram()`` is None) and the searches use the sample.
+    pays while K is well below the sample's T (2048 tokens by default), hence the default bound. What a weight
+    group alone contributes, d^T G_gg d, needs only the diagonal blocks (``diagonal_blocks``), which cost K x 128 per
+    token and K x group per candidate at any width.
     """
 
     def __init__(self, max_channels: int = 1024) -> None:
@@ -123,12 +129,20 @@ class InputGram:
         self.merge(self.partial(rows), rows.shape[0])
 
     def partial(self, x: np.ndarray, tokens_before: int = 0) -> np.ndarray | None:
-        """One batch's X^T X (float32), computed anywhere; ``merge`` sums them in float64. None for a too-wide input."""
+        """One batch's X^T X [K, K] (or its diagonal blocks [K / GRAM_BLOCK, GRAM_BLOCK, GRAM_BLOCK] for a wide
+        input), float32, computed anywhere; ``merge`` sums them in float64."""
         rows = np.asarray(x, dtype=np.float32)
         rows = rows.reshape(-1, rows.shape[-1])
-        if rows.shape[-1] > self.max_channels or not len(rows):
+        if not len(rows):
             return None
-        return rows.T @ rows  # one buffer times its transpose: numpy calls SYRK
+        k = rows.shape[-1]
+        if k <= self.max_channels:
+            return rows.T @ rows  # one buffer times its transpose: numpy calls SYRK
+        blocks = -(-k // GRAM_BLOCK)
+        padded = np.zeros((len(rows), blocks * GRAM_BLOCK), dtype=np.float32)
+        padded[:, :k] = rows
+        by_block = np.ascontiguousarray(padded.reshape(len(rows), blocks, GRAM_BLOCK).transpose(1, 0, 2))
+        return np.matmul(by_block.transpose(0, 2, 1), by_block)
 
     def merge(self, part: np.ndarray | None, tokens: int) -> None:
         if part is None:
@@ -136,15 +150,55 @@ class InputGram:
         if self._sum is None:
             self._sum = np.zeros(part.shape, dtype=np.float64)
         elif part.shape != self._sum.shape:
-            raise ValueError(f"expected {self._sum.shape[0]} input channels, got {part.shape[0]}")
+            raise ValueError(f"expected a Gram term of shape {self._sum.shape}, got {part.shape}")
         self._sum += part
         self.tokens += tokens
 
+    @property
+    def whole(self) -> bool:
+        return self._sum is not None and self._sum.ndim == 2
+
     def gram(self) -> np.ndarray | None:
         """X^T X / tokens (float32), or None when the input was too wide (or nothing was added)."""
-        if self._sum is None or self.tokens == 0:
+        if not self.whole or self.tokens == 0:
             return None
         return (self._sum / self.tokens).astype(np.float32)
+
+    def diagonal_blocks(self, group_size: int, channels: int) -> np.ndarray | None:
+        """The diagonal blocks [ceil(K / group_size), group_size, group_size] of X^T X / tokens (float32; the last
+        block zero-padded past ``channels``), or None where they were not kept (nothing added, or a wide input's
+        group that does not divide ``GRAM_BLOCK``)."""
+        if self._sum is None or self.tokens == 0:
+            return None
+        if self.whole:
+            return gram_diagonal_blocks(self._sum / self.tokens, group_size)
+        if group_size <= 0 or GRAM_BLOCK % group_size:
+            return None
+        per = GRAM_BLOCK // group_size
+        stored = self._sum / self.tokens
+        blocks = np.stack([stored[b, i * group_size:(i + 1) * group_size, i * group_size:(i + 1) * group_size]
+                           for b in range(len(stored)) for i in range(per)])
+        return blocks[: -(-channels // group_size)].astype(np.float32)
+
+
+def gram_diagonal_blocks(gram: np.ndarray, group_size: int) -> np.ndarray:
+    """The [ceil(K / group_size), group_size, group_size] diagonal blocks of a [K, K] Gram matrix (float32), the last
+    zero-padded: what each weight group's rounding error costs alone, d^T G_gg d."""
+    k = np.shape(gram)[0]
+    n_groups = -(-k // group_size)
+    padded = np.zeros((n_groups * group_size, n_groups * group_size), dtype=np.float32)
+    padded[:k, :k] = gram
+    return np.stack([padded[g * group_size:(g + 1) * group_size, g * group_size:(g + 1) * group_size]
+                     for g in range(n_groups)])
+
+
+def scale_diagonal_blocks(blocks: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """The diagonal blocks of diag(1/s) G diag(1/s): the Gram of x / s, block by block."""
+    n_groups, group_size, _ = blocks.shape
+    padded = np.ones(n_groups * group_size, dtype=np.float64)
+    padded[: len(scale)] = scale
+    inverse = (1.0 / padded).reshape(n_groups, group_size)
+    return (blocks * inverse[:, :, None] * inverse[:, None, :]).astype(np.float32)
 
 
 def activation_channel_magnitude(x_chunks: Iterable[np.ndarray]) -> np.ndarray:
@@ -206,16 +260,31 @@ def scaled_quantization_error(
     symmetric: bool,
     act_range: tuple[np.ndarray, np.ndarray] | None = None,
     gram: np.ndarray | None = None,
+    gram_blocks: np.ndarray | None = None,
 ) -> float:
     """sum over the linears of || x W - x Q(diag(s) W) / s ||^2, i.e. the output error once s is folded.
 
     With ``gram`` (X^T X / tokens over all calibration tokens, ``InputGram``) the error is the mean over those
-    tokens, sum(D * (G D)) with D = W - Q(diag(s) W) / s, and ``x_sample`` is not read.
+    tokens, sum(D * (G D)) with D = W - Q(diag(s) W) / s, and ``x_sample`` is not read. With ``gram_blocks`` (its
+    diagonal blocks, one per weight group: ``InputGram.diagonal_blocks``) it is what each group's rounding costs
+    alone, sum_g D_g^T G_gg D_g: the cross-group terms, sums of products of independent rounding errors, are left
+    out, and a candidate costs K x group x N instead of K^2 x N.
 
     With ``act_range`` (per-channel min, max of x over the calibration data) the input is quantized too, as static
     W4A8 will: || x W - Q_a(x / s) Q(diag(s) W) ||^2, Q_a the per-tensor asymmetric int8 grid over the range of
     x / s (``grid.fake_quantize_range``), so the scales also pay for what they do to the activation range."""
     s = np.asarray(scales, dtype=np.float32)[:, None]
+    if gram_blocks is not None and act_range is None:
+        n_groups, gs, _ = gram_blocks.shape
+        s_grouped = np.ones(n_groups * gs, dtype=np.float32)
+        s_grouped[: len(s)] = s[:, 0]
+        s_grouped = s_grouped.reshape(n_groups, gs, 1)
+        total = 0.0
+        for weight in weights_kn:
+            grouped = _grouped(np.asarray(weight, dtype=np.float32), gs)
+            diff = grouped - fake_quantize_groups(grouped * s_grouped, bits, symmetric) / s_grouped
+            total += float(np.sum(diff * np.matmul(gram_blocks, diff), dtype=np.float64))
+        return total
     if gram is not None and act_range is None:
         total = 0.0
         for weight in weights_kn:
@@ -253,6 +322,7 @@ def search_awq_scales(
     act_range: tuple[np.ndarray, np.ndarray] | None = None,
     smooth_alphas: Sequence[float] = (),
     gram: np.ndarray | None = None,
+    gram_blocks: np.ndarray | None = None,
     coarse_step: int = COARSE_STEP,
 ) -> tuple[np.ndarray, dict]:
     """AutoAWQ's grid search for per-input-channel scales s [K] of linears that share the input x_sample.
@@ -268,7 +338,9 @@ def search_awq_scales(
     SmoothQuant's scales ``max|x|^a / max|W|^(1 - a)`` (max |x| from ``act_range``, max |W| over the group's
     linears) for each a to the candidates, which target the activation range's outlier channels where AWQ's mean
     |x| does not. ``gram`` (``InputGram.gram()``) scores the weight-only candidates over every calibration token
-    instead of x_sample (which may then be None, given ``x_magnitude``). The ratios are searched coarse to fine
+    instead of x_sample (which may then be None, given ``x_magnitude``); ``gram_blocks`` (its diagonal blocks per
+weight group, ``InputGram.diagonal_blocks``) scores what each group's rounding costs alone, at K x group x N a
+candidate instead of K^2 x N (``scaled_quantization_error``). The ratios are searched coarse to fine
     (``COARSE_STEP``; ``coarse_step=1`` scores all of them). ``info`` holds 'ratio' (None when duo scaling kept
     s = 1 or a SmoothQuant candidate won), 'smooth_alpha' (the winning SmoothQuant a, else None), 'error',
     'error_rtn' (s = 1), 'ratios' and 'errors' (NaN for the ratios the search skipped).
@@ -280,8 +352,10 @@ def search_awq_scales(
         raise ValueError("all weights must share the input dimension K")
     if gram is not None and np.shape(gram) != (k, k):
         raise ValueError(f"gram has shape {np.shape(gram)}, expected ({k}, {k})")
-    if x_sample is None and (x_magnitude is None or gram is None or act_range is not None):
-        raise ValueError("without x_sample, give x_magnitude and gram (and no act_range)")
+    if gram_blocks is not None and np.shape(gram_blocks)[0] * np.shape(gram_blocks)[1] < k:
+        raise ValueError(f"gram_blocks of shape {np.shape(gram_blocks)} do not cover {k} input channels")
+    if x_sample is None and (x_magnitude is None or (gram is None and gram_blocks is None) or act_range is not None):
+        raise ValueError("without x_sample, give x_magnitude and gram or gram_blocks (and no act_range)")
     x = None if x_sample is None else np.asarray(x_sample, dtype=np.float32).reshape(-1, k)
     mag = np.abs(x).mean(axis=0, dtype=np.float64) if x_magnitude is None else np.asarray(x_magnitude)
     if mag.shape != (k,):
@@ -290,7 +364,8 @@ def search_awq_scales(
     ones = np.ones(k, dtype=np.float32)
 
     def error_of(scales: np.ndarray) -> float:
-        return scaled_quantization_error(x, weights_kn, scales, bits, group_size, symmetric, act_range, gram)
+        return scaled_quantization_error(x, weights_kn, scales, bits, group_size, symmetric, act_range, gram,
+                                         gram_blocks)
 
     error_rtn = error_of(ones)
     # Without duo scaling ratio 0 is s = 1 itself; with it, s = 1 is not on the grid and is tried apart.
@@ -355,6 +430,26 @@ def _clip_grouped(grouped: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.
     return np.clip(grouped, low[:, None, :], high[:, None, :])
 
 
+def _clipped_fake_quantize(grouped: np.ndarray, low: np.ndarray, high: np.ndarray, bits: int,
+                           symmetric: bool) -> np.ndarray:
+    """``fake_quantize_groups(_clip_grouped(grouped, low, high))``, the same bits. An asymmetric group clamped to
+    [low, high] has its grid's ends min(low, 0) and max(high, 0) (its own min and max, widened to 0) without reading
+    the group, and the zero point cancels out of the clamp on the integer grid; the clip search scores many ranges
+    per weight, and this skips three passes over it of each."""
+    clipped = _clip_grouped(grouped, low, high)
+    if symmetric:
+        return fake_quantize_groups(clipped, bits, symmetric)
+    qmin, qmax = integer_range(bits, symmetric)
+    wmin, wmax = np.minimum(low, 0.0), np.maximum(high, 0.0)
+    scales = (wmax - wmin) / (qmax - qmin)
+    scales[scales == 0] = 1.0
+    zero = np.clip(np.round(-wmin / scales), qmin, qmax).astype(np.uint8).astype(np.float32)
+    scales = scales.astype(np.float32)[:, None, :]
+    q = np.round(np.divide(clipped, scales, out=clipped), out=clipped)
+    np.clip(q, (qmin - zero)[:, None, :], (qmax - zero)[:, None, :], out=q)
+    return np.multiply(q, scales, out=q)
+
+
 def search_awq_clip(
     x_sample: np.ndarray,
     weight_kn: np.ndarray,
@@ -366,6 +461,7 @@ def search_awq_clip(
     *,
     max_tokens: int = 512,
     gram: np.ndarray | None = None,
+    gram_blocks: np.ndarray | None = None,
     coarse_step: int = COARSE_STEP,
 ) -> tuple[ClipRanges, dict]:
     """AutoAWQ's auto_clip: per group and output channel, the weight range that minimizes output error.
@@ -377,7 +473,8 @@ def search_awq_clip(
     clipping) is tried first and kept on ties; the factors are searched coarse to fine per group and output channel
     (``COARSE_STEP``; 1 scores all). With ``gram`` (X^T X / tokens of the input as the weight reads it,
     over all calibration tokens) each group's error is d^T G_gg d over its diagonal block instead, the same mean
-    over every token, and ``x_sample`` is not read. ``info`` holds 'error' and 'error_noclip' (summed over
+    over every token, and ``x_sample`` is not read; ``gram_blocks`` gives those blocks directly
+    (``InputGram.diagonal_blocks``, also kept for inputs too wide for the whole Gram). ``info`` holds 'error' and 'error_noclip' (summed over
     groups and output channels) and 'tokens' (None with ``gram``).
     """
     weight = np.asarray(weight_kn, dtype=np.float32)
@@ -387,12 +484,14 @@ def search_awq_clip(
     gs = k if group_size == -1 else group_size
     grouped = _grouped(weight, gs)  # [G, gs, N]
     n_groups = grouped.shape[0]
-    if gram is not None:
+    if gram is not None and gram_blocks is None:
         if np.shape(gram) != (k, k):
             raise ValueError(f"gram has shape {np.shape(gram)}, expected ({k}, {k})")
-        padded = np.zeros((n_groups * gs, n_groups * gs), dtype=np.float32)
-        padded[:k, :k] = gram
-        blocks = np.stack([padded[g * gs:(g + 1) * gs, g * gs:(g + 1) * gs] for g in range(n_groups)])  # [G, gs, gs]
+        gram_blocks = gram_diagonal_blocks(gram, gs)
+    if gram_blocks is not None:
+        if np.shape(gram_blocks) != (n_groups, gs, gs):
+            raise ValueError(f"gram_blocks has shape {np.shape(gram_blocks)}, expected ({n_groups}, {gs}, {gs})")
+        blocks = np.asarray(gram_blocks, dtype=np.float32)  # [G, gs, gs]
         t = None
         rows_per_group = gs
     else:
@@ -427,8 +526,8 @@ def search_awq_clip(
             factor = factors[index]
             low = (base_low[:, cols] * factor).astype(np.float32)
             high = (base_high[:, cols] * factor).astype(np.float32)
-            diff = w - fake_quantize_groups(_clip_grouped(w, low, high), bits, symmetric)
-            if gram is None:
+            diff = np.subtract(w, _clipped_fake_quantize(w, low, high, bits, symmetric))
+            if t is not None:
                 out = np.matmul(x_grouped, diff)  # [G, T, cols]: each group's share of the output error
                 err = np.mean(np.square(out, dtype=np.float64), axis=1)
             else:

@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import onnx_ir as ir
 
+from graphq.config import PROPAGATIONS
 from graphq.errors import GraphqError
 
 from graphq.decoder_layers import Region, decoder_regions, prefix_values
@@ -71,8 +72,10 @@ def graph_input_feeds(graph: ir.Graph, ids: np.ndarray) -> dict[str, np.ndarray]
 class LayerwiseCalibration:
     """Iterate over decoder layers; each step yields the captured statistics of that layer's linear inputs.
 
-    After each yield the caller edits the layer's weights in ``model``; the next step runs the edited layer to
-    produce the hidden states for the following one.
+    After each yield the caller edits the layer's weights in ``model``. ``propagate="quantized"``: the next step runs
+    the edited layer to produce the hidden states for the following one, so later layers calibrate on its errors
+    (a second onnxruntime run of each layer); ``"float"``: they come from the capture run, before the edit (AutoAWQ's
+    and NNCF's way, one run a layer).
     """
 
     def __init__(
@@ -86,9 +89,13 @@ class LayerwiseCalibration:
         threads: int | None = None,
         all_layers: list[LinearLayer] | None = None,
         pool=None,
+        propagate: str = "quantized",
     ):
         from graphq.runtimes.workers import local_pool
 
+        if propagate not in PROPAGATIONS:
+            raise ValueError(f"propagate must be one of {PROPAGATIONS}, not {propagate!r}")
+        self.propagate = propagate
         self.pool = pool or local_pool()  # graphq.runtimes.workers.WorkerPool: where the samples run
         self.model = model
         self.layers = layers
@@ -139,25 +146,37 @@ class LayerwiseCalibration:
             # The token sample rows are drawn here, in the order one loop over the samples would draw them, and
             # each sample's statistics come back as terms merged in sample order: the same statistics bit for bit
             # whether the samples ran here or on workers.
-            items, before = [], 0
-            for feed, sample_values in zip(feeds, values):
+            draws, before = [], 0
+            for feed in feeds:
                 rows = int(np.prod(feed["input_ids"].shape))
                 take = min(self.tokens_per_sample, rows)
                 picks = {name: np.sort(self.rng.choice(rows, take, replace=False)) for name in input_names}
-                items.append((feed, sample_values, picks, rows, before))
+                draws.append((picks, rows, before))
                 before += rows
-            setup = partial(_CaptureState, slice_spec(self.model, self._specs(cut, values[0]), input_names),
-                            self.statistics, self.threads)
-            for captured in self.pool.map(setup, _capture_sample, items):
+            last = position == len(regions) - 1 or not region.stream_outputs
+            # Float propagation: the capture run also yields what later regions read, before the weights change.
+            carried = later_needs[region.index] & set(region.stream_outputs) if self.propagate == "float" and not last \
+                else set()
+            outputs = list(dict.fromkeys(input_names + [n for n in region.stream_outputs if n in carried]))
+            setup = partial(_CaptureState, slice_spec(self.model, self._specs(cut, values[0]), outputs),
+                            self.statistics, self.threads, carried)
+            # Items read lazily: with float propagation sample i's old values go as soon as its new ones are in.
+            items = ((feed, values[i], *draws[i]) for i, feed in enumerate(feeds))
+            for i, (captured, stream) in enumerate(self.pool.map(setup, _capture_sample, items)):
                 for name, (terms, rows, sample) in captured.items():
                     entry = stats[name]
                     for key, accumulator in entry.accumulators.items():
                         _merge(accumulator, terms[key], rows)
                     entry.sample_rows.append(sample)
+                if carried:
+                    self._replace(values, i, stream, later_needs[region.index])
+            if carried:
+                self._note_stream_bytes(values)
             yield region, region_layers, stats
-            if position == len(regions) - 1 or not region.stream_outputs:
+            if last:
                 break
-            self._forward(region, cut, feeds, values, later_needs)
+            if not carried:
+                self._forward(region, cut, feeds, values, later_needs)
 
     def _forward(self, region: Region, cut: list[str], feeds: list, values: list[dict], later_needs: dict) -> None:
         """Run the region (as the graph now has it) on every sample, replacing ``values`` by what later regions read."""
@@ -166,9 +185,20 @@ class LayerwiseCalibration:
                         keep, self.threads)
         # Items read lazily: sample i's old values are dropped as soon as its new ones are in.
         items = ((feed, values[i]) for i, feed in enumerate(feeds))
-        for i, produced in enumerate(self.pool.map(setup, _forward_sample, items)):
-            merged = {**values[i], **produced}
-            values[i] = {name: merged[name] for name in merged if name in keep}
+        self._carry(values, self.pool.map(setup, _forward_sample, items), keep)
+
+    def _carry(self, values: list[dict], produced, keep: set[str]) -> None:
+        """Replace each sample's values by what later regions read, from the region's outputs (in sample order)."""
+        for i, outputs in enumerate(produced):
+            self._replace(values, i, outputs, keep)
+        self._note_stream_bytes(values)
+
+    @staticmethod
+    def _replace(values: list[dict], i: int, outputs: dict, keep: set[str]) -> None:
+        merged = {**values[i], **outputs}
+        values[i] = {name: merged[name] for name in merged if name in keep}
+
+    def _note_stream_bytes(self, values: list[dict]) -> None:
         self.peak_stream_bytes = max(self.peak_stream_bytes, sum(a.nbytes for v in values for a in v.values()))
 
     def _remaining_needs(self) -> dict[int | None, set[str]]:
@@ -198,27 +228,31 @@ def _merge(accumulator: Any, term: tuple[str, Any], rows: int) -> None:
 class _CaptureState:
     """A worker's (or this process's) capture session for one region, and accumulators to compute terms with."""
 
-    def __init__(self, spec, statistics: dict[str, Callable[[], Any]], threads: int | None):
+    def __init__(self, spec, statistics: dict[str, Callable[[], Any]], threads: int | None,
+                 carried: set[str] = frozenset()):
         self.session = SubmodelSession.open(spec, threads=threads)
         self.accumulators = {key: factory() for key, factory in statistics.items()}  # never added to: partial only
+        self.carried = carried  # stream outputs to hand back (float propagation)
 
 
-def _capture_sample(state: _CaptureState, item) -> dict[str, tuple[dict, int, np.ndarray]]:
-    """One sample through the region: per linear input, each statistic's term, the row count and the sampled rows."""
+def _capture_sample(state: _CaptureState, item) -> tuple[dict[str, tuple[dict, int, np.ndarray]], dict]:
+    """One sample through the region: per linear input, each statistic's term, the row count and the sampled rows;
+    and the region's stream outputs named in ``state.carried``."""
     feed, sample_values, picks, expected_rows, tokens_before = item
     captured = state.session.run({**feed, **sample_values})
+    stream = {name: captured[name] for name in state.carried}
     result = {}
     # OpenBLAS's float32 products (the Gram and Hessian terms) round differently with another thread count: one
     # thread, here and on every worker, keeps the statistics the same bits wherever the sample ran.
     with blas_threads(1):
-        for name, array in captured.items():
-            rows = array.reshape(-1, array.shape[-1]).astype(np.float32)
+        for name in picks:
+            rows = captured[name].reshape(-1, captured[name].shape[-1]).astype(np.float32)
             if len(rows) != expected_rows:
                 raise GraphqError(f"linear input {name} has {len(rows)} rows for a sample of {expected_rows} tokens: "
                                   "layer-wise calibration expects one row per token")
             terms = {key: _term(accumulator, rows, tokens_before) for key, accumulator in state.accumulators.items()}
             result[name] = (terms, len(rows), rows[picks[name]])
-    return result
+    return result, stream
 
 
 class _ForwardState:

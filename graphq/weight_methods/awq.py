@@ -11,9 +11,9 @@ from __future__ import annotations
 import numpy as np
 
 from graphq.algorithms.awq import (
-    ChannelMagnitude, ChannelRange, InputGram, quantize_with_clip, search_awq_clip, search_awq_scales,
+    ChannelMagnitude, ChannelRange, ClipRanges, InputGram, quantize_with_clip, search_awq_clip, search_awq_scales,
 )
-from graphq.algorithms.rtn import quantize_rtn
+from graphq.algorithms.rtn import QuantizedWeight, quantize_rtn
 from graphq.config import STATIC_ACTIVATION_SCHEMES
 from graphq.linear_layers import LinearLayer
 from graphq.passes.fold import apply_fold, fold_target, input_readers
@@ -41,12 +41,16 @@ class ActivationAwareScaling(WeightMethod):
         static = config.scheme in STATIC_ACTIVATION_SCHEMES
         for input_name, group in work.groups.items():
             weights = [layer.weight_kn() for layer in group]
+            group_size = config.group_size_for(group[0].in_features)
+            # Each weight group's own error, on the Gram's diagonal blocks: K x group per candidate on any input, where
+            # the whole Gram costs K^2 (down_proj's token sample 2048 K). SmolLM2, 32 x 512: the per-layer output
+            # errors as with the whole Gram (bench/results/awq_speed.md).
+            blocks = None if static else work.original_gram_blocks(input_name, group_size)
             scales, info = search_awq_scales(
-                work.samples[input_name], weights, config.bits, config.group_size_for(group[0].in_features),
+                work.samples[input_name], weights, config.bits, group_size,
                 config.is_symmetric, x_magnitude=work.stats[input_name].magnitude.mean(),
                 act_range=work.stats[input_name].range.ranges() if static else None,
-                smooth_alphas=STATIC_SMOOTH_ALPHAS if static else (),
-                gram=None if static else work.original_gram(input_name),
+                smooth_alphas=STATIC_SMOOTH_ALPHAS if static else (), gram_blocks=blocks,
             )
             searched = info["ratio"] not in (0.0, None) or info["smooth_alpha"] is not None
             skipped = None
@@ -71,19 +75,26 @@ class ActivationAwareScaling(WeightMethod):
 
     def round_group(self, work: RegionWork, input_name: str, group: list[LinearLayer]) -> dict[str, LayerResult]:
         config = work.config
-        x, gram = work.current_input(input_name), work.current_gram(input_name)
         results = {}
         for layer in group:
-            weight = layer.weight_kn()
-            group_size = config.group_size_for(layer.in_features)
-            clip = None
             if config.awq_clip:
-                clip, _ = search_awq_clip(x, weight, config.bits, group_size, config.is_symmetric, gram=gram)
-                qw = quantize_with_clip(weight, clip, config.bits, group_size, config.is_symmetric)
+                qw, clip = clipped_rounding(work, input_name, layer)
             else:
-                qw = quantize_rtn(weight, config.bits, group_size, config.is_symmetric)
+                clip = None
+                qw = quantize_rtn(layer.weight_kn(), config.bits, config.group_size_for(layer.in_features),
+                                  config.is_symmetric)
             results[layer.name] = LayerResult(qw, clip=clip)
         return results
+
+
+def clipped_rounding(work: RegionWork, input_name: str, layer: LinearLayer) -> tuple[QuantizedWeight, ClipRanges]:
+    """AWQ's clip search on the linear's current weight and input (x / s), and RTN within the clip ranges found."""
+    config = work.config
+    weight = layer.weight_kn()
+    group_size = config.group_size_for(layer.in_features)
+    clip, _ = search_awq_clip(work.current_input(input_name), weight, config.bits, group_size, config.is_symmetric,
+                              gram_blocks=work.current_gram_blocks(input_name, group_size))
+    return quantize_with_clip(weight, clip, config.bits, group_size, config.is_symmetric), clip
 
 
 register_weight_method(ActivationAwareScaling())

@@ -74,6 +74,21 @@ class RegionWork:
         gram = self.stats[input_name].accumulators.get("gram")
         return None if gram is None else gram.gram()
 
+    def original_gram_blocks(self, input_name: str, group_size: int) -> np.ndarray | None:
+        """The diagonal blocks, one per weight group, of ``original_gram`` (``InputGram.diagonal_blocks``: also kept
+        for inputs too wide for the whole Gram), or None."""
+        gram = self.stats[input_name].accumulators.get("gram")
+        if gram is None:
+            return None
+        return gram.diagonal_blocks(group_size, len(self.input_scale[input_name]))
+
+    def current_gram_blocks(self, input_name: str, group_size: int) -> np.ndarray | None:
+        """``original_gram_blocks`` of the input as the linears read it now, x / s."""
+        from graphq.algorithms.awq import scale_diagonal_blocks
+
+        blocks = self.original_gram_blocks(input_name, group_size)
+        return None if blocks is None else scale_diagonal_blocks(blocks, self.input_scale[input_name])
+
     def current_gram(self, input_name: str) -> np.ndarray | None:
         """``original_gram`` of the input as the linears read it now, x / s."""
         gram = self.original_gram(input_name)

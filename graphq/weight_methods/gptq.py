@@ -55,8 +55,8 @@ class Gptq(WeightMethod):
     def awq_clipped_grid(work: RegionWork, input_name: str, group: list[LinearLayer]):
         """After AWQ (awq+gptq, with its clip search on), the grids of AWQ's searched clip ranges, which GPTQ
         then rounds onto with error feedback (AWQ's clip lives in its own rounder, which gptq replaces); else None."""
-        from graphq.algorithms.awq import quantize_with_clip, search_awq_clip
         from graphq.algorithms.rtn import QuantizedWeight
+        from graphq.weight_methods.awq import clipped_rounding
 
         config = work.config
         from graphq.weight_methods import resolve_methods
@@ -64,13 +64,7 @@ class Gptq(WeightMethod):
         after_awq = any(method.name == "awq" for method in resolve_methods(config.method))
         if not after_awq or not config.awq_clip or config.act_order:
             return None
-        x, gram = work.current_input(input_name), work.current_gram(input_name)
-        grids = []
-        for layer in group:
-            weight = layer.weight_kn()
-            group_size = config.group_size_for(layer.in_features)
-            clip, _ = search_awq_clip(x, weight, config.bits, group_size, config.is_symmetric, gram=gram)
-            grids.append(quantize_with_clip(weight, clip, config.bits, group_size, config.is_symmetric))
+        grids = [clipped_rounding(work, input_name, layer)[0] for layer in group]
         zeros = None if grids[0].zero_points is None else np.concatenate([g.zero_points for g in grids], axis=1)
         return QuantizedWeight(q=np.concatenate([g.q for g in grids], axis=1),
                                scales=np.concatenate([g.scales for g in grids], axis=1), zero_points=zeros,

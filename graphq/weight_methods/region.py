@@ -20,18 +20,21 @@ class RegionResult:
     rescaled: dict[str, str] = field(default_factory=dict)  # linear name -> why its output channels were rescaled
 
 
+def output_energy(x: np.ndarray, weight: np.ndarray, gram: np.ndarray | None = None) -> float:
+    """||x W||^2 over the token sample x, or over every calibration token given their Gram matrix (x not read)."""
+    if gram is not None:
+        return float(np.sum(weight * (gram @ weight), dtype=np.float64))
+    return float(np.sum(np.square(x @ weight, dtype=np.float64)))
+
+
 def relative_output_error(
-    x: np.ndarray, weight: np.ndarray, approximation: np.ndarray, gram: np.ndarray | None = None
+    x: np.ndarray, weight: np.ndarray, approximation: np.ndarray, gram: np.ndarray | None = None,
+    energy: float | None = None,
 ) -> float:
     """||x (W - A)||^2 / ||x W||^2 over the token sample x, or over every calibration token given their Gram
-    matrix X^T X (then x is not read)."""
-    if gram is not None:
-        diff = weight - approximation
-        return float(np.sum(diff * (gram @ diff), dtype=np.float64)
-                     / max(np.sum(weight * (gram @ weight), dtype=np.float64), 1e-30))
-    reference = x @ weight
-    return float(np.sum(np.square(x @ (weight - approximation), dtype=np.float64))
-                 / max(np.sum(np.square(reference, dtype=np.float64)), 1e-30))
+    matrix X^T X (then x is not read); ``energy`` is ||x W||^2 where the caller has it (``output_energy``)."""
+    energy = output_energy(x, weight, gram) if energy is None else energy
+    return output_energy(x, weight - approximation, gram) / max(energy, 1e-30)
 
 
 def rounded_to_nearest(weight: np.ndarray, config, group_size: int) -> np.ndarray:
@@ -80,8 +83,10 @@ def quantize_region(
             group_size = config.group_size_for(layer.in_features)
             original = originals[layer.name]
             rtn = rounded_to_nearest(original, config, group_size)
-            result.entry["output_error_rtn"] = relative_output_error(x_original, original, rtn, gram_original)
+            # The float output is the same before and after the methods' function-preserving folds: one energy.
+            energy = output_energy(x_original, original, gram_original)
+            result.entry["output_error_rtn"] = relative_output_error(x_original, original, rtn, gram_original, energy)
             dense = work.dense_weights.get(layer.name, layer.weight_kn())
-            result.entry["output_error"] = relative_output_error(x, dense, result.weight.dequantize(), gram)
+            result.entry["output_error"] = relative_output_error(x, dense, result.weight.dequantize(), gram, energy)
             results[layer.name] = result
     return RegionResult(results, work.rescaled)
