@@ -327,7 +327,8 @@ def test_input_gram_keeps_the_diagonal_blocks_of_wide_inputs():
             np.testing.assert_allclose(kept, exact, rtol=1e-4, atol=1e-5 * np.abs(exact).max())
         np.testing.assert_array_equal(narrow.diagonal_blocks(group_size, 300),
                                       gram_diagonal_blocks(narrow.gram(), group_size))
-    assert wide.diagonal_blocks(48, 300) is None and wide.diagonal_blocks(300, 300) is None  # not kept
+    assert wide.diagonal_blocks(48, 300) is None and wide.diagonal_blocks(-1, 300) is None  # not kept
+    np.testing.assert_array_equal(narrow.diagonal_blocks(-1, 300)[0], narrow.gram())  # per channel: one whole group
     assert narrow.diagonal_blocks(48, 300).shape == (7, 48, 48)
     assert InputGram().diagonal_blocks(32, 300) is None
     s = rng.uniform(0.5, 2.0, 300).astype(np.float32)
@@ -363,6 +364,8 @@ def test_block_diagonal_scoring_is_each_groups_own_output_error(symmetric):
     assert info_blocks["error"] == info_gram["error"]
     with pytest.raises(ValueError, match="do not cover"):
         search_awq_scales(None, weights, 4, 32, symmetric, x_magnitude=magnitude, gram_blocks=blocks[:-1])
+    with pytest.raises(ValueError, match="in groups of 64"):
+        search_awq_scales(None, weights, 4, 64, symmetric, x_magnitude=magnitude, gram_blocks=blocks)
 
 
 @pytest.mark.parametrize("symmetric", [True, False])

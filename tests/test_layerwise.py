@@ -262,3 +262,12 @@ def test_propagate_option_reaches_the_engine_and_bad_values_are_refused(tiny_mod
     assert "--propagate" in capsys.readouterr().err and not (tmp_path / "bad").exists()
     with pytest.raises(GraphqError, match="unknown --propagate 'fp16'"):
         QuantConfig(method="awq", propagate="fp16").validate()
+
+
+def test_per_channel_awq_scores_on_the_whole_gram(tiny_models, tmp_path):
+    """Group -1 is one group of every input channel: AWQ's block-diagonal scoring is then the whole Gram's."""
+    config = QuantConfig(method="awq", group_size=-1, calib_texts=CALIB_TEXTS, num_samples=4, seq_len=32)
+    result = quantize(tiny_models["llama"]["onnx"], config, tmp_path / "out", progress=False)
+    entries = [e for e in result.report["layers"] if "output_error" in e]
+    assert entries and all(e["output_error"] <= e["output_error_rtn"] * 1.0001 for e in entries)
+    assert any(e.get("awq_ratio") for e in entries)

@@ -167,9 +167,10 @@ class InputGram:
     def diagonal_blocks(self, group_size: int, channels: int) -> np.ndarray | None:
         """The diagonal blocks [ceil(K / group_size), group_size, group_size] of X^T X / tokens (float32; the last
         block zero-padded past ``channels``), or None where they were not kept (nothing added, or a wide input's
-        group that does not divide ``GRAM_BLOCK``)."""
+        group that does not divide ``GRAM_BLOCK``). ``group_size`` -1 is one group of every channel, the whole Gram."""
         if self._sum is None or self.tokens == 0:
             return None
+        group_size = channels if group_size == -1 else group_size
         if self.whole:
             return gram_diagonal_blocks(self._sum / self.tokens, group_size)
         if group_size <= 0 or GRAM_BLOCK % group_size:
@@ -339,8 +340,8 @@ def search_awq_scales(
     linears) for each a to the candidates, which target the activation range's outlier channels where AWQ's mean
     |x| does not. ``gram`` (``InputGram.gram()``) scores the weight-only candidates over every calibration token
     instead of x_sample (which may then be None, given ``x_magnitude``); ``gram_blocks`` (its diagonal blocks per
-weight group, ``InputGram.diagonal_blocks``) scores what each group's rounding costs alone, at K x group x N a
-candidate instead of K^2 x N (``scaled_quantization_error``). The ratios are searched coarse to fine
+    weight group, ``InputGram.diagonal_blocks``) scores what each group's rounding costs alone, at K x group x N a
+    candidate instead of K^2 x N (``scaled_quantization_error``). The ratios are searched coarse to fine
     (``COARSE_STEP``; ``coarse_step=1`` scores all of them). ``info`` holds 'ratio' (None when duo scaling kept
     s = 1 or a SmoothQuant candidate won), 'smooth_alpha' (the winning SmoothQuant a, else None), 'error',
     'error_rtn' (s = 1), 'ratios' and 'errors' (NaN for the ratios the search skipped).
@@ -352,8 +353,11 @@ candidate instead of K^2 x N (``scaled_quantization_error``). The ratios are sea
         raise ValueError("all weights must share the input dimension K")
     if gram is not None and np.shape(gram) != (k, k):
         raise ValueError(f"gram has shape {np.shape(gram)}, expected ({k}, {k})")
-    if gram_blocks is not None and np.shape(gram_blocks)[0] * np.shape(gram_blocks)[1] < k:
-        raise ValueError(f"gram_blocks of shape {np.shape(gram_blocks)} do not cover {k} input channels")
+    if gram_blocks is not None:
+        gs = k if group_size == -1 else group_size
+        if np.shape(gram_blocks) != (-(-k // gs), gs, gs):
+            raise ValueError(f"gram_blocks of shape {np.shape(gram_blocks)} do not cover {k} input channels in groups "
+                             f"of {gs}")
     if x_sample is None and (x_magnitude is None or (gram is None and gram_blocks is None) or act_range is not None):
         raise ValueError("without x_sample, give x_magnitude and gram or gram_blocks (and no act_range)")
     x = None if x_sample is None else np.asarray(x_sample, dtype=np.float32).reshape(-1, k)
@@ -474,8 +478,8 @@ def search_awq_clip(
     (``COARSE_STEP``; 1 scores all). With ``gram`` (X^T X / tokens of the input as the weight reads it,
     over all calibration tokens) each group's error is d^T G_gg d over its diagonal block instead, the same mean
     over every token, and ``x_sample`` is not read; ``gram_blocks`` gives those blocks directly
-    (``InputGram.diagonal_blocks``, also kept for inputs too wide for the whole Gram). ``info`` holds 'error' and 'error_noclip' (summed over
-    groups and output channels) and 'tokens' (None with ``gram``).
+    (``InputGram.diagonal_blocks``, also kept for inputs too wide for the whole Gram). ``info`` holds 'error' and
+    'error_noclip' (summed over groups and output channels) and 'tokens' (None with a Gram).
     """
     weight = np.asarray(weight_kn, dtype=np.float32)
     if weight.ndim != 2:
