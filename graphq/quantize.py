@@ -51,6 +51,7 @@ from graphq.layer_plan import (PLAN_FILE, LayerSetting, check_names, embedding_o
 from graphq.memory import peak_rss_bytes
 from graphq.passes.embedding import find_embedding
 from graphq.passes.matmulnbits import set_accuracy_level
+from graphq.passes.shared_shapes import share_layer_shapes
 from graphq.passes.weights import set_layer_weight
 from graphq.threads import with_configured_threads
 from graphq.precision_plan import needs_plan, plan_precision
@@ -402,6 +403,7 @@ def export_stage(run: Run, staging: Path, checkpoints: Path, progress: bool) -> 
     if config.accuracy_level:
         set_accuracy_level(model, config.accuracy_level)
     if "onnx" in config.save_format:
+        share_layer_shapes(model)
         save_model(model, out_model_file)
     kd_state = stage_dir(checkpoints, "weights") / KD_STATE_FILE
     if kd_state.is_file():

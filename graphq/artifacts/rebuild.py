@@ -33,6 +33,7 @@ from graphq.model_io import (
     save_model,
 )
 from graphq.passes.emitters import emitter_for, formats_of
+from graphq.passes.shared_shapes import share_layer_shapes
 from graphq.passes.weights import set_layer_bias
 
 _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
@@ -76,6 +77,7 @@ def load_artifacts(
     with atomic_output_dir(output_dir, overwrite=overwrite, inputs=[model_file.parent, artifact_dir]) as staging:
         model = load_model(model_file)
         apply_artifacts(model, artifacts, format)
+        share_layer_shapes(model)  # as quantize's export does, so the rebuilt graph is the same
         save_model(model, staging / MODEL_FILENAME)
         copy_side_files(model_file.parent, staging)
         config_file = staging / "config.json"
