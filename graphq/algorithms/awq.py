@@ -175,11 +175,8 @@ class InputGram:
             return gram_diagonal_blocks(self._sum / self.tokens, group_size)
         if group_size <= 0 or GRAM_BLOCK % group_size:
             return None
-        per = GRAM_BLOCK // group_size
-        stored = self._sum / self.tokens
-        blocks = np.stack([stored[b, i * group_size:(i + 1) * group_size, i * group_size:(i + 1) * group_size]
-                           for b in range(len(stored)) for i in range(per)])
-        return blocks[: -(-channels // group_size)].astype(np.float32)
+        blocks = np.concatenate([gram_diagonal_blocks(block, group_size) for block in self._sum / self.tokens])
+        return blocks[: -(-channels // group_size)]
 
 
 def gram_diagonal_blocks(gram: np.ndarray, group_size: int) -> np.ndarray:

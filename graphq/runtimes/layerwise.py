@@ -185,16 +185,13 @@ class LayerwiseCalibration:
                         keep, self.threads)
         # Items read lazily: sample i's old values are dropped as soon as its new ones are in.
         items = ((feed, values[i]) for i, feed in enumerate(feeds))
-        self._carry(values, self.pool.map(setup, _forward_sample, items), keep)
-
-    def _carry(self, values: list[dict], produced, keep: set[str]) -> None:
-        """Replace each sample's values by what later regions read, from the region's outputs (in sample order)."""
-        for i, outputs in enumerate(produced):
+        for i, outputs in enumerate(self.pool.map(setup, _forward_sample, items)):
             self._replace(values, i, outputs, keep)
         self._note_stream_bytes(values)
 
     @staticmethod
     def _replace(values: list[dict], i: int, outputs: dict, keep: set[str]) -> None:
+        """Sample i's values become what later regions read (``keep``), its region's ``outputs`` replacing the old."""
         merged = {**values[i], **outputs}
         values[i] = {name: merged[name] for name in merged if name in keep}
 

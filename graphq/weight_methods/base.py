@@ -14,6 +14,7 @@ from typing import Any, Callable, ClassVar
 import numpy as np
 import onnx_ir as ir
 
+from graphq.algorithms.awq import scale_diagonal_blocks
 from graphq.algorithms.rtn import QuantizedWeight
 from graphq.linear_layers import LinearLayer
 
@@ -84,8 +85,6 @@ class RegionWork:
 
     def current_gram_blocks(self, input_name: str, group_size: int) -> np.ndarray | None:
         """``original_gram_blocks`` of the input as the linears read it now, x / s."""
-        from graphq.algorithms.awq import scale_diagonal_blocks
-
         blocks = self.original_gram_blocks(input_name, group_size)
         return None if blocks is None else scale_diagonal_blocks(blocks, self.input_scale[input_name])
 

@@ -56,11 +56,10 @@ class Gptq(WeightMethod):
         """After AWQ (awq+gptq, with its clip search on), the grids of AWQ's searched clip ranges, which GPTQ
         then rounds onto with error feedback (AWQ's clip lives in its own rounder, which gptq replaces); else None."""
         from graphq.algorithms.rtn import QuantizedWeight
+        from graphq.weight_methods import resolve_methods
         from graphq.weight_methods.awq import clipped_rounding
 
         config = work.config
-        from graphq.weight_methods import resolve_methods
-
         after_awq = any(method.name == "awq" for method in resolve_methods(config.method))
         if not after_awq or not config.awq_clip or config.act_order:
             return None
