@@ -149,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--part-file-size", type=float, metavar="GB", help="shard the safetensors into files of at most GB")
     quantize.add_argument("--accuracy-level", type=int, help="MatMulNBits compute: 0 float (default), 4 int8 "
                           "activations per block (faster on CPU; verify measures the cost)")
+    quantize.add_argument("--fuse-attention", action="store_const", const=True,
+                          help="each layer's attention as one onnxruntime GroupQueryAttention node (faster decode; "
+                          "positions from the attention mask, so batches must be right-padded)")
     quantize.add_argument("--no-pack", dest="pack", action="store_const", const=False, help="W4A16 artifacts: one int4 value per int8 byte")
     quantize.add_argument("--weight-format", help="uniform (default, integer grid) or a codebook with --method lut: lut "
                           "(k-means table per channel / --group-size), shared, nf4, iq4nl")
@@ -250,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     rebuild.add_argument("--format", help="matmulnbits or qdq (default: the format the artifacts were quantized with)")
     rebuild.add_argument("--scheme", help="which description to use when the folder holds several")
     rebuild.add_argument("--numpy", action="store_true", help="read the numpy .npy dicts instead (uses pickle: trusted files only)")
+    rebuild.add_argument("--fuse-attention", dest="fuse", action=argparse.BooleanOptionalAction,
+                         help="attention as GroupQueryAttention nodes (default: as the quantize run did)")
     rebuild.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
     inspect = commands.add_parser("inspect", help="what a model or artifact folder holds: layers by scheme, bits per weight, sizes")
@@ -411,7 +416,7 @@ def _run(args: argparse.Namespace) -> int:
         from graphq.artifacts.rebuild import load_artifacts
 
         print(load_artifacts(args.artifacts, args.output, float_model=args.float_model, format=args.format,
-                             numpy=args.numpy, scheme=args.scheme, overwrite=args.overwrite))
+                             numpy=args.numpy, scheme=args.scheme, overwrite=args.overwrite, fuse=args.fuse))
         return 0
     if args.command == "inspect":
         from graphq.artifacts.inspect import inspect_path

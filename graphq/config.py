@@ -90,6 +90,9 @@ class QuantConfig:
     # MatMulNBits' accuracy_level: 0 computes in float (what graphq measures by default); 4 quantizes each block of
     # activations to int8 inside the kernel, onnxruntime CPU's fast path (verify measures what it costs).
     accuracy_level: int = 0
+    # fuse_attention: each layer's attention becomes one onnxruntime GroupQueryAttention node with the rotary
+    # embedding inside (graphq.passes.fuse_attention): a faster decode; positions then come from the attention mask.
+    fuse_attention: bool = False
     # Sensitivity-ranked precision (issue 14): the N most sensitive linears float (or fallback_scheme), or a
     # bits-per-weight budget spent on the most sensitive; the ranking from sensitivity_file or a fresh analysis.
     disable_level: int = 0
@@ -258,6 +261,9 @@ class QuantConfig:
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise GraphqError(f"--accuracy-level must be 0-4 (MatMulNBits: 0 float, 1 fp32, 2 fp16, 3 bf16, 4 int8 "
                               f"activations), got {self.accuracy_level!r}")
+        if self.fuse_attention and self.kv_cache:
+            raise GraphqError("--fuse-attention cannot keep a quantized --kv-cache (GroupQueryAttention holds the "
+                              "cache in float): drop one")
         if self.accuracy_level and self.format != "matmulnbits":
             raise GraphqError(f"--accuracy-level sets MatMulNBits' compute; --format {self.format} has none: drop one")
         if self.part_file_size is not None and "safetensors" not in self.save_format:

@@ -51,6 +51,7 @@ from graphq.layer_plan import (PLAN_FILE, LayerSetting, check_names, embedding_o
 from graphq.memory import peak_rss_bytes
 from graphq.passes.embedding import find_embedding
 from graphq.passes.matmulnbits import set_accuracy_level
+from graphq.passes.fuse_attention import attention_spec, check_fusable, fuse_attention
 from graphq.passes.shared_shapes import share_layer_shapes
 from graphq.passes.weights import set_layer_weight
 from graphq.threads import with_configured_threads
@@ -267,6 +268,8 @@ def start_run(model_file: Path, model_path: str | Path, config: QuantConfig, sam
             if quantized else
             f"{model_file} has no quantizable linear layers (MatMul/Gemm with a constant weight): nothing to quantize"
         )
+    if config.fuse_attention:
+        check_fusable(model, read_model_config(model_file.parent))
     settings, config = read_layer_plan(model, layers, config)
     embedding, tied = plan_embedding(model, layers, config)
     layer_reports = []
@@ -402,8 +405,11 @@ def export_stage(run: Run, staging: Path, checkpoints: Path, progress: bool) -> 
     out_model_file = staging / MODEL_FILENAME
     if config.accuracy_level:
         set_accuracy_level(model, config.accuracy_level)
+    fused_layers = 0
     if "onnx" in config.save_format:
         share_layer_shapes(model)
+        if config.fuse_attention:
+            fused_layers = fuse_attention(model, attention_spec(read_model_config(run.model_file.parent)))
         save_model(model, out_model_file)
     kd_state = stage_dir(checkpoints, "weights") / KD_STATE_FILE
     if kd_state.is_file():
@@ -426,6 +432,7 @@ def export_stage(run: Run, staging: Path, checkpoints: Path, progress: bool) -> 
         **stage_times(run.seconds),  # the stages so far: the caller adds the export's once it is timed
         "target": run.target.name,
         "serving_dtype": run.serving_dtype,
+        **({"attention_fused_layers": fused_layers} if fused_layers else {}),
         **({"dtype_warning": run.dtype_warning} if run.dtype_warning else {}),
         **({"embedding": run.embedding_report} if run.embedding_report else {}),
         **({"codebook": codebook} if codebook else {}),

@@ -54,7 +54,7 @@ CHECKPOINT_FORMAT = 1
 STAGE_FIELDS = {
     "weights": (),
     "activations": ("act_method", "percentile", "kv_cache", "act_fallback"),
-    "export": ("part_file_size", "compress", "tp_size", "accuracy_level"),
+    "export": ("part_file_size", "compress", "tp_size", "accuracy_level", "fuse_attention"),
 }
 #: A finished export: its report is written last.
 FINISHED_MARK = "report.json"

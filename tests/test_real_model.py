@@ -100,3 +100,17 @@ def test_awq_w8a16_with_k_proj_left_float_keeps_the_float_function(smollm2, wind
     assert entries["model.layers.0.self_attn.q_proj"]["awq_ratio"] > 0  # the q/k/v input was really scaled
     ppl = perplexity(OrtCausalLM(result.output_dir), windows).ppl
     assert (ppl - fp32_ppl) / fp32_ppl < 0.005, (ppl, fp32_ppl)
+
+
+def test_fused_attention_keeps_the_real_models_perplexity_and_generation(smollm2, windows, fp32_ppl, tmp_path):
+    from graphq.model_io import copy_side_files, load_model, read_model_config, save_model
+    from graphq.passes.fuse_attention import attention_spec, fuse_attention
+
+    model = load_model(smollm2["onnx"] / "model.onnx")
+    assert fuse_attention(model, attention_spec(read_model_config(smollm2["onnx"]))) == 30
+    save_model(model, tmp_path / "model.onnx")
+    copy_side_files(smollm2["onnx"], tmp_path)
+    fused = OrtCausalLM(tmp_path)
+    assert abs(perplexity(fused, windows).ppl - fp32_ppl) / fp32_ppl < 1e-4
+    prompt = np.asarray(windows[0][:64])
+    assert fused.greedy_decode(prompt, 24) == OrtCausalLM(smollm2["onnx"]).greedy_decode(prompt, 24)

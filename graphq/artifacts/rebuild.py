@@ -33,6 +33,8 @@ from graphq.model_io import (
     save_model,
 )
 from graphq.passes.emitters import emitter_for, formats_of
+from graphq.passes.fuse_attention import attention_spec, fuse_attention
+from graphq.passes.matmulnbits import set_accuracy_level
 from graphq.passes.shared_shapes import share_layer_shapes
 from graphq.passes.weights import set_layer_bias
 
@@ -46,9 +48,10 @@ def _source_model_of(directory: Path) -> Path:
     raise GraphqError(f"cannot tell which float export {directory} came from: pass it with --float")
 
 
-def _format_of(directory: Path) -> str:
+def _quantize_option(directory: Path, name: str, default):
+    """An option of the quantize run that wrote ``directory`` (its report.json), or ``default``."""
     config = read_report(directory).get("config")
-    return config.get("format", "qdq") if isinstance(config, dict) else "qdq"
+    return config.get(name, default) if isinstance(config, dict) else default
 
 
 def load_artifacts(
@@ -59,8 +62,12 @@ def load_artifacts(
     numpy: bool = False,
     scheme: str | None = None,
     overwrite: bool = False,
+    fuse: bool | None = None,
 ) -> Path:
-    """Write ``output_dir/model.onnx``: the float export with the artifacts' quantized layers and float tensors."""
+    """Write ``output_dir/model.onnx``: the float export with the artifacts' quantized layers and float tensors.
+
+    ``format``, ``fuse`` (attention into GroupQueryAttention) and MatMulNBits' accuracy level follow the quantize run
+    that wrote the artifacts."""
     artifact_dir = Path(artifact_dir)
     from graphq.artifacts.w8a8sc import is_compressed, open_compressed
 
@@ -69,7 +76,8 @@ def load_artifacts(
     else:
         artifacts = open_artifacts(artifact_dir, scheme=scheme, numpy=numpy)
     model_file = resolve_model_file(float_model) if float_model is not None else _source_model_of(artifact_dir)
-    format = format or _format_of(artifact_dir)
+    format = format or _quantize_option(artifact_dir, "format", "qdq")
+    fuse = _quantize_option(artifact_dir, "fuse_attention", False) if fuse is None else fuse
     choices = [f for f in formats_of("w4a16") if f != "lut"]  # codebook layers always rebuild as lut
     if format not in choices:
         raise GraphqError(f"unknown format '{format}': choose {' or '.join(choices)}")
@@ -77,7 +85,12 @@ def load_artifacts(
     with atomic_output_dir(output_dir, overwrite=overwrite, inputs=[model_file.parent, artifact_dir]) as staging:
         model = load_model(model_file)
         apply_artifacts(model, artifacts, format)
+        level = _quantize_option(artifact_dir, "accuracy_level", 0)
+        if format == "matmulnbits" and level:
+            set_accuracy_level(model, level)
         share_layer_shapes(model)  # as quantize's export does, so the rebuilt graph is the same
+        if fuse:
+            fuse_attention(model, attention_spec(read_model_config(model_file.parent)))
         save_model(model, staging / MODEL_FILENAME)
         copy_side_files(model_file.parent, staging)
         config_file = staging / "config.json"
