@@ -43,6 +43,11 @@ VARIANTS = {
                                           "--fuse-attention",
                                           dict(scheme="w4a16", quantize_embeddings="int4", accuracy_level=4,
                                                fuse_attention=True)),
+    "awq-int8-embedding-level4-fused": ("W4A16 AWQ (32 x 512, --propagate float) + int8 embedding and tied lm_head, "
+                                        "--accuracy-level 4, --fuse-attention",
+                                        dict(scheme="w4a16", method="awq", num_samples=32, propagate="float",
+                                             calib=str(DATA / "sensesensibility.txt"), quantize_embeddings="int8",
+                                             accuracy_level=4, fuse_attention=True)),
     "w8a8-dynamic-fused": ("W8A8 dynamic per token (QDQ), --fuse-attention",
                            dict(scheme="w8a8-dynamic", fuse_attention=True)),
 }
