@@ -168,3 +168,12 @@ def test_attention_the_op_cannot_compute_is_refused(tiny_models, tmp_path, kind,
     with pytest.raises(GraphqError, match=reason):
         quantize(source, QuantConfig(fuse_attention=True), tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("extra, reason", [({"sliding_window": 64}, "sliding window"),
+                                           ({"attention_multiplier": 0.1}, "attention_multiplier"),
+                                           ({"attn_logit_softcapping": 50.0}, "softcapping")])
+def test_attention_variants_of_the_config_are_refused(tiny_models, extra, reason):
+    config = json.loads((tiny_models["llama"]["onnx"] / "config.json").read_text())
+    with pytest.raises(GraphqError, match=reason):
+        attention_spec({**config, **extra})

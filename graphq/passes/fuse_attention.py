@@ -74,8 +74,14 @@ def attention_spec(config: dict) -> AttentionSpec:
         raise GraphqError(f"attention fusion: config.json of a '{model_type}' names no num_attention_heads")
     kv_heads = getattr(hf_config, "num_key_value_heads", None) or num_heads
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads
-    for key in ("attn_logit_softcapping", "sliding_window"):
-        if getattr(hf_config, key, None) and (key != "sliding_window" or getattr(hf_config, "use_sliding_window", True)):
+    # Attention variants GroupQueryAttention would compute differently (or the scale the graph applies is not
+    # 1/sqrt(head_dim)): refused rather than fused into a different function.
+    sliding = getattr(hf_config, "sliding_window", None) and getattr(hf_config, "use_sliding_window", True)
+    sliding = sliding or "sliding_attention" in (getattr(hf_config, "layer_types", None) or [])
+    for key, present in (("a sliding window", sliding),
+                         ("attn_logit_softcapping", getattr(hf_config, "attn_logit_softcapping", None)),
+                         ("attention_multiplier", getattr(hf_config, "attention_multiplier", None))):
+        if present:
             raise GraphqError(f"attention fusion does not handle {key} ({model_type}): quantize without --fuse-attention")
     rope = getattr(hf_config, "rope_scaling", None) or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
