@@ -56,7 +56,7 @@ class Variant:
     nncf_args: list[str] = field(default_factory=list)
     symmetric: bool = False
     group_size: int = GROUP
-    propagate: str | None = None  # graphq: --propagate (None: the default, quantized)
+    propagate: str | None = None  # graphq: --propagate (None: the default, auto)
 
 
 @dataclass
@@ -82,8 +82,9 @@ def short_commit(tree: Path) -> str:
 
 def variants(args) -> list[Variant]:
     here = short_commit(REPO)
-    out = [Variant("graphq-awq", f"graphq AWQ ({here}, this tree)", "graphq", "awq"),
-           Variant("graphq-awq-float", f"graphq AWQ --propagate float ({here})", "graphq", "awq", propagate="float")]
+    out = [Variant("graphq-awq", f"graphq AWQ ({here}, this tree; --propagate auto = float)", "graphq", "awq"),
+           Variant("graphq-awq-quantized", f"graphq AWQ --propagate quantized ({here})", "graphq", "awq",
+                   propagate="quantized")]
     if args.baseline_tree is not None:
         out.append(Variant("graphq-awq-baseline", f"graphq AWQ (baseline {short_commit(args.baseline_tree)})",
                            "baseline", "awq"))

@@ -131,8 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--act-order", action="store_const", const=True, help="GPTQ: quantize channels by descending activation")
     quantize.add_argument("--no-awq-clip", dest="awq_clip", action="store_const", const=False, help="AWQ: skip the weight clip search")
     quantize.add_argument("--propagate",
-                          help="calibrated methods: carry each decoder layer's quantized outputs to the next (default; "
-                          "two onnxruntime runs a layer) or its float outputs (one run, AutoAWQ's and NNCF's way)")
+                          help="calibrated methods: carry each decoder layer's quantized outputs to the next (two "
+                          "onnxruntime runs a layer) or its float outputs (one run, AutoAWQ's and NNCF's way); "
+                          "default auto: float for awq alone, quantized when gptq or a pruning method is in --method")
     quantize.add_argument("--act-method", help="w8a8 activation ranges: minmax (default), percentile, entropy, mse, or auto (per layer, lowest output error)")
     quantize.add_argument("--percentile", type=float, help="percentile for --act-method percentile (default 99.99)")
     quantize.add_argument("--act-fallback", type=int, help="w8a8: keep activations float for the N input groups with the largest output error (default 0)")

@@ -26,7 +26,7 @@ W4A8_SCHEMES = ("w4a8", "w4a8-dynamic")
 SCHEMES = {**WEIGHT_ONLY_SCHEMES, **ACTIVATION_SCHEMES}
 ACT_METHODS = ("minmax", "percentile", "entropy", "mse", "auto")
 # graphq.runtimes.layerwise: how the hidden states reach the next decoder layer.
-PROPAGATIONS = ("quantized", "float")
+PROPAGATIONS = ("auto", "quantized", "float")
 KV_CACHE_TYPES = ("int8",)
 SMOOTH_METHODS = ("smoothquant", "os+")
 FORMATS = ("matmulnbits", "qdq")
@@ -72,8 +72,9 @@ class QuantConfig:
     awq_clip: bool = True
     # How calibrated methods carry the hidden states to the next decoder layer (graphq.runtimes.layerwise):
     # "quantized" runs each layer again once quantized, so later layers calibrate on its errors; "float" takes its
-    # float outputs from the capture run (AutoAWQ's and NNCF's way), one onnxruntime run a layer instead of two.
-    propagate: str = "quantized"
+    # float outputs from the capture run (AutoAWQ's and NNCF's way), one onnxruntime run a layer instead of two;
+    # "auto" is float for sequences of methods that need no more (awq), quantized for the rest (gptq, pruning).
+    propagate: str = "auto"
     act_method: str = "minmax"
     percentile: float = 99.99
     kv_cache: str | None = None

@@ -114,8 +114,11 @@ def calibrated_quantize(
     """
     methods = resolve_methods(config.method)
     samples = samples if samples is not None else load_calibration_samples(model_file, config)
+    propagate = config.propagate
+    if propagate == "auto":
+        propagate = "float" if all(method.float_inputs_suffice for method in methods) else "quantized"
     calibration = LayerwiseCalibration(model, layers, samples, statistics_needed(methods), seed=config.seed,
-                                       all_layers=known_layers, pool=pool, propagate=config.propagate)
+                                       all_layers=known_layers, pool=pool, propagate=propagate)
     done: set[str] = set()
     warned: list[str] = []
     unscaled: list[str] = []

@@ -250,7 +250,7 @@ def test_propagate_option_reaches_the_engine_and_bad_values_are_refused(tiny_mod
     source = tiny_models["llama"]["onnx"]
     base = dict(method="awq", group_size=32, calib_texts=CALIB_TEXTS, num_samples=4, seq_len=32)
     fast = quantize(source, QuantConfig(**base, propagate="float"), tmp_path / "float", progress=False)
-    slow = quantize(source, QuantConfig(**base), tmp_path / "quantized", progress=False)
+    slow = quantize(source, QuantConfig(**base, propagate="quantized"), tmp_path / "quantized", progress=False)
     entries = [{e["name"]: e for e in r.report["layers"]} for r in (fast, slow)]
     first = [name for name in entries[0] if ".layers.0." in name]
     later = [name for name in entries[0] if ".layers.1." in name]
@@ -258,6 +258,16 @@ def test_propagate_option_reaches_the_engine_and_bad_values_are_refused(tiny_mod
     for name in first:  # the first layer sees the same inputs either way
         assert entries[0][name]["output_error"] == entries[1][name]["output_error"]
     assert any(entries[0][name]["output_error"] != entries[1][name]["output_error"] for name in later)
+    # auto (the default): float for awq alone, quantized as soon as gptq is in the sequence
+    default = quantize(source, QuantConfig(**base), tmp_path / "auto", progress=False)
+    assert [e["output_error"] for e in default.report["layers"] if "skipped" not in e] == \
+        [e["output_error"] for e in fast.report["layers"] if "skipped" not in e]
+    errors = {}
+    for propagate in ("auto", "quantized", "float"):
+        run = quantize(source, QuantConfig(**{**base, "method": "awq+gptq"}, propagate=propagate),
+                       tmp_path / f"awq-gptq-{propagate}", progress=False)
+        errors[propagate] = [e["output_error"] for e in run.report["layers"] if "skipped" not in e]
+    assert errors["auto"] == errors["quantized"] != errors["float"]
     assert main(["quantize", str(source), "-o", str(tmp_path / "bad"), "--method", "awq", "--propagate", "fp16"]) != 0
     assert "--propagate" in capsys.readouterr().err and not (tmp_path / "bad").exists()
     with pytest.raises(GraphqError, match="unknown --propagate 'fp16'"):

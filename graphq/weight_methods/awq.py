@@ -31,6 +31,7 @@ class ActivationAwareScaling(WeightMethod):
     # less cost than over the token sample.
     statistics = {"magnitude": ChannelMagnitude, "range": ChannelRange, "gram": InputGram}
     rounds = True
+    float_inputs_suffice = True  # AutoAWQ's and NNCF's way; as accurate here over 5 calibration draws (awq_speed.md)
 
     def transform(self, work: RegionWork) -> None:
         config = work.config

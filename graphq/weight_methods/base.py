@@ -111,6 +111,10 @@ class WeightMethod:
     prunes: ClassVar[bool] = False  # zeroes weights (needs --sparsity or --sparsity-pattern)
     # Trains the whole model after the methods before it in the sequence (kd); quantize hands it the layers.
     trains: ClassVar[bool] = False
+    # Calibrates as well on the float model's hidden states as on the quantized layers' (--propagate auto then
+    # carries float ones, one onnxruntime run a layer): AWQ's searches. Methods that compensate errors (GPTQ) or
+    # must see the earlier layers' pruning (the pruners) want the quantized ones.
+    float_inputs_suffice: ClassVar[bool] = False
 
     def check_sequence(self, names: list[str]) -> None:
         """Refuse (GraphqError) a method string this method cannot be part of, e.g. ``gptq+kd``."""
