@@ -46,3 +46,14 @@ def trace(label: str) -> None:
     mib = {key: value / 1024 for key, value in kib.items()}
     print(f"graphq: memory {label}: rss {mib.get('VmRSS', 0):.0f} MiB (anon {mib.get('RssAnon', 0):.0f}, "
           f"file {mib.get('RssFile', 0):.0f}), peak {mib.get('VmHWM', 0):.0f} MiB", file=sys.stderr)
+
+
+def return_freed_memory() -> None:
+    """Hand the heap's free pages back to the system (glibc's malloc_trim), so that arrays just dropped stop
+    counting in the resident memory; nothing where the C library has no such call."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

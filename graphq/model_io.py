@@ -155,6 +155,42 @@ def model_size_bytes(model_file: Path) -> int:
 
 
 
+class InitializerSpill:
+    """In-memory initializers moved into one file and pointed at it: they are then read through a memory map when
+    used (their pages can be dropped again) instead of being held. ``restore`` reads back those still pointing at
+    the file and deletes it."""
+
+    def __init__(self, path: Path, min_bytes: int = 1 << 20):
+        self.path, self.min_bytes, self.bytes = path, min_bytes, 0
+        path.write_bytes(b"")
+
+    def move(self, values) -> int:
+        """Spill those of ``values`` (ir.Values) that hold an in-memory tensor of at least min_bytes; returns the
+        bytes moved."""
+        moved = 0
+        with open(self.path, "ab") as file:
+            for value in values:
+                tensor = value.const_value
+                if tensor is None or isinstance(tensor, ir.ExternalTensor) or tensor.nbytes < self.min_bytes:
+                    continue
+                data = tensor.tobytes()
+                file.write(data)
+                value.const_value = ir.ExternalTensor(self.path.name, self.bytes, len(data), tensor.dtype,
+                                                      shape=tensor.shape, name=tensor.name or value.name,
+                                                      base_dir=self.path.parent)
+                self.bytes += len(data)
+                moved += len(data)
+        return moved
+
+    def restore(self, model: ir.Model) -> None:
+        for value in model.graph.initializers.values():
+            tensor = value.const_value
+            if isinstance(tensor, ir.ExternalTensor) and Path(tensor.path) == self.path:
+                value.const_value = ir.tensor(tensor.numpy().copy(), name=tensor.name)
+                tensor.release()
+        self.path.unlink(missing_ok=True)
+
+
 def save_model(model: ir.Model, model_file: Path) -> None:
     """Save with weights in ``<model>.data`` beside the graph: no protobuf 2 GB limit, and lazy loading later.
 

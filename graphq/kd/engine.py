@@ -25,7 +25,8 @@ from graphq.algorithms.rtn import quantize_rtn
 from graphq.errors import GraphqError
 from graphq.kd.settings import KDSettings
 from graphq.linear_layers import LinearLayer
-from graphq.memory import trace
+from graphq.memory import return_freed_memory, trace
+from graphq.model_io import InitializerSpill
 from graphq.passes.weights import set_norm_weight
 from graphq.weight_methods.base import LayerResult
 
@@ -48,6 +49,8 @@ class TrainingJob:
 
 #: The trained state of a kd run, beside report.json: ``<linear>.quant_alpha`` and the trained ``<norm>.weight``.
 KD_STATE_FILE = "kd_state.safetensors"
+#: The float weights the methods before kd transformed, on disk while kd runs (deleted at its end).
+KD_SPILL_FILE = "kd_float_weights.bin"
 
 
 def resolve_device(name: str) -> str:
@@ -60,8 +63,10 @@ def resolve_device(name: str) -> str:
     return name
 
 
-def starting_point(job: TrainingJob, before: list[str]) -> dict[str, LayerResult]:
-    """The results of the methods before kd (awq): their scales folded into the graph, their clips kept."""
+def starting_point(job: TrainingJob, before: list[str],
+                   on_layer: Callable[[LinearLayer], None] = lambda layer: None) -> dict[str, LayerResult]:
+    """The results of the methods before kd (awq): their scales folded into the graph, their clips kept;
+    ``on_layer`` is called once each linear's result is in."""
     if not before:
         return {}
     from graphq.quantize import calibrated_quantize
@@ -69,7 +74,8 @@ def starting_point(job: TrainingJob, before: list[str]) -> dict[str, LayerResult
     results: dict[str, LayerResult] = {}
     sub = dataclasses.replace(job.config, method="+".join(before))
     calibrated_quantize(job.model, job.model_file, job.layers, sub, job.progress, job.finish, job.known_layers,
-                        job.rescaled, job.samples, on_result=lambda layer, result: results.__setitem__(layer.name, result))
+                        job.rescaled, job.samples, on_result=lambda layer, result: (
+                            results.__setitem__(layer.name, result), on_layer(layer)))
     return results
 
 
@@ -101,7 +107,20 @@ def distill(job: TrainingJob, before: list[str]) -> None:
     torch.manual_seed(seed)
     device = resolve_device(config.device)
     trace("kd start")
-    start_results = starting_point(job, before)
+    # The methods before kd (awq) leave every float weight they transform in the graph's memory: each layer's wait
+    # on disk, mapped, from the moment it is transformed until it is trained (then its quantized weights replace
+    # them), so neither stage holds the whole model's float weights.
+    spill = InitializerSpill(job.output_dir / KD_SPILL_FILE) if before and job.output_dir is not None else None
+
+    def spill_layer(layer: LinearLayer) -> None:
+        if spill is not None:
+            spill.move([layer.weight])
+            return_freed_memory()
+
+    start_results = starting_point(job, before, spill_layer)
+    if spill is not None:
+        spill.move(job.model.graph.initializers.values())  # what else they transformed (a linear left float)
+        return_freed_memory()
     by_block: dict[int, list[LinearLayer]] = {}
     outside: list[LinearLayer] = []
     for layer in job.layers:
@@ -197,6 +216,7 @@ def distill(job: TrainingJob, before: list[str]) -> None:
         teacher_in = targets
         del targets
         release_weights(block)
+        return_freed_memory()  # the layer's weights, fake-quant buffers and autograd intermediates
         trace(f"kd layer {index} done")
     bar.close()
     for layer in outside:  # lm_head: no decoder layer to train in; the starting method's (or RTN's) result
@@ -205,6 +225,8 @@ def distill(job: TrainingJob, before: list[str]) -> None:
                                                                  config.is_symmetric)
         job.finish(layer, qw, {**(start.entry if start is not None else {}),
                                "kd": f"outside the decoder layers: kept the {'+'.join(before) or 'rtn'} result"})
+    if spill is not None:
+        spill.restore(job.model)  # what stayed float (an excluded linear AWQ rescaled, ...)
     if job.output_dir is not None and state:
         from graphq.artifacts.safetensors_io import save_file
 
