@@ -213,7 +213,7 @@ def main() -> None:
     if not args.skip_llmc and LLMC_PY.is_file():
         from graphq.calibration_data import calibration_samples
         from graphq.tokenizer import load_tokenizer
-        from graphq.quantize import model_context_length
+        from graphq.model_io import model_context_length
 
         samples = calibration_samples(load_tokenizer(float_dir), path=str(args.calib), texts=None,
                                       num_samples=args.num_samples, seq_len=args.seq_len, seed=0, text_field="text",
