@@ -155,13 +155,18 @@ def model_size_bytes(model_file: Path) -> int:
 
 
 
+#: Initializers smaller than this stay in memory when spilled (norm weights, biases: not worth a file read).
+SPILL_MIN_BYTES = 1 << 20
+
+
 class InitializerSpill:
     """In-memory initializers moved into one file and pointed at it: they are then read through a memory map when
     used (their pages can be dropped again) instead of being held. ``restore`` reads back those still pointing at
     the file and deletes it."""
 
-    def __init__(self, path: Path, min_bytes: int = 1 << 20):
-        self.path, self.min_bytes, self.bytes = path, min_bytes, 0
+    def __init__(self, path: Path, min_bytes: int | None = None):
+        self.path, self.bytes = path, 0
+        self.min_bytes = SPILL_MIN_BYTES if min_bytes is None else min_bytes
         path.write_bytes(b"")
 
     def move(self, values) -> int:

@@ -48,7 +48,7 @@ from graphq.model_io import (
 )
 from graphq.layer_plan import (PLAN_FILE, LayerSetting, check_names, embedding_options, plan_from_report, read_plan,
                                setting_for)
-from graphq.memory import peak_rss_bytes
+from graphq.memory import peak_rss_bytes, return_freed_memory
 from graphq.passes.embedding import find_embedding
 from graphq.passes.matmulnbits import set_accuracy_level
 from graphq.passes.fuse_attention import attention_spec, check_fusable, fuse_attention
@@ -152,6 +152,8 @@ def calibrated_quantize(
             error=f"{np.mean([e['output_error'] for e in entries]):.2e}",
             rtn=f"{np.mean([e['output_error_rtn'] for e in entries]):.2e}",
         )
+        del region, stats
+        return_freed_memory()  # the layer's captured inputs and statistics, before the next layer's arrive
         tick = time.perf_counter()
     if warned:
         print(

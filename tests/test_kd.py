@@ -319,3 +319,41 @@ def test_kd_holds_one_decoder_layers_weights_at_a_time(tiny_models, tiny_text, t
     monkeypatch.setattr(train, "train_layer", train_layer)
     quantize(tiny_models["llama"]["onnx"], kd_config(tiny_text, "awq+kd"), tmp_path / "kd", progress=False)
     assert held == [([0], True), ([1], True)]
+
+
+def test_awq_weights_wait_on_disk_until_their_layer_is_trained(tiny_models, tiny_text, tmp_path, monkeypatch):
+    """awq+kd spills each linear's transformed float weight as AWQ finishes it: while layer i trains, the later
+    layers' weights are memory-mapped from the spill file, not held; the file is gone at the end, and the outputs
+    are those of a run that keeps everything in memory."""
+    import onnx_ir as ir
+
+    import graphq.kd.engine as engine
+    import graphq.kd.train as train
+    import graphq.model_io as model_io
+    from graphq.kd.engine import KD_SPILL_FILE
+
+    source = tiny_models["llama"]["onnx"]
+    monkeypatch.setattr(model_io, "SPILL_MIN_BYTES", 1 << 40)  # nothing this small is spilled by default
+    held = quantize(source, kd_config(tiny_text, "awq+kd"), tmp_path / "held", progress=False)
+    monkeypatch.setattr(model_io, "SPILL_MIN_BYTES", 0)
+    seen, jobs = [], []
+    original_train, original_distill = train.train_layer, engine.distill
+
+    def distill(job, before):
+        jobs.append(job)
+        return original_distill(job, before)
+
+    def train_layer(block, *args, **kwargs):
+        linears = [l for l in jobs[-1].known_layers if l.layer_index is not None]
+        seen.append(sorted({l.layer_index for l in linears if isinstance(l.weight.const_value, ir.ExternalTensor)
+                            and l.weight.const_value.path.endswith(KD_SPILL_FILE)}))
+        return original_train(block, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "distill", distill)
+    monkeypatch.setattr(train, "train_layer", train_layer)
+    spilled = quantize(source, kd_config(tiny_text, "awq+kd"), tmp_path / "spilled", progress=False)
+    assert seen == [[0, 1], [1]]  # layer 0's linears are quantized (emitted) once trained
+    assert not list((tmp_path / "spilled").rglob(KD_SPILL_FILE))
+    assert (tmp_path / "held" / "model.onnx.data").read_bytes() == (tmp_path / "spilled" / "model.onnx.data").read_bytes()
+    timeless = lambda report: [{k: v for k, v in e.items() if "seconds" not in k} for e in report["layers"]]  # noqa: E731
+    assert timeless(held.report) == timeless(spilled.report)
