@@ -197,6 +197,20 @@ def main() -> None:
                   ratio=f"{compression['compression_ratio']:.3f} linears; {sc_bytes / w8a8_bytes:.3f} of W8A8 bytes",
                   note="same logits as W8A8S (checked below)"), None)
 
+    # MindIE serves W8A8SC fp16 models: the same pair at --dtype fp16, where the float embedding weighs half as much.
+    out16, s, p = bench.graphq("w8a8-fp16", "quantize", str(float_dir), "--scheme", "w8a8", "--dtype", "fp16", *calib)
+    w8a8_fp16_bytes = artifact_bytes(out16)
+    bench.add(Row("graphq W8A8 (dense), --dtype fp16", seconds=s, peak_rss_mib=p, artifact_bytes=w8a8_fp16_bytes), out16)
+    out16, s, p = bench.graphq("w8a8s-fp16", "quantize", str(float_dir), "--scheme", "w8a8s", "--method", "sparsegpt",
+                               "--sparsity", "0.5", "--smooth", "smoothquant", "--smooth-alpha", "auto", "--compress",
+                               "--dtype", "fp16", *calib)
+    compression16 = json.loads((out16 / "w8a8sc" / "compression.json").read_text())
+    bench.add(Row("graphq W8A8S lowbit as above, --dtype fp16", seconds=s, peak_rss_mib=p,
+                  artifact_bytes=artifact_bytes(out16), sparsity=report_sparsity(out16)), out16)
+    bench.add(Row("  its W8A8SC (--tp 1), fp16", artifact_bytes=compression16["artifact_bytes"],
+                  ratio=f"{compression16['compression_ratio']:.3f} linears; "
+                        f"{compression16['artifact_bytes'] / w8a8_fp16_bytes:.3f} of W8A8 fp16 bytes"), None)
+
     # W8A8SC round trip on the real model: load-artifacts of the compressed folder == the W8A8S ONNX, bit for bit.
     from graphq.runtimes.ort import OrtCausalLM
 

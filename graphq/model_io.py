@@ -154,7 +154,6 @@ def model_size_bytes(model_file: Path) -> int:
     return total
 
 
-
 #: Initializers smaller than this stay in memory when spilled (norm weights, biases: not worth a file read).
 SPILL_MIN_BYTES = 1 << 20
 

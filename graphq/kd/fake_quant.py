@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from graphq.algorithms.awq import ClipRanges
 from graphq.algorithms.grid import integer_range
@@ -84,7 +85,13 @@ class FakeQuantLinear(nn.Module):
         return deq.reshape(-1, deq.shape[-1])[: self.in_features]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = x @ self.dequantized_weight()
+        if torch.is_grad_enabled() and self.quant_alpha.requires_grad:
+            # Recomputed in the backward pass instead of holding the clamp / round / scale intermediates of every
+            # linear of the layer at once (about ten weight-sized tensors each): the same values, less memory.
+            weight = checkpoint(self.dequantized_weight, use_reentrant=False)
+        else:
+            weight = self.dequantized_weight()
+        out = x @ weight
         return out if self.bias is None else out + self.bias
 
     def clip_ranges(self) -> ClipRanges:

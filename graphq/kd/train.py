@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from graphq.kd.settings import KDSettings
+from graphq.memory import return_freed_memory
 from graphq.runtimes.torch_model import run_layer
 
 
@@ -99,6 +100,7 @@ def train_layer(
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            return_freed_memory()  # the step's autograd buffers, or the heap grows with every step's new layout
             step += 1
             if on_step is not None and (step % settings.logging_step == 0 or step == total_steps):
                 on_step(step, total_steps, sum(running) / len(running))
