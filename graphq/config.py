@@ -25,8 +25,10 @@ DYNAMIC_ACTIVATION_SCHEMES = ("w8a8-dynamic", "w4a8-dynamic")
 W4A8_SCHEMES = ("w4a8", "w4a8-dynamic")
 SCHEMES = {**WEIGHT_ONLY_SCHEMES, **ACTIVATION_SCHEMES}
 ACT_METHODS = ("minmax", "percentile", "entropy", "mse", "auto")
-# graphq.runtimes.layerwise: how the hidden states reach the next decoder layer.
-PROPAGATIONS = ("auto", "quantized", "float")
+# graphq.runtimes.layerwise: how the hidden states reach the next decoder layer; "auto" is resolved per method
+# sequence (graphq.quantize.calibrated_quantize) before the engine sees it.
+ENGINE_PROPAGATIONS = ("quantized", "float")
+PROPAGATIONS = ("auto", *ENGINE_PROPAGATIONS)
 KV_CACHE_TYPES = ("int8",)
 SMOOTH_METHODS = ("smoothquant", "os+")
 FORMATS = ("matmulnbits", "qdq")

@@ -50,9 +50,8 @@ from graphq.layer_plan import (PLAN_FILE, LayerSetting, check_names, embedding_o
                                setting_for)
 from graphq.memory import peak_rss_bytes, return_freed_memory
 from graphq.passes.embedding import find_embedding
-from graphq.passes.matmulnbits import set_accuracy_level
-from graphq.passes.fuse_attention import attention_spec, check_fusable, fuse_attention
-from graphq.passes.shared_shapes import share_layer_shapes
+from graphq.passes.finish import finish_graph
+from graphq.passes.fuse_attention import check_fusable
 from graphq.passes.weights import set_layer_weight
 from graphq.threads import with_configured_threads
 from graphq.precision_plan import needs_plan, plan_precision
@@ -408,13 +407,10 @@ def export_stage(run: Run, staging: Path, checkpoints: Path, progress: bool) -> 
         if entry["name"] in run.rescaled and "skipped" not in entry:
             entry.setdefault("output_rescaled", run.rescaled[entry["name"]])
     out_model_file = staging / MODEL_FILENAME
-    if config.accuracy_level:
-        set_accuracy_level(model, config.accuracy_level)
     fused_layers = 0
     if "onnx" in config.save_format:
-        share_layer_shapes(model)
-        if config.fuse_attention:
-            fused_layers = fuse_attention(model, attention_spec(read_model_config(run.model_file.parent)))
+        model_config = read_model_config(run.model_file.parent) if config.fuse_attention else {}
+        fused_layers = finish_graph(model, model_config, config.accuracy_level, config.fuse_attention)
         save_model(model, out_model_file)
     kd_state = stage_dir(checkpoints, "weights") / KD_STATE_FILE
     if kd_state.is_file():

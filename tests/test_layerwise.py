@@ -242,8 +242,9 @@ def test_float_propagation_calibrates_later_layers_on_the_float_models_activatio
             np.testing.assert_array_equal(quantized_run[name], undamaged[name])
         else:
             assert not np.allclose(quantized_run[name], undamaged[name], rtol=1e-3)
-    with pytest.raises(ValueError, match="propagate"):
-        LayerwiseCalibration(model, layers, _samples(1, 8), {}, propagate="fp32")
+    for unresolved in ("fp32", "auto"):  # auto is the caller's to resolve per method sequence
+        with pytest.raises(ValueError, match="propagate"):
+            LayerwiseCalibration(model, layers, _samples(1, 8), {}, propagate=unresolved)
 
 
 def test_propagate_option_reaches_the_engine_and_bad_values_are_refused(tiny_models, tmp_path, capsys):

@@ -33,9 +33,7 @@ from graphq.model_io import (
     save_model,
 )
 from graphq.passes.emitters import emitter_for, formats_of
-from graphq.passes.fuse_attention import attention_spec, fuse_attention
-from graphq.passes.matmulnbits import set_accuracy_level
-from graphq.passes.shared_shapes import share_layer_shapes
+from graphq.passes.finish import finish_graph
 from graphq.passes.weights import set_layer_bias
 
 _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
@@ -85,12 +83,8 @@ def load_artifacts(
     with atomic_output_dir(output_dir, overwrite=overwrite, inputs=[model_file.parent, artifact_dir]) as staging:
         model = load_model(model_file)
         apply_artifacts(model, artifacts, format)
-        level = _quantize_option(artifact_dir, "accuracy_level", 0)
-        if format == "matmulnbits" and level:
-            set_accuracy_level(model, level)
-        share_layer_shapes(model)  # as quantize's export does, so the rebuilt graph is the same
-        if fuse:
-            fuse_attention(model, attention_spec(read_model_config(model_file.parent)))
+        level = _quantize_option(artifact_dir, "accuracy_level", 0) if format == "matmulnbits" else 0
+        finish_graph(model, read_model_config(model_file.parent) if fuse else {}, level, fuse)
         save_model(model, staging / MODEL_FILENAME)
         copy_side_files(model_file.parent, staging)
         config_file = staging / "config.json"

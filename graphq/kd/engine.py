@@ -64,7 +64,7 @@ def resolve_device(name: str) -> str:
 
 
 def starting_point(job: TrainingJob, before: list[str],
-                   on_layer: Callable[[LinearLayer], None] = lambda layer: None) -> dict[str, LayerResult]:
+                   on_layer: Callable[[LinearLayer], None] | None = None) -> dict[str, LayerResult]:
     """The results of the methods before kd (awq): their scales folded into the graph, their clips kept;
     ``on_layer`` is called once each linear's result is in."""
     if not before:
@@ -73,9 +73,13 @@ def starting_point(job: TrainingJob, before: list[str],
 
     results: dict[str, LayerResult] = {}
     sub = dataclasses.replace(job.config, method="+".join(before))
+    def keep(layer: LinearLayer, result: LayerResult) -> None:
+        results[layer.name] = result
+        if on_layer is not None:
+            on_layer(layer)
+
     calibrated_quantize(job.model, job.model_file, job.layers, sub, job.progress, job.finish, job.known_layers,
-                        job.rescaled, job.samples, on_result=lambda layer, result: (
-                            results.__setitem__(layer.name, result), on_layer(layer)))
+                        job.rescaled, job.samples, on_result=keep)
     return results
 
 
@@ -110,14 +114,10 @@ def distill(job: TrainingJob, before: list[str]) -> None:
     # The methods before kd (awq) leave every float weight they transform in the graph's memory: each layer's wait
     # on disk, mapped, from the moment it is transformed until it is trained (then its quantized weights replace
     # them), so neither stage holds the whole model's float weights.
+    # (The layer-wise loop hands each layer's freed arrays back to the system itself.)
     spill = InitializerSpill(job.output_dir / KD_SPILL_FILE) if before and job.output_dir is not None else None
-
-    def spill_layer(layer: LinearLayer) -> None:
-        if spill is not None:
-            spill.move([layer.weight])
-            return_freed_memory()
-
-    start_results = starting_point(job, before, spill_layer)
+    spill_weight = (lambda layer: spill.move([layer.weight])) if spill is not None else None
+    start_results = starting_point(job, before, spill_weight)
     if spill is not None:
         spill.move(job.model.graph.initializers.values())  # what else they transformed (a linear left float)
         return_freed_memory()

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import onnx_ir as ir
 
-from graphq.config import PROPAGATIONS
+from graphq.config import ENGINE_PROPAGATIONS
 from graphq.errors import GraphqError
 
 from graphq.decoder_layers import Region, decoder_regions, prefix_values
@@ -93,8 +93,8 @@ class LayerwiseCalibration:
     ):
         from graphq.runtimes.workers import local_pool
 
-        if propagate not in PROPAGATIONS:
-            raise ValueError(f"propagate must be one of {PROPAGATIONS}, not {propagate!r}")
+        if propagate not in ENGINE_PROPAGATIONS:
+            raise ValueError(f"propagate must be one of {ENGINE_PROPAGATIONS}, not {propagate!r}")
         self.propagate = propagate
         self.pool = pool or local_pool()  # graphq.runtimes.workers.WorkerPool: where the samples run
         self.model = model
