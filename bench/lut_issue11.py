@@ -2,24 +2,26 @@
 SmolLM2-135M next to uniform RTN, graphq AWQ+GPTQ and onnxruntime's HQQ.
 
     GRAPHQ_THREADS=2 .venv/bin/python -m bench.lut_issue11 --float /work/out/fp32 --runs /tmp/lutint/runs \
-        [--only NAME ...] [--num-samples 16] [--decode-tokens 0]
+        [--only NAME ...] [--num-samples 16] [--decode-tokens 32]
 
 Every row is one ``graphq.quantize`` call (lm_head float, model written as ONNX only), then onnxruntime perplexity on
 the first --max-tokens tokens of Pride and Prejudice; calibrated rows use --num-samples windows of 512 tokens of
 Sense and Sensibility (seed 0). bits/weight: codebook rows from report.json (codes + tables + scales, as stored);
 uniform rows counted as bits + (16 + bits) / group (a float16 scale and a zero point per group, as bench.lut
-counts them). quant s: wall time of the quantize call (load, calibrate, quantize, save). Each finished row is
-appended to --runs/rows.md at once, so an interrupted run keeps what it measured.
+counts them). quant s: wall time of the quantize call (load, calibrate, quantize, save); decode tok/s: greedy
+decoding of --decode-tokens tokens after a 32-token prompt in onnxruntime (bench.common.decode_speed; 0 skips it).
+Each finished row is appended to --runs/rows.md at once, so an interrupted run keeps what it measured.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import shutil
 import time
 from pathlib import Path
 
-from bench.common import DATA, Evaluator, bench_arguments, float_export
+from bench.common import DATA, Evaluator, Measurement, bench_arguments, float_export
 from graphq import QuantConfig, quantize
 
 CALIB = str(DATA / "sensesensibility.txt")
@@ -124,6 +126,11 @@ def run_row(name: str, spec, float_dir: Path, out_dir: Path, args) -> tuple[floa
     return time.perf_counter() - started, bits_per_weight(result.report)
 
 
+def tokens_per_second(measured: Measurement) -> str:
+    """The decode speed cell: '-' when --decode-tokens 0 skipped it."""
+    return "-" if math.isnan(measured.decode_tok_s) else f"{measured.decode_tok_s:.1f}"
+
+
 def main() -> None:
     parser = bench_arguments(__doc__.splitlines()[0])
     parser.add_argument("--float", type=Path, default=None)
@@ -139,20 +146,22 @@ def main() -> None:
         parser.error(f"unknown rows {unknown}")
     evaluator = Evaluator(float_dir, args)
     table = args.runs / "rows.md"
-    reference = evaluator.measure("fp32", float_dir, None).ppl
+    reference = evaluator.measure("fp32", float_dir, None)
     with table.open("a") as out:
         out.write(f"\n<!-- {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}: first {args.max_tokens} tokens, "
                   f"ctx {args.ctx}, calibration {args.num_samples} x 512 -->\n"
-                  "| variant | bits/weight | perplexity | delta vs fp32 | quant s |\n|---|---:|---:|---:|---:|\n"
-                  f"| fp32 | 32 | {reference:.3f} | +0.00% | - |\n")
+                  "| variant | bits/weight | perplexity | delta vs fp32 | quant s | decode tok/s |\n"
+                  "|---|---:|---:|---:|---:|---:|\n"
+                  f"| fp32 | 32 | {reference.ppl:.3f} | +0.00% | - | {tokens_per_second(reference)} |\n")
     for name in chosen:
         out_dir = args.runs / re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
         try:
             seconds, bpw = run_row(name, ROWS[name], float_dir, out_dir, args)
-            ppl = evaluator.measure(name, out_dir, seconds).ppl
-            line = f"| {name} | {bpw:.3f} | {ppl:.3f} | {(ppl / reference - 1) * 100:+.2f}% | {seconds:.1f} |"
+            measured = evaluator.measure(name, out_dir, seconds)
+            line = (f"| {name} | {bpw:.3f} | {measured.ppl:.3f} | {(measured.ppl / reference.ppl - 1) * 100:+.2f}% "
+                    f"| {seconds:.1f} | {tokens_per_second(measured)} |")
         except Exception as exc:  # report the row, keep going
-            line = f"| {name} | - | failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]} | - | - |"
+            line = f"| {name} | - | failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]} | - | - | - |"
         shutil.rmtree(out_dir, ignore_errors=True)
         print(line, flush=True)
         with table.open("a") as out:
