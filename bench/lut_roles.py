@@ -24,7 +24,7 @@ from bench.common import Evaluator, bench_arguments, float_export
 from graphq.algorithms.codebook import lut_quantize
 from graphq.algorithms.rtn import quantize_rtn
 from graphq.evaluate import perplexity
-from graphq.linear_layers import LinearLayer, find_linear_layers
+from graphq.linear_layers import LinearLayer, find_linear_layers, input_groups
 from graphq.model_io import MODEL_FILENAME, copy_side_files, load_model, read_model_config, save_model
 from graphq.runtimes.ort import OrtCausalLM
 
@@ -48,11 +48,8 @@ def fake_quantized(layers: list[LinearLayer], role: str | None, kind: str, alpha
     """name -> dequantized [K, N] weight for the linears of ``role`` (all roles if None)."""
     heads = config.get("num_attention_heads", 1)
     kv_heads = config.get("num_key_value_heads", heads)
-    groups: dict[str, list[LinearLayer]] = {}
-    for layer in layers:
-        groups.setdefault(layer.input.name, []).append(layer)
     result = {}
-    for group in groups.values():
+    for group in input_groups(layers):
         scales = column_scales(group, alpha, heads, kv_heads) if alpha else None
         for layer in group:
             if role is not None and layer.role != role:
