@@ -21,7 +21,7 @@ from unittest import mock
 import numpy as np
 
 from bench.common import Evaluator, bench_arguments, float_export
-from bench.lut_roles import decoder_linears, perplexity_with
+from bench.lut_roles import decoder_linears, perplexity_with, relative_weight_error
 from graphq.algorithms import codebook
 from graphq.model_io import MODEL_FILENAME, load_model
 
@@ -30,8 +30,7 @@ def pinned_lloyd(pins: int):
     """codebook._lloyd with the first and last ``pins`` centres held at the sorted rows' ends."""
 
     def lloyd(sorted_values, sums, centres, iterations, tol):
-        rows, length = sorted_values.shape
-        row_index = np.arange(rows)[:, None]
+        length = sorted_values.shape[1]
         low, high = sorted_values[:, :pins], sorted_values[:, length - pins:]
 
         def pinned(centres: np.ndarray) -> np.ndarray:
@@ -39,18 +38,11 @@ def pinned_lloyd(pins: int):
             centres[:, :pins], centres[:, -pins:] = low, high
             return centres
 
-        def clusters(centres: np.ndarray) -> list[np.ndarray]:
-            midpoints = (centres[:, 1:] + centres[:, :-1]) * 0.5
-            bounds = codebook.rowwise_searchsorted(sorted_values, np.nextafter(midpoints, np.inf))
-            edges = np.concatenate([np.zeros((rows, 1), np.int64), bounds, np.full((rows, 1), length)], axis=1)
-            return [np.diff(prefix[row_index, edges], axis=1) for prefix in sums]
-
         centres = pinned(centres)
         for _ in range(iterations):
-            mass, moment, _ = clusters(centres)
+            mass, moment, _ = codebook.cluster_sums(sorted_values, sums, centres)
             centres = pinned(np.where(mass > 0, moment / np.where(mass > 0, mass, 1.0), centres))
-        mass, moment, square = clusters(centres)
-        return centres, (square - 2 * centres * moment + centres**2 * mass).sum(axis=1)
+        return centres, codebook.cluster_error(sorted_values, sums, centres)
 
     return lloyd
 
@@ -81,8 +73,7 @@ def main() -> None:
     print("| pinned per end | relative weight error | perplexity | delta vs fp32 |\n|---:|---:|---:|---:|")
     for pins in args.pins:
         replaced = fake_quantized(weights, pins, args.bits, args.group_size, args.table_dtype)
-        error = sum(float(((replaced[n] - w) ** 2).sum()) for n, w in weights.items())
-        error /= sum(float((w.astype(np.float64) ** 2).sum()) for w in weights.values())
+        error = relative_weight_error(replaced, weights)
         ppl = perplexity_with(float_dir, args.scratch, replaced, evaluator)
         print(f"| {pins} | {error:.3e} | {ppl:.3f} | {(ppl / reference - 1) * 100:+.2f}% |", flush=True)
 

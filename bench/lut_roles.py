@@ -65,6 +65,12 @@ def fake_quantized(layers: list[LinearLayer], role: str | None, kind: str, alpha
     return result
 
 
+def relative_weight_error(replaced: dict, weights: dict) -> float:
+    """Squared error of the replaced weights over the weights' sum of squares, all layers of ``replaced`` together."""
+    errors = sum(float(((replaced[name] - weights[name].astype(np.float64)) ** 2).sum()) for name in replaced)
+    return errors / sum(float((weights[name].astype(np.float64) ** 2).sum()) for name in replaced)
+
+
 def perplexity_with(float_dir: Path, scratch: Path, replaced: dict, evaluator: Evaluator) -> float:
     model = load_model(float_dir / MODEL_FILENAME)
     for layer in decoder_linears(model):

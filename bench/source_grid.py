@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import Evaluator, bench_arguments, float_export
-from bench.lut_roles import decoder_linears, perplexity_with
+from bench.lut_roles import decoder_linears, perplexity_with, relative_weight_error
 from graphq.algorithms.codebook import lut_quantize
 from graphq.algorithms.rtn import quantize_rtn
 from graphq.model_io import MODEL_FILENAME, load_model
@@ -100,23 +100,20 @@ def main() -> None:
     reference = perplexity_with(float_dir, args.scratch, {}, evaluator)
     print("| weights (every decoder linear) | max abs change | perplexity | delta vs fp32 |\n|---|---:|---:|---:|")
     print(f"| fp32 export | 0 | {reference:.3f} | +0.00% |", flush=True)
+    errors = {}
     for name, fake_quantize in FORMATS.items():
         replaced = {layer: fake_quantize(w) for layer, w in weights.items()}
         change = max(float(np.abs(replaced[layer] - w).max()) for layer, w in weights.items())
+        errors[name] = relative_weight_error(replaced, weights)
         ppl = perplexity_with(float_dir, args.scratch, replaced, evaluator)
         print(f"| {name} | {change:.2e} | {ppl:.3f} | {(ppl / reference - 1) * 100:+.2f}% |", flush=True)
 
+    rotated_weights = {layer: rotated(w) for layer, w in weights.items()}
     print("\n| format | relative weight error | after a Hadamard-64 rotation of the inputs |\n|---|---:|---:|")
     for name, fake_quantize in list(FORMATS.items())[1:]:
-        cells = []
-        for transform in (lambda w: w, rotated):
-            errors = squares = 0.0
-            for w in weights.values():
-                w = transform(w).astype(np.float64)
-                errors += float(((fake_quantize(w.astype(np.float32)) - w) ** 2).sum())
-                squares += float((w**2).sum())
-            cells.append(f"{errors / squares:.3e}")
-        print(f"| {name} | {' | '.join(cells)} |", flush=True)
+        replaced = {layer: fake_quantize(w) for layer, w in rotated_weights.items()}
+        after = relative_weight_error(replaced, rotated_weights)
+        print(f"| {name} | {errors[name]:.3e} | {after:.3e} |", flush=True)
 
 
 if __name__ == "__main__":

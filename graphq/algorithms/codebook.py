@@ -269,33 +269,37 @@ def kmeans_1d(
     return best_centres, int(few.sum())
 
 
+def cluster_sums(sorted_values: np.ndarray, sums: list[np.ndarray], centres: np.ndarray) -> list[np.ndarray]:
+    """Per cluster sums of w, w x, w x^2 under the nearest-centre assignment, from the prefix sums ``sums``."""
+    rows, length = sorted_values.shape
+    midpoints = (centres[:, 1:] + centres[:, :-1]) * 0.5
+    # Values <= a midpoint go to the lower centre, as nearest_codes assigns them.
+    bounds = rowwise_searchsorted(sorted_values, np.nextafter(midpoints, np.inf))
+    edges = np.concatenate([np.zeros((rows, 1), np.int64), bounds, np.full((rows, 1), length)], axis=1)
+    return [np.diff(prefix[np.arange(rows)[:, None], edges], axis=1) for prefix in sums]
+
+
+def cluster_error(sorted_values: np.ndarray, sums: list[np.ndarray], centres: np.ndarray) -> np.ndarray:
+    """Each row's weighted squared error under the nearest-centre assignment: sum w (x - c)^2."""
+    mass, moment, square = cluster_sums(sorted_values, sums, centres)
+    return (square - 2 * centres * moment + centres**2 * mass).sum(axis=1)
+
+
 def _lloyd(
     sorted_values: np.ndarray, sums: list[np.ndarray], centres: np.ndarray, iterations: int, tol: float
 ) -> tuple[np.ndarray, np.ndarray]:
     """Lloyd iterations on sorted rows given prefix sums of w, w x, w x^2; returns centres and weighted SSE."""
-    rows, length = sorted_values.shape
-    row_index = np.arange(rows)[:, None]
+    rows = sorted_values.shape[0]
     spread = np.maximum(sorted_values[:, -1] - sorted_values[:, 0], 1e-30)[:, None]
-
-    def clusters(centres: np.ndarray) -> list[np.ndarray]:
-        """Per cluster sums of w, w x, w x^2 under the nearest-centre assignment."""
-        midpoints = (centres[:, 1:] + centres[:, :-1]) * 0.5
-        # Values <= a midpoint go to the lower centre, as nearest_codes assigns them.
-        bounds = rowwise_searchsorted(sorted_values, np.nextafter(midpoints, np.inf))
-        edges = np.concatenate([np.zeros((rows, 1), np.int64), bounds, np.full((rows, 1), length)], axis=1)
-        return [np.diff(prefix[row_index, edges], axis=1) for prefix in sums]
-
     for _ in range(iterations):
-        mass, moment, _ = clusters(centres)
+        mass, moment, _ = cluster_sums(sorted_values, sums, centres)
         updated = np.where(mass > 0, moment / np.where(mass > 0, mass, 1.0), centres)
         updated = np.sort(updated, axis=1)
         shift = (np.abs(updated - centres) / spread).max() if rows else 0.0
         centres = updated
         if shift <= tol:
             break
-    mass, moment, square = clusters(centres)
-    error = (square - 2 * centres * moment + centres**2 * mass).sum(axis=1)
-    return centres, error
+    return centres, cluster_error(sorted_values, sums, centres)
 
 
 def _finish(
